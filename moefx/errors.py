@@ -1,0 +1,25 @@
+"""Errors moefx raises. Each message names the problem and what to change."""
+
+
+class MoefxError(Exception):
+    """Base class of every error moefx raises on purpose."""
+
+
+class PlanError(MoefxError, ValueError):
+    """A plan is malformed, or does not fit the model / world it is applied to."""
+
+
+class CaptureError(MoefxError, RuntimeError):
+    """A model could not be captured into an FX graph."""
+
+
+class AnalysisError(MoefxError, RuntimeError):
+    """The graph does not contain what a pass needs (e.g. no FFN blocks were found)."""
+
+
+class PassError(MoefxError, RuntimeError):
+    """A pass produced an invalid graph; the message names the pass and the ones before it."""
+
+
+class BackendError(MoefxError, RuntimeError):
+    """A requested implementation cannot run here (e.g. Triton without a GPU)."""
