@@ -1,0 +1,195 @@
+"""Find position-wise FFN regions from the dataflow.
+
+An FFN is a region that expands the hidden size d to an inner size f with one or more *up*
+linears reading the same input X, applies only token-wise ops (activation, gating multiply for
+SwiGLU/GeGLU, dropout, casts, bias adds), and contracts back to d with one *down* linear.
+Attention never matches: its output projection is reached through a matmul of two activations.
+
+The search starts from every linear (candidate down projection) and walks its input backwards
+through token-wise ops until it reaches linears d -> f (the ups). Module names are only used to
+label a region when `nn_module_stack` metadata is present.
+
+    >>> ffns = find_ffns(capture(model, (input_ids,)))
+    >>> [(f.block, f.d, f.f, f.activation) for f in ffns]
+    [(0, 32, 128, 'gelu_tanh'), (1, 32, 128, 'gelu_tanh')]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from ..errors import AnalysisError
+from .linear import (ACTIVATIONS, LinearInfo, aten, is_side_effect, is_tokenwise, is_view, linear_info,
+                     packet, same_size, strip_views, tensor_args, val)
+
+
+@dataclass(frozen=True)
+class FFN:
+    """One FFN region, by node names (stable across graph copies).
+
+    block: index of the Transformer block (FFNs in graph order); d / f: hidden / inner size;
+    activation: "gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "reglu", "gated" or "custom";
+    input: X, the node the ups read; output: the node carrying the FFN result ([..., d]);
+    ups / down: linear nodes; middle: token-wise nodes between them; nodes: the whole region
+    (every node that only the FFN uses, in graph order); module_path: e.g. "transformer.h.0.mlp".
+    """
+
+    block: int
+    d: int
+    f: int
+    activation: str
+    input: str
+    output: str
+    ups: tuple[str, ...]
+    down: str
+    middle: tuple[str, ...]
+    nodes: tuple[str, ...]
+    module_path: str | None
+
+    @property
+    def gated(self) -> bool:
+        return len(self.ups) > 1
+
+    @property
+    def num_params(self) -> int:
+        """Weights + biases are counted by the caller from the graph; here the matrix sizes only."""
+        return (len(self.ups) + 1) * self.d * self.f
+
+
+def find_ffns(gm: fx.GraphModule) -> list[FFN]:
+    """All FFN regions of a captured graph, in block order.
+
+    Takes a GraphModule from `moefx.capture` (nodes carry meta["val"]). Returns a list of FFN.
+    Raises AnalysisError when the graph has no shape metadata.
+    """
+    nodes = list(gm.graph.nodes)
+    if not any("val" in n.meta for n in nodes if n.op == "call_function"):
+        raise AnalysisError("the graph has no shape metadata (meta['val']): capture it with moefx.capture "
+                            "or torch.export first")
+    order = {n: i for i, n in enumerate(nodes)}
+    linears = {n: info for n in nodes if (info := linear_info(n)) is not None}
+    found: list[FFN] = []
+    claimed: set[fx.Node] = set()
+    for down in nodes:
+        if down not in linears or down in claimed:
+            continue
+        region = _grow(linears[down], linears)
+        if region is None:
+            continue
+        ups, middle, pre, out_chain, x = region
+        region_nodes = set(ups) | set(middle) | set(pre) | {down} | set(out_chain)
+        if region_nodes & claimed or not _closed(region_nodes, out_chain[-1] if out_chain else down):
+            continue
+        claimed |= region_nodes
+        out = out_chain[-1] if out_chain else down
+        info = linears[down]
+        found.append(FFN(
+            block=len(found), d=info.out_features, f=info.in_features,
+            activation=_classify([n for n in middle], len(ups)), input=x.name, output=out.name,
+            ups=tuple(u.name for u in sorted(ups, key=order.get)), down=down.name,
+            middle=tuple(n.name for n in sorted(middle, key=order.get)),
+            nodes=tuple(n.name for n in sorted(region_nodes, key=order.get)),
+            module_path=_module_path([*ups, down]),
+        ))
+    return found
+
+
+def _grow(info: LinearInfo, linears: dict) -> tuple | None:
+    """Walk back from a candidate down projection; return (ups, middle, pre_views, out_views, X)."""
+    d, f = info.out_features, info.in_features
+    ups: list[fx.Node] = []
+    middle: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+    stack = [info.x]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in linears:
+            u = linears[n]
+            if u.in_features != d or u.out_features != f:
+                return None
+            ups.append(n)
+            continue
+        if n.op != "call_function" or not is_tokenwise(n) or val(n) is None:
+            return None
+        middle.append(n)
+        for a in tensor_args(n):
+            if a.op == "get_attr":
+                v = val(a)
+                if v is not None and v.dim() > 1:
+                    return None  # a matrix parameter inside the region: not a plain FFN
+                continue
+            stack.append(a)
+        if len(middle) > 64:
+            return None
+    if not ups or not any(not is_view(m) for m in middle):
+        return None
+    xs = {strip_views(linears[u].x) for u in ups}
+    if len(xs) != 1:
+        return None
+    x = xs.pop()
+    pre: list[fx.Node] = []
+    for u in ups:
+        n = linears[u].x
+        while n is not x:
+            pre.append(n)
+            n = n.args[0]
+    out_chain: list[fx.Node] = []
+    out = info.node
+    while len(out.users) == 1 and is_view(next(iter(out.users))):
+        out = next(iter(out.users))
+        out_chain.append(out)
+    xv, ov = val(x), val(out)
+    if xv is None or ov is None or not same_size(xv.shape[-1], ov.shape[-1]):
+        return None
+    return ups, middle, pre, out_chain, x
+
+
+def _closed(region: set, out: fx.Node) -> bool:
+    """No value computed inside the region escapes it except through `out`."""
+    for n in region:
+        if n is out:
+            continue
+        for user in n.users:
+            if user not in region and not is_side_effect(user):
+                return False
+    return True
+
+
+def _classify(middle: list[fx.Node], num_ups: int) -> str:
+    ops = {packet(n) for n in middle}
+    acts = [ACTIVATIONS[p] for p in ops if p in ACTIVATIONS]
+    gelu_tanh = any(packet(n) is aten.gelu and n.kwargs.get("approximate") == "tanh" for n in middle) or \
+        (aten.tanh in ops and aten.pow in ops)
+    if num_ups > 1:
+        if "silu" in acts:
+            return "swiglu"
+        if "gelu" in acts or gelu_tanh:
+            return "geglu"
+        if "relu" in acts:
+            return "reglu"
+        return "gated"
+    if gelu_tanh:
+        return "gelu_tanh"
+    if len(acts) == 1:
+        return acts[0]
+    return "custom"
+
+
+def _module_path(nodes: list[fx.Node]) -> str | None:
+    paths = []
+    for n in nodes:
+        stack = n.meta.get("nn_module_stack")
+        if not stack:
+            return None
+        paths.append(list(stack.values())[-1][0].split("."))
+    common = paths[0]
+    for p in paths[1:]:
+        i = 0
+        while i < min(len(common), len(p)) and common[i] == p[i]:
+            i += 1
+        common = common[:i]
+    return ".".join(common) or None

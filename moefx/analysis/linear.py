@@ -1,0 +1,168 @@
+"""Recognise linear layers and token-wise ops in an ATen graph.
+
+A *linear-like* node multiplies an activation by a parameter matrix on its last dimension:
+`aten.linear(x, W[out, in], b)`, `aten.addmm(b, x, W[in, out])` (GPT-2's Conv1D),
+`aten.addmm(b, x, W.t())`, `aten.mm` / `aten.matmul` with a parameter. A *token-wise* op
+treats every token (row of the last dimension) independently and does not care how many
+leading dimensions there are: elementwise math, activations, dropout, dtype casts, views that
+keep the last dimension, and normalisations over the last dimension.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+# Ops that only reshape leading dimensions or are no-ops on values.
+VIEW_OPS = {aten.view, aten.reshape, aten._unsafe_view, aten.contiguous, aten.alias, aten.clone,
+            aten.detach, aten.flatten}
+
+ELEMENTWISE_OPS = {
+    aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten.pow, aten.square, aten.abs, aten.reciprocal,
+    aten.tanh, aten.sigmoid, aten.gelu, aten.silu, aten.relu, aten.relu6, aten.erf, aten.exp, aten.log,
+    aten.sqrt, aten.rsqrt, aten.clamp, aten.clamp_min, aten.clamp_max, aten.hardtanh, aten.leaky_relu,
+    aten.softplus, aten.mish, aten.elu, aten.selu, aten.celu, aten.hardswish, aten.hardsigmoid,
+    aten.where, aten.maximum, aten.minimum, aten.dropout, aten.native_dropout, aten.to, aten._to_copy,
+    aten.type_as, aten.sin, aten.cos, aten.log1p, aten.expm1, aten.gelu_backward,
+}
+LAST_DIM_OPS = {aten.layer_norm, aten.rms_norm, aten.mean, aten.sum, aten.amax, aten.softmax,
+                aten._softmax, aten.log_softmax}
+
+ACTIVATIONS = {aten.gelu: "gelu", aten.silu: "silu", aten.relu: "relu", aten.tanh: "tanh",
+               aten.sigmoid: "sigmoid", aten.relu6: "relu6", aten.mish: "mish", aten.elu: "elu",
+               aten.leaky_relu: "leaky_relu", aten.hardswish: "hardswish", aten.softplus: "softplus"}
+
+SIDE_EFFECT_OPS = {aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size}
+
+
+def packet(node: fx.Node):
+    """The op overload packet of a call_function node (aten.linear for aten.linear.default), or None."""
+    if node.op != "call_function":
+        return None
+    return getattr(node.target, "overloadpacket", None)
+
+
+def val(node) -> torch.Tensor | None:
+    """The fake tensor a node produces, if it is a tensor."""
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def is_side_effect(node: fx.Node) -> bool:
+    """Assertion nodes export leaves in the graph; they check values but compute nothing."""
+    return packet(node) in SIDE_EFFECT_OPS
+
+
+def tensor_args(node: fx.Node) -> list[fx.Node]:
+    """The node's inputs that are tensors (SymInt shape arguments are skipped)."""
+    out = []
+    for a in node.all_input_nodes:
+        if a.op == "get_attr" or val(a) is not None:
+            out.append(a)
+    return out
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    """A linear-like node: y = x @ M + b with M = W.T when `transposed` (W stored [out, in])."""
+
+    node: fx.Node
+    x: fx.Node
+    weight: fx.Node
+    transposed: bool
+    bias: fx.Node | None
+    in_features: int
+    out_features: int
+
+
+def _param_source(node: fx.Node) -> tuple[fx.Node, bool] | None:
+    """Follow t()/transpose/permute/casts from a weight operand to its get_attr; (node, flipped)."""
+    flipped = False
+    while node.op == "call_function":
+        p = packet(node)
+        if p in (aten.t, aten.transpose, aten.permute, aten.numpy_T):
+            flipped = not flipped
+        elif p not in (aten.to, aten._to_copy, aten.alias, aten.detach, aten.contiguous):
+            return None
+        node = node.args[0]
+    if node.op != "get_attr":
+        return None
+    return node, flipped
+
+
+def linear_info(node: fx.Node) -> LinearInfo | None:
+    """Describe `node` as a linear layer, or None when it is not one."""
+    p = packet(node)
+    if p is aten.linear:
+        x, w = node.args[0], node.args[1]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        transposed_default = True
+    elif p is aten.addmm:
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return None
+        b, x, w = node.args[:3]
+        transposed_default = False
+    elif p in (aten.mm, aten.matmul):
+        x, w = node.args[:2]
+        b = None
+        transposed_default = False
+    else:
+        return None
+    if not isinstance(w, fx.Node) or not isinstance(x, fx.Node) or val(x) is None:
+        return None
+    src = _param_source(w)
+    if src is None:
+        return None
+    wnode, flipped = src
+    wval = val(wnode) if "val" in wnode.meta else None
+    shape = tuple(wval.shape) if wval is not None else None
+    if shape is None or len(shape) != 2:
+        return None
+    transposed = transposed_default != flipped
+    in_f, out_f = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+    if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
+        return None
+    return LinearInfo(node, x, wnode, transposed, b, int(in_f), int(out_f))
+
+
+def is_tokenwise(node: fx.Node) -> bool:
+    """Whether `node` treats each token independently (see the module docstring)."""
+    p = packet(node)
+    if p in ELEMENTWISE_OPS or p in VIEW_OPS:
+        return True
+    if p in LAST_DIM_OPS:
+        v, src = val(node), val(node.args[0]) if node.args else None
+        if p in (aten.layer_norm, aten.rms_norm):
+            return True
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if isinstance(dims, int):
+            dims = [dims]
+        if src is None or v is None or not dims:
+            return False
+        return all(d in (-1, src.dim() - 1) for d in dims) and v.dim() == src.dim()
+    return False
+
+
+def is_view(node: fx.Node) -> bool:
+    """A view/reshape that keeps the last dimension (only leading dims change)."""
+    if packet(node) not in VIEW_OPS:
+        return False
+    a, v = val(node.args[0]), val(node)
+    return a is not None and v is not None and a.dim() >= 1 and v.dim() >= 1 and same_size(a.shape[-1], v.shape[-1])
+
+
+def same_size(a, b) -> bool:
+    """Equality of two (possibly symbolic) sizes without adding guards."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return str(a) == str(b)
+
+
+def strip_views(node: fx.Node) -> fx.Node:
+    """Follow views back to the node that produced the values."""
+    while isinstance(node, fx.Node) and is_view(node):
+        node = node.args[0]
+    return node
