@@ -1,0 +1,22 @@
+"""moefx: torch.fx passes that turn dense Transformers into DeepSpeed-MoE-style PR-MoE / MoS models.
+
+    import moefx
+    plan = moefx.Plan.from_dict({"moe": {"experts": [32] * 10 + [64] * 2, "every": 2, "residual": True}})
+    moe_model = moefx.convert(model, plan, example_inputs=(input_ids,))
+    loss = task_loss(moe_model(input_ids)) + moefx.aux_loss(moe_model)
+"""
+from .analysis.ffn import FFN, find_ffns
+from .capture import capture
+from .convert import convert, pipeline
+from .count import ParamCount, count_params
+from .errors import AnalysisError, BackendError, CaptureError, MoefxError, PassError, PlanError
+from .nn.aux import aux_loss
+from .nn.routing import Routing, combine, dispatch, route
+from .plan import LoweringPlan, MoEPlan, ParallelPlan, Plan, StudentPlan
+
+__all__ = [
+    "FFN", "find_ffns", "capture", "convert", "pipeline", "ParamCount", "count_params", "AnalysisError",
+    "BackendError", "CaptureError", "MoefxError", "PassError", "PlanError", "aux_loss", "Routing", "combine",
+    "dispatch", "route", "LoweringPlan", "MoEPlan", "ParallelPlan", "Plan", "StudentPlan",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,97 @@
+"""Experts that run batched over the expert dimension of an [E, C, d] buffer.
+
+`StackedExperts` holds the ups/down weights of E copies of one FFN stacked on a leading expert
+dimension and runs them with bmm/baddbmm: h_j = buf @ W_up_j + b_up_j, m = middle(h_1, ..., h_n)
+(the FFN's own token-wise ops, copied from the graph: GELU, SwiGLU's silu(g) * u, ...),
+y = m @ W_down + b_down. Partitioning takes experts by index (`select`) or slices the inner
+dimension of every expert (`slice_inner`, expert slicing).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx, nn
+
+
+class StackedExperts(nn.Module):
+    """E FFN experts with stacked weights.
+
+    up_weights: list of [E, d, f] (one per up projection; two for gated FFNs), up_biases: list of
+    [E, f] or None, down_weight: [E, f, d], down_bias: [E, d] or None, middle: a GraphModule taking
+    the up outputs and returning the down input (token-wise, any leading shape).
+    """
+
+    def __init__(self, up_weights: list[Tensor], up_biases: list[Tensor | None], down_weight: Tensor,
+                 down_bias: Tensor | None, middle: fx.GraphModule, activation: str = "custom",
+                 first_expert: int = 0, bias_scale: float = 1.0):
+        super().__init__()
+        self.up_weight = nn.ParameterList([nn.Parameter(w) for w in up_weights])
+        self.up_has_bias = [b is not None for b in up_biases]
+        self.up_bias = nn.ParameterList([nn.Parameter(b) for b in up_biases if b is not None])
+        self.down_weight = nn.Parameter(down_weight)
+        self.down_bias = nn.Parameter(down_bias) if down_bias is not None else None
+        self.middle = middle
+        self.activation = activation
+        self.first_expert = first_expert  # global index of expert 0 of this module (after partition)
+        self.bias_scale = bias_scale  # 0 on all but one rank when the inner dim is sliced
+
+    @property
+    def num_experts(self) -> int:
+        return self.down_weight.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.down_weight.shape[2]
+
+    @property
+    def f(self) -> int:
+        return self.down_weight.shape[1]
+
+    def forward(self, buf: Tensor) -> Tensor:
+        """buf [E, C, d] -> [E, C, d]: every expert applied to its own C rows."""
+        biases = iter(self.up_bias)
+        hs = []
+        for w, has_b in zip(self.up_weight, self.up_has_bias):
+            if has_b:
+                hs.append(torch.baddbmm(next(biases).unsqueeze(1).to(buf.dtype), buf, w.to(buf.dtype)))
+            else:
+                hs.append(torch.bmm(buf, w.to(buf.dtype)))
+        m = self.middle(*hs)
+        w2 = self.down_weight.to(m.dtype)
+        if self.down_bias is None:
+            return torch.bmm(m, w2)
+        if self.bias_scale != 1.0:
+            return torch.baddbmm(self.down_bias.unsqueeze(1).to(m.dtype), m, w2, beta=self.bias_scale)
+        return torch.baddbmm(self.down_bias.unsqueeze(1).to(m.dtype), m, w2)
+
+    def _biases(self) -> list[Tensor | None]:
+        it = iter(self.up_bias)
+        return [next(it) if has else None for has in self.up_has_bias]
+
+    def select(self, start: int, stop: int) -> "StackedExperts":
+        """A new module with experts [start, stop) (weights copied, so shards do not alias)."""
+        return StackedExperts([w.detach()[start:stop].clone() for w in self.up_weight],
+                              [None if b is None else b.detach()[start:stop].clone() for b in self._biases()],
+                              self.down_weight.detach()[start:stop].clone(),
+                              None if self.down_bias is None else self.down_bias.detach()[start:stop].clone(),
+                              self.middle, self.activation, self.first_expert + start, self.bias_scale)
+
+    def slice_inner(self, index: int, parts: int) -> "StackedExperts":
+        """Expert slicing: part `index` of `parts` of every expert's inner dimension f.
+
+        Only valid when the middle ops are elementwise over f (true for GELU/ReLU/SwiGLU FFNs); the
+        down bias is kept at full scale on part 0 and zeroed elsewhere, so summing the parts'
+        outputs (an all-reduce) gives the full expert output.
+        """
+        if self.f % parts:
+            raise ValueError(f"inner size f = {self.f} is not divisible by {parts} expert slices")
+        lo, hi = index * self.f // parts, (index + 1) * self.f // parts
+        return StackedExperts([w.detach()[:, :, lo:hi].clone() for w in self.up_weight],
+                              [None if b is None else b.detach()[:, lo:hi].clone() for b in self._biases()],
+                              self.down_weight.detach()[:, lo:hi, :].clone(),
+                              None if self.down_bias is None else self.down_bias.detach().clone(),
+                              self.middle, self.activation, self.first_expert,
+                              self.bias_scale if index == 0 else 0.0)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, d={self.d}, f={self.f}, ups={len(self.up_weight)}, "
+                f"activation={self.activation}")

@@ -1,0 +1,96 @@
+"""Pass contract and pipeline runner.
+
+A pass is a callable `(gm, plan) -> GraphModule` with a `name`. It never mutates its input: it
+builds a new GraphModule (sharing unchanged parameters) and returns it, or returns the input
+object itself when it changes nothing. The runner checks every result (`graph.lint()` plus
+moefx's invariants), records provenance in `gm.meta["moefx_passes"]` and, when asked, writes a
+numbered dump of the code after each pass (`NNN_name.py`).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Callable, Protocol
+
+from torch import fx
+
+from .. import meta as M
+from ..capture import mark_captured
+from ..errors import PassError
+from ..fileio import write_atomic
+
+
+class Pass(Protocol):
+    name: str
+
+    def __call__(self, gm: fx.GraphModule, plan) -> fx.GraphModule: ...
+
+
+def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
+    """A new GraphModule over a copy of gm's graph (parameters shared); returns (new, old->new node map)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    for name, child in gm.named_children():
+        if getattr(child, "_moefx_keep", False):  # keep moefx containers whole, not rebuilt as plain Modules
+            new.add_submodule(name, child)
+    new.meta = dict(getattr(gm, "meta", {}))
+    for name, value in vars(gm).items():
+        if name.startswith("_moefx"):
+            setattr(new, name, value)
+    return mark_captured(new), env
+
+
+def verify(gm: fx.GraphModule) -> None:
+    """graph.lint() plus moefx invariants; raises AssertionError / RuntimeError on violation."""
+    gm.graph.lint()
+    dispatches = [n for n in gm.graph.nodes if n.meta.get(M.ROLE) == "dispatch"]
+    combines = [n for n in gm.graph.nodes if n.meta.get(M.ROLE) == "combine"]
+    layers_d = sorted(n.meta.get(M.LAYER) for n in dispatches)
+    layers_c = sorted(n.meta.get(M.LAYER) for n in combines)
+    if layers_d != layers_c:
+        raise AssertionError(f"every dispatch needs its combine: dispatch layers {layers_d}, combine layers {layers_c}")
+    for n in gm.graph.nodes:
+        if n.meta.get(M.ROLE) in M.CREATED_ROLES and M.PASS not in n.meta:
+            raise AssertionError(f"node {n.name} has role {n.meta[M.ROLE]!r} but no {M.PASS!r} provenance")
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            gm.get_submodule(n.target)
+
+
+def run_pipeline(gm: fx.GraphModule, plan, passes: list[Pass], *, dump_dir: str | Path | None = None,
+                 check: Callable[[fx.GraphModule], None] = verify) -> fx.GraphModule:
+    """Run `passes` in order, skipping names in plan.disable; verify after each one."""
+    ran: list[str] = []
+    disabled = set(getattr(plan, "disable", ()) or ())
+    if dump_dir is not None:
+        _dump(dump_dir, 0, "captured", gm)
+    for i, p in enumerate(passes, start=1):
+        if p.name in disabled:
+            continue
+        try:
+            out = p(gm, plan)
+            out.recompile()
+            check(out)
+        except PassError:
+            raise
+        except Exception as e:
+            raise PassError(f"pass {p.name!r} failed (passes run before it: {ran or 'none'}): "
+                            f"{type(e).__name__}: {e}") from e
+        if out is not gm:
+            out.meta = dict(getattr(out, "meta", {}))
+            out.meta["moefx_passes"] = [*gm.meta.get("moefx_passes", []), p.name]
+        gm = out
+        ran.append(p.name)
+        if dump_dir is not None:
+            _dump(dump_dir, i, p.name, gm)
+    return gm
+
+
+def _dump(dump_dir, index: int, name: str, gm: fx.GraphModule) -> None:
+    path = Path(dump_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    write_atomic(path / f"{index:03d}_{name}.py", gm.code)

@@ -1,0 +1,51 @@
+"""Lower gating: choose the implementation of every route / dispatch / combine node.
+
+Runs after pr_moe (and shrink). `plan.lowering.gating`: "auto" picks Triton when the MoE layer's
+weights live on a CUDA device and triton is importable, else the PyTorch path; "triton" or
+"torch" force one. Forcing Triton where it cannot run raises BackendError here, before any
+forward (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU interpreter).
+Records the choice in node.meta["moefx_impl"] (shown by `moefx dump`) and on the gate module.
+"""
+from __future__ import annotations
+
+import copy
+
+from torch import fx
+
+from .. import meta as M
+from ..nn.routing import resolve_impl
+from .infra import copy_graph_module
+
+NAME = "lower_gating"
+_ROLES = ("route", "dispatch", "combine")
+
+
+def lower_gating(gm: fx.GraphModule, plan) -> fx.GraphModule:
+    """Set impl="torch"/"triton" on each gating node. Returns a new GraphModule (or gm if no MoE)."""
+    if not any(n.meta.get(M.ROLE) in _ROLES for n in gm.graph.nodes):
+        return gm
+    wanted = plan.lowering.gating if plan is not None else "auto"
+    new, _ = copy_graph_module(gm)
+    lowered = 0
+    for node in new.graph.nodes:
+        role = node.meta.get(M.ROLE)
+        if role not in _ROLES:
+            continue
+        layer_mod = new.get_submodule(f"moe{node.meta[M.LAYER]}")
+        impl = resolve_impl(wanted, layer_mod.router.weight.device)
+        if role == "route":
+            gate = copy.copy(layer_mod.gate)  # a fresh module object: the input graph keeps its own
+            gate.impl = impl
+            layer_mod = copy.copy(layer_mod)
+            layer_mod._modules = dict(layer_mod._modules, gate=gate)
+            new.add_submodule(f"moe{node.meta[M.LAYER]}", layer_mod)
+        else:
+            node.kwargs = {**node.kwargs, "impl": impl}
+        node.meta[M.IMPL] = impl
+        lowered += 1
+    new.meta["moefx_counters"] = {**new.meta.get("moefx_counters", {}), NAME: lowered}
+    new.recompile()
+    return new
+
+
+lower_gating.name = NAME
