@@ -176,12 +176,49 @@ def test_classification_with_dict_outputs_and_labels():
 def test_regression_kd_is_mse_to_teacher():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 3, generator=g)
-    batches = [{"inputs": (x,), "labels": x.sum(1)}]
+    y = x.sum(1)
     torch.manual_seed(0)
     teacher, student = nn.Linear(3, 1), nn.Linear(3, 1)
-    res = distill(teacher, student, batches, steps=3, kd_stop=2, kd_alpha=0.5, progress=False)
+    with torch.no_grad():
+        lm0 = (student(x).squeeze(-1) - y).pow(2).mean().item()
+        kd0 = 0.5 * (student(x) - teacher(x)).pow(2).mean().item()
+    res = distill(teacher, student, [{"inputs": (x,), "labels": y}], steps=3, kd_stop=2,
+                  kd_alpha=0.5, temperature=4.0, progress=False)
     assert res.task == "regression"
-    assert res.history[0]["kd"] > 0 and res.history[2]["kd"] == 0.0
+    assert res.history[0]["lm"] == pytest.approx(lm0, rel=1e-6)
+    assert res.history[0]["kd"] == pytest.approx(kd0, rel=1e-6)  # no T^2 for regression
+    assert res.history[2]["kd"] == 0.0
+
+
+class KwargsLM(TinyLM):
+    """HF-style signature: keyword inputs, ModelOutput-like result."""
+
+    def forward(self, input_ids, attention_mask=None):
+        return {"logits": super().forward(input_ids)}
+
+
+def test_kwargs_batches_attention_mask_and_eval_loss():
+    ids = lm_batches(n=1, seed=5)[0][0]
+    attn = torch.ones_like(ids)
+    attn[1, 7:] = 0
+    labels = ids.clone()
+    labels[1, 7:] = -100
+    kw = dict(steps=2, kd_stop=2, progress=False)
+    by_mask = distill(KwargsLM(seed=0), KwargsLM(seed=1, dropout=0.0),
+                      [{"input_ids": ids, "attention_mask": attn}], **kw)
+    by_label = distill(KwargsLM(seed=0), KwargsLM(seed=1, dropout=0.0),
+                       [{"input_ids": ids, "attention_mask": attn, "labels": labels}], **kw)
+    assert by_mask.history == by_label.history
+    # eval_loss: mean next-token CE over every unmasked target of all eval batches
+    student = KwargsLM(seed=1, dropout=0.0)
+    res = distill(KwargsLM(seed=0), student, [{"input_ids": ids}], steps=1, kd_stop=1,
+                  eval_batches=[{"input_ids": ids, "attention_mask": attn}], progress=False)
+    with torch.no_grad():
+        logits = student(ids)["logits"][:, :-1]
+        nll = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                                          reduction="sum", ignore_index=-100)
+    n = (labels[:, 1:] != -100).sum()
+    assert res.eval_history == [{"step": 1, "eval_loss": pytest.approx((nll / n).item(), rel=1e-6)}]
 
 
 def test_masked_targets_do_not_count():
@@ -257,6 +294,21 @@ def test_progress_output(capsys):
             progress=True)
     err = capsys.readouterr().err
     assert "lm=" in err and "kd=" in err and "aux=" in err
+
+
+def test_progress_without_tqdm(capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "tqdm", None)  # import tqdm -> ImportError
+    distill(TinyLM(seed=0), TinyLM(seed=1), lm_batches(), steps=2, kd_stop=1, log_every=2,
+            progress=True)
+    err = capsys.readouterr().err
+    assert "distill step 2/2 lm=" in err and "kd=0.0000" in err
+
+
+def test_lr_schedule_grad_clip_and_custom_optimizer():
+    res = distill(TinyLM(seed=0), TinyLM(seed=1), lm_batches(), steps=3, kd_stop=1,
+                  optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+                  lr_schedule=lambda step: 1.0 / (step + 1), grad_clip=0.5, progress=False)
+    assert [r["lr"] for r in res.history] == pytest.approx([0.1, 0.05, 0.1 / 3])
 
 
 # ----------------------------------------------------------------------------- errors
