@@ -648,7 +648,7 @@ def distill(
                 t_logits = extract_logits(teacher(*b.args, **b.kwargs)) if use_kd else None
             _reset_sinks(student)
             s_logits = extract_logits(student(*b.args, **b.kwargs))
-            labels = b.labels if b.labels is not None else None
+            labels = b.labels
             if result.task == "auto":
                 result.task = _resolve_task("auto", s_logits, labels)
             if labels is None:
