@@ -9,6 +9,8 @@ from .analysis.ffn import FFN, find_ffns
 from .capture import capture
 from .convert import convert, pipeline
 from .count import ParamCount, count_params
+from .distill import DistillError, DistillResult, distill
+from .dump import dump
 from .errors import AnalysisError, BackendError, CaptureError, MoefxError, PassError, PlanError
 from .nn.aux import aux_loss
 from .nn.routing import Routing, combine, dispatch, route
@@ -17,6 +19,7 @@ from .plan import LoweringPlan, MoEPlan, ParallelPlan, Plan, StudentPlan
 __all__ = [
     "FFN", "find_ffns", "capture", "convert", "pipeline", "ParamCount", "count_params", "AnalysisError",
     "BackendError", "CaptureError", "MoefxError", "PassError", "PlanError", "aux_loss", "Routing", "combine",
-    "dispatch", "route", "LoweringPlan", "MoEPlan", "ParallelPlan", "Plan", "StudentPlan",
+    "dispatch", "route", "LoweringPlan", "MoEPlan", "ParallelPlan", "Plan", "StudentPlan", "distill",
+    "DistillResult", "DistillError", "dump",
 ]
 __version__ = "0.1.0"

@@ -8,7 +8,6 @@ numbered dump of the code after each pass (`NNN_name.py`).
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -32,7 +31,7 @@ def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
     env: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, env)
     graph.output(out)
-    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    graph._codegen = gm.graph._codegen  # in/out pytree specs: read-only, safe to share
     new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     for name, child in gm.named_children():
         if getattr(child, "_moefx_keep", False):  # keep moefx containers whole, not rebuilt as plain Modules
