@@ -19,6 +19,7 @@ off, `topkgating` with drop_policy="position"):
 from __future__ import annotations
 
 import math
+import struct
 from typing import NamedTuple
 
 import torch
@@ -47,8 +48,23 @@ class Routing(NamedTuple):
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
-    """DeepSpeed's capacity: ceil(S / E * capacity_factor * k), at least min_capacity."""
+    """DeepSpeed's capacity: ceil(S / E * (capacity_factor * k)), at least min_capacity.
+
+    DeepSpeed evaluates the product with torch tensors of the default dtype (float32), so
+    `S / E` and `capacity_factor * k` are rounded to float32 and multiplied in float32 before
+    the ceil: e.g. S=10, E=3, capacity_factor=1.1, k=3 gives 11 (float64 arithmetic gives 12).
+    This function reproduces that bit for bit. With a symbolic token count (dynamic shapes
+    under torch.export) it falls back to float64 arithmetic.
+    """
+    if isinstance(num_tokens, int) and torch.get_default_dtype() != torch.float64:
+        product = _f32(_f32(num_tokens / num_experts) * _f32(capacity_factor * top_k))
+        return max(math.ceil(product), min_capacity)
     return max(math.ceil((num_tokens / num_experts) * (capacity_factor * top_k)), min_capacity)
+
+
+def _f32(x: float) -> float:
+    """Round a Python float to the nearest float32 (round-half-even), as torch does."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
@@ -87,8 +103,10 @@ def route(logits: Tensor, *, top_k: int = 1, capacity_factor: float = 1.0, min_c
     """Route tokens: logits [S, E] -> Routing (see the module docstring for the semantics).
 
     unit_top1: top-1 weight p / p.detach() (value 1, gradient of p) instead of p.
-    use_rts: DeepSpeed's random token selection for top-1 (which tokens survive capacity).
-    noisy_gate: "rsample" adds Gumbel noise to the logits used to pick the top-1 expert.
+    use_rts: DeepSpeed's random token selection for top-1 (which tokens survive capacity); like
+        DeepSpeed, it has no effect for top_k > 1.
+    noisy_gate: "rsample" adds Gumbel noise to the logits used to pick the top-1 expert; like
+        DeepSpeed's noisy_gate_policy="RSample", it has no effect for top_k > 1.
     ep_group: process group over which a dropless capacity is all-reduced (MAX).
     """
     if logits.dim() != 2:
@@ -96,40 +114,59 @@ def route(logits: Tensor, *, top_k: int = 1, capacity_factor: float = 1.0, min_c
     S, E = logits.shape
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k = {top_k} must be in [1, E = {E}]")
+    if noisy_gate is not None and noisy_gate.lower() != "rsample":
+        raise ValueError(f"noisy_gate must be None or 'rsample', got {noisy_gate!r} (DeepSpeed's 'Jitter' "
+                         "multiplies the router input, not the logits: see moefx.nn.moe.Router)")
     logits = logits.float()
     which = resolve_impl(impl, logits.device)
-    if which == "triton" and not (use_rts or noisy_gate):
+    probs = F.softmax(logits, dim=1)
+    noisy = noisy_gate is not None and top_k == 1
+    rts = use_rts and top_k == 1 and drop_tokens
+    if which == "triton" and not (rts or noisy):
         from ..kernels import gating as kernels
 
         expert, slot, capacity, counts = kernels.gate_table(logits, top_k, capacity_factor, min_capacity,
                                                             drop_tokens, ep_group)
     else:
         expert, slot, capacity, counts = _gate_table_torch(logits, top_k, capacity_factor, min_capacity,
-                                                          drop_tokens, use_rts, noisy_gate, ep_group)
-    probs = F.softmax(logits, dim=1)
+                                                          drop_tokens, rts, "rsample" if noisy else None,
+                                                          ep_group, probs=probs.detach())
     weight = _combine_weights(probs, expert, slot, top_k, unit_top1)
     aux = _aux_loss(probs, expert, top_k)
     return Routing(expert, slot, weight, capacity, counts, aux)
 
 
 def _gate_table_torch(logits: Tensor, k: int, capacity_factor: float, min_capacity: int, drop_tokens: bool,
-                      use_rts: bool, noisy_gate: str | None, ep_group) -> tuple[Tensor, Tensor, int, Tensor]:
-    """Expert choice, slot and capacity without autograd: the part a Triton kernel fuses."""
+                      use_rts: bool, noisy_gate: str | None, ep_group, probs: Tensor | None = None,
+                      top1_keep: str = "position") -> tuple[Tensor, Tensor, int, Tensor]:
+    """Expert choice, slot and capacity without autograd: the part a Triton kernel fuses.
+
+    Choices (as DeepSpeed): top-1 = argmax of the probabilities (or of logits + Gumbel noise with
+    noisy_gate="rsample"); top-2 = argmax of the probabilities, then argmax of the logits with the
+    first masked out; top-k = the k largest probabilities. Ties go to the lowest expert index.
+
+    top1_keep="topk" reproduces, for top-1 without RTS, DeepSpeed's literal choice of which tokens
+    of an overfull expert survive (`torch.topk` over a 0/1 mask, whose tie order is an
+    implementation detail of the device's topk); the default "position" keeps the first
+    `capacity` tokens, like DeepSpeed's top-2 and top-k (drop_policy="position").
+    """
     S, E = logits.shape
     with torch.no_grad():
+        if probs is None:
+            probs = F.softmax(logits.float(), dim=1)
         if k == 1:
-            pick = logits + _gumbel(logits) if noisy_gate == "rsample" else logits
+            pick = logits + _gumbel(logits) if noisy_gate == "rsample" else probs
             expert = pick.argmax(dim=1, keepdim=True)
         elif k == 2:
-            first = logits.argmax(dim=1)
+            first = probs.argmax(dim=1)
             second = logits.scatter(1, first[:, None], float("-inf")).argmax(dim=1)
             expert = torch.stack([first, second], dim=1)
         else:
-            expert = torch.topk(logits, k, dim=1).indices
+            expert = _topk_lowest_index(probs, k)
         # Order in which choices claim slots: top-2 puts all second choices after all first ones
         # (choice-major); top-1 and top-k go in token order (token-major).
         flat = expert.t().reshape(-1) if k == 2 else expert.reshape(-1)
-        if use_rts and drop_tokens:
+        if use_rts and drop_tokens and k == 1:
             priority = torch.rand(S, device=logits.device)  # random token selection
             order = torch.argsort(priority, stable=True)
             rank_in_expert = torch.empty_like(flat)
@@ -146,13 +183,41 @@ def _gate_table_torch(logits: Tensor, k: int, capacity_factor: float, min_capaci
 
                 dist.all_reduce(cap_t, op=dist.ReduceOp.MAX, group=ep_group)
             capacity = int(cap_t)
-        keep = rank_in_expert < capacity
+        if k == 1 and drop_tokens and not use_rts and top1_keep == "topk":
+            keep = _top1_keep_like_topk(expert[:, 0], E, capacity)
+        else:
+            keep = rank_in_expert < capacity
         slot_flat = torch.where(keep, rank_in_expert, torch.full_like(rank_in_expert, -1))
         slot = slot_flat.reshape(k, S).t().contiguous() if k == 2 else slot_flat.reshape(S, k)
         counts = torch.bincount(flat[keep], minlength=E)
-        if use_rts and drop_tokens:
+        if (use_rts or top1_keep == "topk") and drop_tokens and k == 1:
             slot = _renumber_slots_in_token_order(expert, slot, E)
     return expert, slot, capacity, counts
+
+
+def _topk_lowest_index(probs: Tensor, k: int) -> Tensor:
+    """Indices of the k largest entries of each row, largest first, ties to the lowest index.
+
+    Same set as DeepSpeed's torch.topk when there are no ties; unlike torch.topk, whose order
+    among equal values is unspecified (CPU returns e.g. [8, 6, 7] for topk(ones(10), 3)), the
+    result is deterministic and matches the Triton kernel.
+    """
+    work = probs.clone()
+    picks = []
+    for _ in range(k):
+        idx = work.argmax(dim=1, keepdim=True)
+        picks.append(idx)
+        work.scatter_(1, idx, -1.0)  # probabilities are >= 0
+    return torch.cat(picks, dim=1)
+
+
+def _top1_keep_like_topk(expert: Tensor, E: int, capacity: int) -> Tensor:
+    """DeepSpeed top-1's survivors: torch.topk(one_hot(expert), min(capacity, S), dim=0)."""
+    S = expert.shape[0]
+    mask = F.one_hot(expert, num_classes=E)
+    top = torch.topk(mask, k=min(capacity, S), dim=0).indices
+    chosen = torch.zeros_like(mask).scatter_(0, top, 1)
+    return (mask * chosen).sum(dim=1) > 0
 
 
 def _rank_within_groups(groups: Tensor, num_groups: int) -> Tensor:
@@ -179,31 +244,34 @@ def _gumbel(x: Tensor) -> Tensor:
 
 
 def _combine_weights(probs: Tensor, expert: Tensor, slot: Tensor, k: int, unit_top1: bool) -> Tensor:
+    """DeepSpeed's combine weights, bit for bit: p (top-1) or p / sum of the kept p (top-k)."""
     kept = (slot >= 0).to(probs.dtype)
     gathered = probs.gather(1, expert) * kept
     if k == 1:
         return gathered / gathered.detach().clamp_min(1e-30) * kept if unit_top1 else gathered
-    denom = gathered.sum(dim=1, keepdim=True).clamp_min(torch.finfo(probs.dtype).eps)
-    return gathered / denom
+    eps = torch.finfo(probs.dtype).eps
+    if k == 2:
+        denom = gathered.sum(dim=1, keepdim=True)  # g1 + g2, one addition, as DeepSpeed
+    else:
+        # DeepSpeed sums the masked probabilities over all E experts; a float32 sum over the E
+        # columns is not bit-identical to a sum over the k gathered values, so do the same.
+        denom = torch.zeros_like(probs).scatter(1, expert, gathered).sum(dim=1, keepdim=True)
+    return gathered / denom.clamp_min(eps)
 
 
 def _aux_loss(probs: Tensor, expert: Tensor, k: int) -> Tensor:
+    """l_aux with DeepSpeed's exact float ops (sum * E for top-1, mean * E * E for top-2, / k for top-k)."""
     S, E = probs.shape
     if S == 0:
         return probs.sum() * 0.0
     me = probs.mean(dim=0)
     chosen = expert[:, :1] if k <= 2 else expert
     ce = torch.bincount(chosen.reshape(-1), minlength=E).to(probs.dtype) / S
-    aux = (me * ce).sum() * E
-    return aux / k if k > 2 else aux
-
-
-def _flat_index(routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
-    """(token index, buffer row = expert * C + slot, mask position) of every kept (s, j)."""
-    kept = routing.slot >= 0
-    token = torch.arange(routing.slot.shape[0], device=routing.slot.device)[:, None].expand_as(routing.slot)
-    row = routing.expert * routing.capacity + routing.slot
-    return token[kept], row[kept], kept
+    if k == 1:
+        return torch.sum(me * ce) * E
+    if k == 2:
+        return torch.mean(me * ce) * E * E
+    return torch.mean(me * ce) * E * E / k
 
 
 def dispatch(tokens: Tensor, routing: Routing, num_experts: int, *, impl: str = "auto") -> Tensor:
@@ -213,10 +281,7 @@ def dispatch(tokens: Tensor, routing: Routing, num_experts: int, *, impl: str = 
         from ..kernels import gating as kernels
 
         return kernels.dispatch(tokens, routing, num_experts)
-    E, C, d = num_experts, routing.capacity, tokens.shape[-1]
-    token, row, _ = _flat_index(routing)
-    buf = tokens.new_zeros(E * C, d).index_copy(0, row, tokens.index_select(0, token))
-    return buf.view(E, C, d)
+    return _dispatch_torch(tokens, routing.expert, routing.slot, num_experts, routing.capacity)
 
 
 def combine(expert_out: Tensor, routing: Routing, *, impl: str = "auto") -> Tensor:
@@ -226,8 +291,51 @@ def combine(expert_out: Tensor, routing: Routing, *, impl: str = "auto") -> Tens
         from ..kernels import gating as kernels
 
         return kernels.combine(expert_out, routing)
-    S, d = routing.slot.shape[0], expert_out.shape[-1]
-    token, row, kept = _flat_index(routing)
-    rows = expert_out.reshape(-1, d).index_select(0, row)
-    w = routing.weight[kept].to(rows.dtype)
-    return expert_out.new_zeros(S, d).index_add(0, token, rows * w[:, None])
+    return _combine_torch(expert_out, routing.expert, routing.slot, routing.weight)
+
+
+def _dispatch_torch(tokens: Tensor, expert: Tensor, slot: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """buf[e, c] = tokens[s] for the kept (s, j) with expert e and slot c; zeros elsewhere.
+
+    One gather through the inverse map (buffer row -> token): every buffer row is written once and
+    no zero-filled buffer is scattered into; the (few) empty rows are zeroed afterwards.
+    """
+    S, d = tokens.shape[0], tokens.shape[-1]
+    E, C = num_experts, capacity
+    if S == 0 or E * C == 0:
+        return tokens.new_zeros(E, C, d)
+    kept = slot >= 0
+    source = _inverse_map(expert, slot, kept, C, E * C)
+    buf = tokens.index_select(0, source.clamp(min=0))
+    empty = (source < 0).nonzero().squeeze(1)
+    if empty.numel():
+        buf = buf.index_fill(0, empty, 0) if buf.requires_grad else buf.index_fill_(0, empty, 0)
+    return buf.view(E, C, d)
+
+
+def _inverse_map(expert: Tensor, slot: Tensor, kept: Tensor, capacity: int, rows: int) -> Tensor:
+    """source[r] = the token in buffer row r = expert * C + slot, -1 when the row is empty."""
+    S = slot.shape[0]
+    token = torch.arange(S, device=slot.device)[:, None].expand_as(slot)
+    source = torch.full((rows,), -1, dtype=torch.long, device=slot.device)
+    return source.index_put_((expert[kept] * capacity + slot[kept],), token[kept])
+
+
+def _combine_torch(expert_out: Tensor, expert: Tensor, slot: Tensor, weight: Tensor) -> Tensor:
+    """out[s] = sum_j weight[s, j] * expert_out[expert[s, j], slot[s, j]] over the kept j.
+
+    Products and the sum over choices are computed in the promoted dtype of expert_out and
+    weight (float32 weights: float32 accumulation, as DeepSpeed), then cast to expert_out's dtype.
+    """
+    E, C, d = expert_out.shape
+    S, k = slot.shape
+    if S == 0 or E * C == 0:
+        return expert_out.new_zeros(S, d)
+    kept = slot >= 0
+    rows = torch.where(kept, expert * C + slot, torch.zeros_like(slot))
+    w = torch.where(kept, weight, torch.zeros_like(weight))
+    flat = expert_out.reshape(E * C, d)
+    out = flat.index_select(0, rows[:, 0]) * w[:, 0:1]
+    for j in range(1, k):
+        out = out.addcmul_(flat.index_select(0, rows[:, j]), w[:, j:j + 1])
+    return out.to(expert_out.dtype)

@@ -1,0 +1,472 @@
+"""Gating lowered to Triton: fused gate -> mapping table, dispatch and combine by table.
+
+Kernels (every program handles a block of many rows):
+
+- gate (two passes, deterministic): `_gate_kernel` computes, per block of BLOCK_S tokens, the
+  softmax, the top-k expert choices, each choice's rank among the block's earlier choices of the
+  same expert (an exclusive `tl.cumsum` over a one-hot) and the block's per-expert histogram;
+  an exclusive scan of the [groups * blocks, E] histograms (torch.cumsum, tiny) gives each block
+  its starting position per expert; `_slot_kernel` adds it and applies the capacity. Positions
+  are therefore exactly DeepSpeed's token-order ones (top-2: all first choices, then all second
+  choices), never an atomic's arrival order.
+- dispatch: `_invert_kernel` writes the inverse map (buffer row -> token, -1 when empty), then
+  `_gather_rows_kernel` writes every buffer row once (zeros for empty rows, no memset).
+- combine: `_combine_kernel` gathers the k expert rows of each token and sums them weighted,
+  accumulating in float32.
+- route_dot: `_route_dot_kernel`, out[s, j] = <a[s], b[row(s, j)]> (gradient of a weight).
+
+Custom ops (namespace "moefx"), each with a fake (meta) implementation and an autograd formula
+written with the same ops, so graphs containing them export, trace, compile and differentiate
+twice: `gate_table`, `dispatch_tokens`, `combine_tokens`, `route_dot`. The dispatch with a
+per-choice scale and the weighted combine are adjoint to each other:
+
+    d dispatch(x, scale) / dx     = combine(g, scale)      d / dscale = route_dot(x, g)
+    d combine(y, w) / dy          = dispatch(g, w)         d / dw     = route_dot(g, y)
+
+On CUDA tensors (or any tensors with TRITON_INTERPRET=1) the ops run the Triton kernels; on CPU
+without the interpreter they run the references in `gating_ref`. Whether to interpret is read
+at launch time, so setting TRITON_INTERPRET=1 after this module was imported still works.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..nn.routing import Routing, expert_capacity
+from . import gating_ref as ref
+
+# --------------------------------------------------------------------------------------------
+# Kernels (plain functions; `_kernel` turns them into JIT or interpreted Triton functions)
+# --------------------------------------------------------------------------------------------
+
+
+def _gate_kernel(logits_ptr, expert_ptr, rank_ptr, hist_ptr, S, E, NB, stride_s,
+                 K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = tl.arange(0, BLOCK_E)
+    rmask = rows < S
+    cmask = cols < E
+    m2 = rmask[:, None] & cmask[None, :]
+    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_s + cols[None, :], mask=m2,
+                other=0.0).to(tl.float32)
+    x = tl.where(cmask[None, :], x, float("-inf"))  # rows past S read zeros: finite, masked below
+    mx = tl.max(x, axis=1)
+    ex = tl.where(cmask[None, :], tl.exp(x - mx[:, None]), 0.0)
+    p = ex / tl.sum(ex, axis=1)[:, None]
+    p = tl.where(cmask[None, :], p, -1.0)  # padding columns below every probability
+    col2 = cols[None, :] + tl.zeros([BLOCK_S, BLOCK_E], dtype=tl.int32)
+    rows64 = rows.to(tl.int64)
+    if K == 2:
+        # first choice: argmax of the probabilities; second: argmax of the logits without it.
+        e0 = tl.argmax(p, axis=1, tie_break_left=True)
+        x1 = tl.where(col2 == e0[:, None], float("-inf"), x)
+        e1 = tl.argmax(x1, axis=1, tie_break_left=True)
+        for j in tl.static_range(2):
+            e = e0 if j == 0 else e1
+            oh = ((col2 == e[:, None]) & rmask[:, None]).to(tl.int32)
+            before = tl.cumsum(oh, axis=0) - oh
+            rank = tl.sum(tl.where(oh > 0, before, 0), axis=1)
+            tl.store(expert_ptr + rows64 * 2 + j, e.to(tl.int64), mask=rmask)
+            tl.store(rank_ptr + rows64 * 2 + j, rank, mask=rmask)
+            tl.store(hist_ptr + (j * NB + pid) * E + cols, tl.sum(oh, axis=0), mask=cmask)
+    else:
+        # top-1 / top-k: the k largest probabilities (ties to the lowest index); slots in token order
+        which = tl.full([BLOCK_S, BLOCK_E], -1, dtype=tl.int32)  # choice index j of each taken cell
+        for j in tl.static_range(K):
+            e = tl.argmax(p, axis=1, tie_break_left=True)
+            hit = col2 == e[:, None]
+            which = tl.where(hit, j, which)
+            p = tl.where(hit, -1.0, p)
+            tl.store(expert_ptr + rows64 * K + j, e.to(tl.int64), mask=rmask)
+        taken = ((which >= 0) & rmask[:, None]).to(tl.int32)
+        before = tl.cumsum(taken, axis=0) - taken
+        for j in tl.static_range(K):
+            rank = tl.sum(tl.where(which == j, before, 0), axis=1)
+            tl.store(rank_ptr + rows64 * K + j, rank, mask=rmask)
+        tl.store(hist_ptr + pid * E + cols, tl.sum(taken, axis=0), mask=cmask)
+
+
+def _slot_kernel(expert_ptr, rank_ptr, start_ptr, slot_ptr, S, E, NB, capacity,
+                 K: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+    rmask = rows < S
+    rows64 = rows.to(tl.int64)
+    for j in tl.static_range(K):
+        e = tl.load(expert_ptr + rows64 * K + j, mask=rmask, other=0)
+        r = tl.load(rank_ptr + rows64 * K + j, mask=rmask, other=0).to(tl.int64)
+        g = j if K == 2 else 0
+        pos = r + tl.load(start_ptr + (g * NB + pid) * E + e, mask=rmask, other=0)
+        keep = (pos < capacity) | (capacity < 0)
+        tl.store(slot_ptr + rows64 * K + j, tl.where(keep, pos, -1), mask=rmask)
+
+
+def _invert_kernel(expert_ptr, slot_ptr, source_ptr, S, C, K: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+    rmask = rows < S
+    rows64 = rows.to(tl.int64)
+    for j in tl.static_range(K):
+        e = tl.load(expert_ptr + rows64 * K + j, mask=rmask, other=0)
+        sl = tl.load(slot_ptr + rows64 * K + j, mask=rmask, other=-1)
+        kept = rmask & (sl >= 0)
+        # source holds token * K + j, so a scaled dispatch finds its scale[s, j] too
+        tl.store(source_ptr + e * C + sl, rows64 * K + j, mask=kept)
+
+
+def _gather_rows_kernel(src_ptr, source_ptr, scale_ptr, out_ptr, R, D,
+                        K: tl.constexpr, HAS_SCALE: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = rows < R
+    cmask = cols < D
+    src = tl.load(source_ptr + rows, mask=rmask, other=-1)
+    valid = src >= 0
+    token = tl.where(valid, src // K, 0)
+    v = tl.load(src_ptr + token[:, None] * D + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + tl.where(valid, src, 0), mask=valid, other=0.0)
+        acc_t = tl.float64 if ACC_F64 else tl.float32
+        v = v.to(acc_t) * sc.to(acc_t)[:, None]
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], v.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+def _combine_kernel(y_ptr, expert_ptr, slot_ptr, w_ptr, out_ptr, S, D, C,
+                    K: tl.constexpr, HAS_W: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_S: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    pid_s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = rows < S
+    cmask = cols < D
+    rows64 = rows.to(tl.int64)
+    acc_t = tl.float64 if ACC_F64 else tl.float32
+    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=acc_t)
+    for j in tl.static_range(K):
+        e = tl.load(expert_ptr + rows64 * K + j, mask=rmask, other=0)
+        sl = tl.load(slot_ptr + rows64 * K + j, mask=rmask, other=-1)
+        kept = rmask & (sl >= 0)
+        r = tl.where(kept, e * C + sl, 0)
+        v = tl.load(y_ptr + r[:, None] * D + cols[None, :], mask=kept[:, None] & cmask[None, :], other=0.0)
+        v = v.to(acc_t)
+        if HAS_W:
+            w = tl.load(w_ptr + rows64 * K + j, mask=kept, other=0.0).to(acc_t)
+            v = v * w[:, None]
+        acc += v
+    tl.store(out_ptr + rows64[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+def _route_dot_kernel(a_ptr, b_ptr, expert_ptr, slot_ptr, out_ptr, S, D, C,
+                      K: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+    rmask = rows < S
+    rows64 = rows.to(tl.int64)
+    acc_t = tl.float64 if ACC_F64 else tl.float32
+    for j in tl.static_range(K):
+        e = tl.load(expert_ptr + rows64 * K + j, mask=rmask, other=0)
+        sl = tl.load(slot_ptr + rows64 * K + j, mask=rmask, other=-1)
+        kept = rmask & (sl >= 0)
+        r = tl.where(kept, e * C + sl, 0)
+        acc = tl.zeros([BLOCK_S], dtype=acc_t)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            m = kept[:, None] & (cols < D)[None, :]
+            av = tl.load(a_ptr + rows64[:, None] * D + cols[None, :], mask=m, other=0.0).to(acc_t)
+            bv = tl.load(b_ptr + r[:, None] * D + cols[None, :], mask=m, other=0.0).to(acc_t)
+            acc += tl.sum(av * bv, axis=1)
+        tl.store(out_ptr + rows64 * K + j, acc.to(out_ptr.dtype.element_ty), mask=rmask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch helpers
+# --------------------------------------------------------------------------------------------
+
+_BUILT: dict = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernel(fn):
+    """`fn` as a Triton kernel: interpreted when TRITON_INTERPRET=1 (checked now), else JIT-compiled."""
+    key = (fn.__name__, _interpreting())
+    kern = _BUILT.get(key)
+    if kern is None:
+        if key[1]:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            kern = InterpretedFunction(fn)
+        else:
+            from triton.runtime.jit import JITFunction
+
+            kern = JITFunction(fn)
+        _BUILT[key] = kern
+    return kern
+
+
+def _use_triton(t: Tensor) -> bool:
+    return t.device.type == "cuda" or _interpreting()
+
+
+def _gate_block(E: int) -> tuple[int, int]:
+    block_e = triton.next_power_of_2(max(E, 1))
+    block_s = max(16, min(128, 8192 // block_e))
+    return block_s, block_e
+
+
+def _rows_blocks(D: int) -> tuple[int, int]:
+    """(rows per program, columns per program) of the row-moving kernels."""
+    if _interpreting():  # every program costs ~ms in the interpreter: few, large programs
+        return 64, triton.next_power_of_2(max(D, 1))
+    block_d = min(triton.next_power_of_2(max(D, 1)), 1024)
+    return max(1, 8192 // block_d), block_d
+
+
+def _acc_f64(*tensors: Optional[Tensor]) -> bool:
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+
+
+def _gate_table_triton(logits: Tensor, k: int, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
+    S, E = logits.shape
+    dev = logits.device
+    expert = torch.empty(S, k, dtype=torch.int64, device=dev)
+    slot = torch.empty(S, k, dtype=torch.int64, device=dev)
+    if S == 0:
+        return expert, slot, torch.zeros(E, dtype=torch.int64, device=dev)
+    logits = logits.contiguous()
+    block_s, block_e = _gate_block(E)
+    nb = triton.cdiv(S, block_s)
+    groups = 2 if k == 2 else 1
+    rank = torch.empty(S, k, dtype=torch.int32, device=dev)
+    hist = torch.empty(groups * nb, E, dtype=torch.int32, device=dev)
+    _kernel(_gate_kernel)[(nb,)](logits, expert, rank, hist, S, E, nb, logits.stride(0),
+                                 K=k, BLOCK_S=block_s, BLOCK_E=block_e)
+    hist64 = hist.to(torch.int64)
+    start = torch.cumsum(hist64, dim=0) - hist64  # exclusive scan over (group, block), per expert
+    loads = hist64.sum(dim=0)
+    _kernel(_slot_kernel)[(nb,)](expert, rank, start, slot, S, E, nb, capacity, K=k, BLOCK_S=block_s)
+    counts = loads if capacity < 0 else loads.clamp(max=capacity)
+    return expert, slot, counts
+
+
+def _dispatch_triton(tokens: Tensor, expert: Tensor, slot: Tensor, scale: Optional[Tensor], E: int,
+                     C: int) -> Tensor:
+    S, D = tokens.shape
+    k = slot.shape[1]
+    out = torch.empty(E * C, D, dtype=tokens.dtype, device=tokens.device)
+    if E * C == 0 or D == 0:
+        return out.view(E, C, D)
+    source = torch.full((E * C,), -1, dtype=torch.int64, device=tokens.device)
+    if S > 0:
+        block_s = 256 if not _interpreting() else 1024
+        _kernel(_invert_kernel)[(triton.cdiv(S, block_s),)](expert.contiguous(), slot.contiguous(), source, S, C,
+                                                           K=k, BLOCK_S=block_s)
+    block_r, block_d = _rows_blocks(D)
+    grid = (triton.cdiv(E * C, block_r), triton.cdiv(D, block_d))
+    src = tokens.contiguous()
+    sc = scale.contiguous() if scale is not None else source  # dummy pointer when unused
+    _kernel(_gather_rows_kernel)[grid](src, source, sc, out, E * C, D, K=k, HAS_SCALE=scale is not None,
+                                       ACC_F64=_acc_f64(tokens, scale), BLOCK_R=block_r, BLOCK_D=block_d)
+    return out.view(E, C, D)
+
+
+def _combine_triton(expert_out: Tensor, expert: Tensor, slot: Tensor, weight: Optional[Tensor]) -> Tensor:
+    E, C, D = expert_out.shape
+    S, k = slot.shape
+    out = torch.empty(S, D, dtype=expert_out.dtype, device=expert_out.device)
+    if S == 0 or D == 0:
+        return out
+    block_r, block_d = _rows_blocks(D)
+    grid = (triton.cdiv(S, block_r), triton.cdiv(D, block_d))
+    y = expert_out.contiguous()
+    w = weight.contiguous() if weight is not None else slot  # dummy pointer when unused
+    _kernel(_combine_kernel)[grid](y, expert.contiguous(), slot.contiguous(), w, out, S, D, C, K=k,
+                                   HAS_W=weight is not None, ACC_F64=_acc_f64(expert_out, weight),
+                                   BLOCK_S=block_r, BLOCK_D=block_d)
+    return out
+
+
+def _route_dot_triton(a: Tensor, b: Tensor, expert: Tensor, slot: Tensor) -> Tensor:
+    E, C, D = b.shape
+    S, k = slot.shape
+    out = torch.empty(S, k, dtype=_dot_dtype(a, b), device=a.device)
+    if S == 0:
+        return out
+    if D == 0:
+        return out.zero_()
+    block_s = 64 if not _interpreting() else 256
+    block_d = min(triton.next_power_of_2(D), 128 if not _interpreting() else 1024)
+    _kernel(_route_dot_kernel)[(triton.cdiv(S, block_s),)](a.contiguous(), b.contiguous(), expert.contiguous(),
+                                                          slot.contiguous(), out, S, D, C, K=k,
+                                                          ACC_F64=_acc_f64(a, b), BLOCK_S=block_s,
+                                                          BLOCK_D=block_d)
+    return out
+
+
+def _dot_dtype(a: Tensor, b: Tensor) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moefx::gate_table", mutates_args=())
+def gate_table_op(logits: Tensor, top_k: int, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(expert [S, k] int64, slot [S, k] int64, counts [E] int64) of logits [S, E]; capacity -1 = no limit."""
+    if _use_triton(logits):
+        return _gate_table_triton(logits, top_k, capacity)
+    return ref.gate_table_ref(logits, top_k, capacity)
+
+
+@gate_table_op.register_fake
+def _(logits, top_k, capacity):
+    S, E = logits.shape
+    return (logits.new_empty(S, top_k, dtype=torch.int64), logits.new_empty(S, top_k, dtype=torch.int64),
+            logits.new_empty(E, dtype=torch.int64))
+
+
+@torch.library.custom_op("moefx::dispatch_tokens", mutates_args=())
+def dispatch_op(tokens: Tensor, expert: Tensor, slot: Tensor, scale: Optional[Tensor], num_experts: int,
+                capacity: int) -> Tensor:
+    """[E, C, d] buffer: row (expert[s, j], slot[s, j]) = scale[s, j] * tokens[s] (scale None: 1), zeros elsewhere."""
+    if _use_triton(tokens):
+        return _dispatch_triton(tokens, expert, slot, scale, num_experts, capacity)
+    return ref.dispatch_ref(tokens, expert, slot, scale, num_experts, capacity)
+
+
+@dispatch_op.register_fake
+def _(tokens, expert, slot, scale, num_experts, capacity):
+    return tokens.new_empty(num_experts, capacity, tokens.shape[-1])
+
+
+def _dispatch_setup(ctx, inputs, output):
+    tokens, expert, slot, scale, num_experts, capacity = inputs
+    ctx.save_for_backward(tokens if scale is not None else None, expert, slot, scale)
+
+
+def _dispatch_backward(ctx, grad):
+    tokens, expert, slot, scale = ctx.saved_tensors
+    g_tokens = g_scale = None
+    if ctx.needs_input_grad[0]:
+        g_tokens = combine_op(grad, expert, slot, scale)
+    if scale is not None and ctx.needs_input_grad[3]:
+        g_scale = route_dot_op(tokens, grad, expert, slot).to(scale.dtype)
+    return g_tokens, None, None, g_scale, None, None
+
+
+dispatch_op.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
+
+
+@torch.library.custom_op("moefx::combine_tokens", mutates_args=())
+def combine_op(expert_out: Tensor, expert: Tensor, slot: Tensor, weight: Optional[Tensor]) -> Tensor:
+    """[S, d]: out[s] = sum over kept j of weight[s, j] * expert_out[expert[s, j], slot[s, j]] (float32 accumulation)."""
+    if _use_triton(expert_out):
+        return _combine_triton(expert_out, expert, slot, weight)
+    return ref.combine_ref(expert_out, expert, slot, weight)
+
+
+@combine_op.register_fake
+def _(expert_out, expert, slot, weight):
+    return expert_out.new_empty(slot.shape[0], expert_out.shape[-1])
+
+
+def _combine_setup(ctx, inputs, output):
+    expert_out, expert, slot, weight = inputs
+    ctx.num_experts, ctx.capacity = expert_out.shape[0], expert_out.shape[1]
+    ctx.save_for_backward(expert_out if weight is not None else None, expert, slot, weight)
+
+
+def _combine_backward(ctx, grad):
+    expert_out, expert, slot, weight = ctx.saved_tensors
+    g_out = g_weight = None
+    if ctx.needs_input_grad[0]:
+        g_out = dispatch_op(grad, expert, slot, weight, ctx.num_experts, ctx.capacity)
+    if weight is not None and ctx.needs_input_grad[3]:
+        g_weight = route_dot_op(grad, expert_out, expert, slot).to(weight.dtype)
+    return g_out, None, None, g_weight
+
+
+combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
+
+
+@torch.library.custom_op("moefx::route_dot", mutates_args=())
+def route_dot_op(a: Tensor, b: Tensor, expert: Tensor, slot: Tensor) -> Tensor:
+    """[S, k]: out[s, j] = <a[s], b[expert[s, j], slot[s, j]]>, 0 when dropped (float32 or wider)."""
+    if _use_triton(a):
+        return _route_dot_triton(a, b, expert, slot)
+    return ref.route_dot_ref(a, b, expert, slot)
+
+
+@route_dot_op.register_fake
+def _(a, b, expert, slot):
+    return a.new_empty(slot.shape, dtype=_dot_dtype(a, b))
+
+
+def _route_dot_setup(ctx, inputs, output):
+    a, b, expert, slot = inputs
+    ctx.num_experts, ctx.capacity = b.shape[0], b.shape[1]
+    ctx.save_for_backward(a, b, expert, slot)
+
+
+def _route_dot_backward(ctx, grad):
+    a, b, expert, slot = ctx.saved_tensors
+    g_a = g_b = None
+    if ctx.needs_input_grad[0]:
+        g_a = combine_op(b, expert, slot, grad).to(a.dtype)
+    if ctx.needs_input_grad[1]:
+        g_b = dispatch_op(a, expert, slot, grad, ctx.num_experts, ctx.capacity).to(b.dtype)
+    return g_a, g_b, None, None
+
+
+route_dot_op.register_autograd(_route_dot_backward, setup_context=_route_dot_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# The API moefx.nn.routing calls when impl resolves to "triton"
+# --------------------------------------------------------------------------------------------
+
+
+def gate_table(logits: Tensor, top_k: int, capacity_factor: float, min_capacity: int, drop_tokens: bool,
+               ep_group=None) -> tuple[Tensor, Tensor, int, Tensor]:
+    """(expert [S, k], slot [S, k], capacity, counts [E]) with DeepSpeed's semantics (see routing)."""
+    S, E = logits.shape
+    if drop_tokens:
+        capacity = expert_capacity(S, E, top_k, capacity_factor, min_capacity)
+        expert, slot, counts = gate_table_op(logits, top_k, capacity)
+        return expert, slot, capacity, counts
+    expert, slot, counts = gate_table_op(logits, top_k, -1)
+    cap_t = counts.max() if S > 0 else counts.new_zeros(())
+    if ep_group is not None:
+        import torch.distributed as dist
+
+        cap_t = cap_t.clone()
+        dist.all_reduce(cap_t, op=dist.ReduceOp.MAX, group=ep_group)
+    capacity = int(cap_t)  # data-dependent: an unbacked SymInt under torch.export
+    torch._check(capacity >= 0)
+    return expert, slot, capacity, counts
+
+
+def dispatch(tokens: Tensor, routing: Routing, num_experts: int) -> Tensor:
+    """tokens [S, d] -> [E, C, d] by the routing table (zeros in empty slots)."""
+    return dispatch_op(tokens, routing.expert, routing.slot, None, num_experts, routing.capacity)
+
+
+def combine(expert_out: Tensor, routing: Routing) -> Tensor:
+    """expert_out [E, C, d] -> [S, d], weighted by routing.weight (float32 accumulation)."""
+    return combine_op(expert_out, routing.expert, routing.slot, routing.weight)
