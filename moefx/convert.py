@@ -46,7 +46,9 @@ def convert(model: nn.Module, plan: Plan | dict | None = None, example_inputs: t
         warnings.warn("this plan drops tokens over capacity (drop_tokens=True): the converted model only "
                       "approximates the dense one at initialisation; set drop_tokens = false for exact "
                       "function preservation", stacklevel=2)
-    if copy_weights and not isinstance(model, fx.GraphModule):
-        model = copy.deepcopy(model)
+    if copy_weights:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # pytree spec deprecation noise from deepcopy
+            model = copy.deepcopy(model)
     gm = capture(model, example_inputs, example_kwargs)
     return run_pipeline(gm, plan, pipeline(plan), dump_dir=dump_dir)
