@@ -168,11 +168,34 @@ class Launch:
                             timed_out=timed_out, failures=failures, root_cause_rank=root)
 
     def kill(self) -> None:
-        """Kill this launch's process group (its torchrun agent and workers) by id."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """SIGKILL this launch: the torchrun agent and every process below it, by id.
+
+        torchrun starts each worker in a session of its own, so killing the agent's process group
+        alone would leave the workers running (and holding the output pipe open)."""
+        for pid in [self.proc.pid] + _descendants(self.proc.pid):
+            try:
+                if os.getpgid(pid) == pid:      # a session / group leader: take its group with it
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child, grandchild, ... process ids of `pid` (Linux /proc; empty elsewhere)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids: list[int] = []
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        out += kids
+        todo += kids
+    return out
 
 
 def _env(extra: dict | None) -> dict:
