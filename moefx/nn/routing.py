@@ -6,15 +6,27 @@ weight `weight[s, j]` (0 when dropped). `dispatch` moves each token once into an
 buffer from that table and `combine` scatters expert outputs back, weighted: no one-hot einsum.
 
 Semantics (DeepSpeed `top1gating` with use_rts=False, `top2gating` with second-expert sampling
-off, `topkgating` with drop_policy="position"):
-- capacity = ceil(S / E * capacity_factor * k), at least min_capacity; with drop_tokens=False it is
-  the largest per-expert load (all-reduced MAX over `ep_group` when given).
-- top-1: expert = argmax; slots in token order; tokens past capacity dropped; weight = p.
-- top-2: second expert = argmax with the first masked out; second choices take slots after all
-  first choices of that expert; weights renormalised over the kept choices.
-- top-k (k > 2): slots in token order over all choices; weights renormalised over kept choices.
-- l_aux = E * sum_e mean_s(p)_e * mean_s(first_choice)_e (top-k: E * sum(me * ce) / k with ce over all
-  k choices).
+off, `topkgating` with drop_policy="position"), bit for bit unless noted:
+- capacity = ceil(S / E * capacity_factor * k), at least min_capacity, evaluated in float32 like
+  DeepSpeed (`expert_capacity`); with drop_tokens=False it is the largest per-expert load
+  (all-reduced MAX over `ep_group` when given), no min_capacity.
+- top-1: expert = argmax of the probabilities (not the logits: two logits whose probabilities
+  round to the same float32 tie, and the lower index wins); slots in token order; weight = p.
+  Tokens past capacity are dropped. Deviation: DeepSpeed picks the survivors of an overfull
+  expert with torch.topk over a 0/1 mask, whose order among ties is unspecified (CPU keeps e.g.
+  tokens 3 and 5 of 6, not 0 and 1); moefx keeps the first `capacity` tokens, like DeepSpeed's
+  top-2 / top-k, deterministic on every device and in the Triton kernel. Survivors get slots in
+  token order in both. (`_gate_table_torch(top1_keep="topk")` reproduces DeepSpeed's choice.)
+- top-2: first = argmax of the probabilities, second = argmax of the logits with the first masked
+  out; second choices take slots after all first choices of that expert (counted before drops);
+  weights p / (p1 + p2) over the kept choices (clamped at eps).
+- top-k (k > 2): the k largest probabilities (ties to the lowest index; torch.topk's tie order is
+  unspecified); slots in token order over all choices; weights renormalised over the kept
+  choices, the denominator summed over all E columns like DeepSpeed.
+- l_aux = E * sum_e mean_s(p)_e * mean_s(first_choice)_e, with DeepSpeed's float ops (top-2:
+  mean * E * E; top-k: mean * E * E / k with the mask of all k choices).
+- counts = kept choices per expert (DeepSpeed's exp_counts counts them before dropping).
+- use_rts and noisy_gate="rsample" only apply to top-1 (as in DeepSpeed).
 """
 from __future__ import annotations
 
