@@ -18,7 +18,8 @@ per node, N nodes); a chunk goes from (n, g) to (n', g') via (n, g')::
 The result is bit-identical to `flat_all_to_all`: rank (n', g') ends with the chunks from sources
 (n, g) in order n-major, i.e. global source order. Step 3 needs the chunk sizes of the node's
 other ranks, so one small intra-node all-to-all of counts comes first (`hierarchical_splits`;
-compute it once and pass it to both directions). The combine direction is
+compute it once and pass it to both directions), or `HierarchicalSplits.from_matrix` builds the
+same from a full count matrix without communication. The combine direction is
 `hierarchical_all_to_all_inverse` (reverse route, no count exchange); calling
 `hierarchical_all_to_all` with the splits swapped also works (forward route) and is equally exact.
 """
@@ -114,6 +115,16 @@ class HierarchicalSplits:
     send: tuple[int, ...]
     recv: tuple[int, ...]
     mid: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def from_matrix(cls, counts, rank: int, nodes: int, devices_per_node: int) -> "HierarchicalSplits":
+        """Build without communication from the full count matrix (counts[s][d] = rows group rank s
+        sends to d, e.g. after an all_gather of every rank's send counts); `rank` is the group rank."""
+        M = counts.tolist() if isinstance(counts, torch.Tensor) else [list(r) for r in counts]
+        N, G = nodes, devices_per_node
+        n, g_me = divmod(rank, G)
+        mid = tuple(tuple(int(M[n * G + g][m * G + g_me]) for m in range(N)) for g in range(G))
+        return cls(N, G, tuple(int(v) for v in M[rank]), tuple(int(M[s][rank]) for s in range(N * G)), mid)
 
     # Chunk sizes at each stage, derived from the above (N = nodes, G = devices_per_node).
     def by_local_then_node(self) -> tuple[list[int], list[int]]:

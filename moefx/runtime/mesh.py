@@ -368,9 +368,11 @@ def build_groups(resolved: ResolvedParallel, device_type: str | None = None) -> 
     mesh = init_device_mesh(device_type, (n, g), mesh_dim_names=("node", "local"))
     cache: dict[tuple[int, ...], Any] = {tuple(range(world)): dist.group.WORLD}
     layout = rank_layout(resolved)
-    # Register the mesh's own groups first so no rank tuple gets a second ProcessGroup.
-    cache[_mine(layout["intra_node"], rank)] = mesh.get_group("local")
-    cache[_mine(layout["inter_node"], rank)] = mesh.get_group("node")
+    # Register the mesh's groups (the whole partitions, identically on every rank) first, so no rank
+    # tuple gets a second ProcessGroup and every rank skips the same tuples below.
+    for name, dim in (("intra_node", "local"), ("inter_node", "node")):
+        for t in layout[name]:
+            cache.setdefault(t, mesh.get_group(dim) if rank in t else None)
 
     groups: dict[str, Any] = {}
     ranks: dict[str, tuple[int, ...]] = {}

@@ -12,7 +12,7 @@ import torch
 
 from dist_utils import run_world
 
-from moefx.runtime.all_to_all import (exchange_counts, flat_all_to_all, hierarchical_all_to_all,
+from moefx.runtime.all_to_all import (HierarchicalSplits, exchange_counts, flat_all_to_all, hierarchical_all_to_all,
                                       hierarchical_all_to_all_inverse, hierarchical_splits, permute_chunks)
 
 
@@ -72,6 +72,7 @@ def check_scenario(rank, ranks, nodes, g, groups, seed, dtype=torch.float32):
     # hierarchical == flat, bit for bit, gradients too
     ig, eg = intra[me // g], inter[me % g]
     hs = hierarchical_splits(send, recv, ig, nodes, g)
+    assert hs == HierarchicalSplits.from_matrix(S, me, nodes, g), what
     xh = xs[me].clone().requires_grad_()
     yh = hierarchical_all_to_all(xh, send, recv, ig, eg, nodes, g, splits=hs)
     assert torch.equal(yh, ref_y), f"hierarchical {what}: {yh} vs {ref_y}"
@@ -103,8 +104,10 @@ def scenarios_world8(rank, world):
     for seed in (0, 1):
         for i, (r, n, g, groups) in enumerate(made):
             check_scenario(rank, r, n, g, groups, seed=10 * seed + i)
-    # other dtypes (bit-exact movement, no arithmetic): float64 on 2x4
+    # other dtypes (bit-exact movement, no arithmetic): float64 on 2x4, bfloat16 on the 2x2 halves
     check_scenario(rank, full, 2, 4, made[0][3], seed=7, dtype=torch.float64)
+    check_scenario(rank, [0, 1, 2, 3], 2, 2, made[4][3], seed=8, dtype=torch.bfloat16)
+    check_scenario(rank, [4, 5, 6, 7], 2, 2, made[5][3], seed=9, dtype=torch.bfloat16)
     # all-empty exchange: every split zero
     ig, eg = made[0][3][1][rank // 4], made[0][3][2][rank % 4]
     z = torch.zeros(0, 5)

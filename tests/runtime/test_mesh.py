@@ -141,14 +141,15 @@ def test_rank_layout_ep_inter_inside_blocks():
 
 # ------------------------------------------------------------------ build_groups on 4 gloo ranks
 
-def _check_groups(rank, world):
+def _check_layout(rank, pp, counts):
+    """Build the groups of a plan and check each against rank_layout; returns the ProcessGroups."""
     import torch.distributed as dist
-    from moefx.runtime.all_to_all import flat_all_to_all, hierarchical_all_to_all
 
-    r = validate_parallel(PP(nodes=2, devices_per_node=2, tp=2, ep=[2, 4, 4]), world, [4, 8, 2])
+    r = validate_parallel(pp, dist.get_world_size(), counts)
     pg = build_groups(r)
     lay = rank_layout(r)
-    assert pg.mesh.mesh_dim_names == ("node", "local") and tuple(pg.mesh.mesh.shape) == (2, 2)
+    assert tuple(pg.mesh.mesh.shape) == (pp.nodes, pp.devices_per_node)
+    seen = {}
     for name, part in lay.items():
         mine = next(t for t in part if rank in t)
         assert pg.ranks(name) == mine, name
@@ -156,6 +157,19 @@ def _check_groups(rank, world):
         t = torch.tensor([float(rank)])
         dist.all_reduce(t, group=pg.group(name))      # every group is usable
         assert t.item() == sum(mine), name
+        names = [None] * len(mine)                    # members agree on which group this is
+        dist.all_gather_object(names, pg.group(name).group_name, group=pg.group(name))
+        assert len(set(names)) == 1, (name, names)
+        assert seen.setdefault(mine, pg.group(name)) is pg.group(name), name   # one group per rank tuple
+    return pg
+
+
+def _check_groups(rank, world):
+    import torch.distributed as dist
+    from moefx.runtime.all_to_all import flat_all_to_all, hierarchical_all_to_all
+
+    pg = _check_layout(rank, PP(nodes=2, devices_per_node=2, tp=2, ep=[2, 4, 4]), [4, 8, 2])
+    assert pg.mesh.mesh_dim_names == ("node", "local")
     # cached by rank tuple: equal tuples share one ProcessGroup object
     assert pg.group("ep2") is pg.group("intra_node") and pg.group("tp") is pg.group("intra_node")
     assert pg.group("ep4") is pg.world and pg.group("ep4_inter") is pg.inter_node
@@ -177,9 +191,21 @@ def _check_groups(rank, world):
         build_groups(validate_parallel(PP(nodes=2, devices_per_node=4), 8, [8]))
 
 
+def _check_groups_world8(rank, world):
+    pg = _check_layout(rank, PP(nodes=2, devices_per_node=4, tp=2, ep=[4, 8, 8]), [32, 64, 2])
+    assert pg.layer(1).names["inter"] == "ep8_inter" and pg.layer(2).names["expert_slice"] == "slice4"
+    pg = _check_layout(rank, PP(nodes=4, devices_per_node=2, ep=4), [8])       # EP blocks of 2 nodes
+    assert pg.ranks("ep4_inter") == ((0, 2), (1, 3), (4, 6), (5, 7))[[0, 1, 0, 1, 2, 3, 2, 3][rank]]
+
+
 @pytest.mark.dist
 def test_build_groups_world4():
     run_world(_check_groups, 4)
+
+
+@pytest.mark.dist
+def test_build_groups_world8():
+    run_world(_check_groups_world8, 8)
 
 
 def test_build_groups_needs_init():
