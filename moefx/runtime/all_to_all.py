@@ -26,7 +26,7 @@ same from a full count matrix without communication. The combine direction is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -71,7 +71,8 @@ def exchange_counts(local_counts: torch.Tensor, group=None) -> torch.Tensor:
     return _wait(fc.all_to_all_single(c, None, None, group))
 
 
-def flat_all_to_all(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], group=None) -> torch.Tensor:
+def flat_all_to_all(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],
+                    group=None) -> torch.Tensor:
     """Send rows `x[sum(send[:d]) : sum(send[:d+1])]` to group rank d; return rows from each source,
     in source order. Differentiable (backward = the all-to-all with splits swapped)."""
     group = group if group is not None else dist.group.WORLD
