@@ -29,6 +29,7 @@ at launch time, so setting TRITON_INTERPRET=1 after this module was imported sti
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -218,6 +219,47 @@ def _kernel(fn):
     return kern
 
 
+_INTERPRETED_STD: dict = {}
+
+
+@contextlib.contextmanager
+def _interpretable_language():
+    """Make triton.language's own @jit helpers (tl.max, tl.cumsum, ...) runnable by the interpreter.
+
+    Triton decides at import time whether those helpers are JIT or interpreted functions; when
+    it was imported before TRITON_INTERPRET=1 was set (e.g. by another test in the same
+    process), an interpreted kernel calling tl.max would fail with "Cannot call @triton.jit'd
+    outside of the scope of a kernel". While a kernel is interpreted, swap them for interpreted
+    twins (one per helper, so the interpreter's identity checks on combine functions hold).
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    saved = []
+    for mod in (tl, tl.standard, tl.random):
+        for name, val in list(vars(mod).items()):
+            if isinstance(val, JITFunction):
+                twin = _INTERPRETED_STD.get(id(val))
+                if twin is None:
+                    twin = _INTERPRETED_STD[id(val)] = (val, InterpretedFunction(val.fn))
+                saved.append((mod, name, val))
+                setattr(mod, name, twin[1])
+    try:
+        yield
+    finally:
+        for mod, name, val in reversed(saved):
+            setattr(mod, name, val)
+
+
+def _launch(fn, grid, *args, **kwargs):
+    """Run kernel `fn` on `grid` (compiled, or interpreted when TRITON_INTERPRET=1)."""
+    if _interpreting():
+        with _interpretable_language():
+            _kernel(fn)[grid](*args, **kwargs)
+    else:
+        _kernel(fn)[grid](*args, **kwargs)
+
+
 def _use_triton(t: Tensor) -> bool:
     return t.device.type == "cuda" or _interpreting()
 
@@ -253,12 +295,12 @@ def _gate_table_triton(logits: Tensor, k: int, capacity: int) -> tuple[Tensor, T
     groups = 2 if k == 2 else 1
     rank = torch.empty(S, k, dtype=torch.int32, device=dev)
     hist = torch.empty(groups * nb, E, dtype=torch.int32, device=dev)
-    _kernel(_gate_kernel)[(nb,)](logits, expert, rank, hist, S, E, nb, logits.stride(0),
-                                 K=k, BLOCK_S=block_s, BLOCK_E=block_e)
+    _launch(_gate_kernel, (nb,), logits, expert, rank, hist, S, E, nb, logits.stride(0),
+            K=k, BLOCK_S=block_s, BLOCK_E=block_e)
     hist64 = hist.to(torch.int64)
     start = torch.cumsum(hist64, dim=0) - hist64  # exclusive scan over (group, block), per expert
     loads = hist64.sum(dim=0)
-    _kernel(_slot_kernel)[(nb,)](expert, rank, start, slot, S, E, nb, capacity, K=k, BLOCK_S=block_s)
+    _launch(_slot_kernel, (nb,), expert, rank, start, slot, S, E, nb, capacity, K=k, BLOCK_S=block_s)
     counts = loads if capacity < 0 else loads.clamp(max=capacity)
     return expert, slot, counts
 
@@ -273,14 +315,14 @@ def _dispatch_triton(tokens: Tensor, expert: Tensor, slot: Tensor, scale: Option
     source = torch.full((E * C,), -1, dtype=torch.int64, device=tokens.device)
     if S > 0:
         block_s = 256 if not _interpreting() else 1024
-        _kernel(_invert_kernel)[(triton.cdiv(S, block_s),)](expert.contiguous(), slot.contiguous(), source, S, C,
-                                                           K=k, BLOCK_S=block_s)
+        _launch(_invert_kernel, (triton.cdiv(S, block_s),), expert.contiguous(), slot.contiguous(), source,
+                S, C, K=k, BLOCK_S=block_s)
     block_r, block_d = _rows_blocks(D)
     grid = (triton.cdiv(E * C, block_r), triton.cdiv(D, block_d))
     src = tokens.contiguous()
     sc = scale.contiguous() if scale is not None else source  # dummy pointer when unused
-    _kernel(_gather_rows_kernel)[grid](src, source, sc, out, E * C, D, K=k, HAS_SCALE=scale is not None,
-                                       ACC_F64=_acc_f64(tokens, scale), BLOCK_R=block_r, BLOCK_D=block_d)
+    _launch(_gather_rows_kernel, grid, src, source, sc, out, E * C, D, K=k, HAS_SCALE=scale is not None,
+            ACC_F64=_acc_f64(tokens, scale), BLOCK_R=block_r, BLOCK_D=block_d)
     return out.view(E, C, D)
 
 
@@ -294,9 +336,8 @@ def _combine_triton(expert_out: Tensor, expert: Tensor, slot: Tensor, weight: Op
     grid = (triton.cdiv(S, block_r), triton.cdiv(D, block_d))
     y = expert_out.contiguous()
     w = weight.contiguous() if weight is not None else slot  # dummy pointer when unused
-    _kernel(_combine_kernel)[grid](y, expert.contiguous(), slot.contiguous(), w, out, S, D, C, K=k,
-                                   HAS_W=weight is not None, ACC_F64=_acc_f64(expert_out, weight),
-                                   BLOCK_S=block_r, BLOCK_D=block_d)
+    _launch(_combine_kernel, grid, y, expert.contiguous(), slot.contiguous(), w, out, S, D, C, K=k,
+            HAS_W=weight is not None, ACC_F64=_acc_f64(expert_out, weight), BLOCK_S=block_r, BLOCK_D=block_d)
     return out
 
 
@@ -310,10 +351,8 @@ def _route_dot_triton(a: Tensor, b: Tensor, expert: Tensor, slot: Tensor) -> Ten
         return out.zero_()
     block_s = 64 if not _interpreting() else 256
     block_d = min(triton.next_power_of_2(D), 128 if not _interpreting() else 1024)
-    _kernel(_route_dot_kernel)[(triton.cdiv(S, block_s),)](a.contiguous(), b.contiguous(), expert.contiguous(),
-                                                          slot.contiguous(), out, S, D, C, K=k,
-                                                          ACC_F64=_acc_f64(a, b), BLOCK_S=block_s,
-                                                          BLOCK_D=block_d)
+    _launch(_route_dot_kernel, (triton.cdiv(S, block_s),), a.contiguous(), b.contiguous(), expert.contiguous(),
+            slot.contiguous(), out, S, D, C, K=k, ACC_F64=_acc_f64(a, b), BLOCK_S=block_s, BLOCK_D=block_d)
     return out
 
 
@@ -457,7 +496,7 @@ def gate_table(logits: Tensor, top_k: int, capacity_factor: float, min_capacity:
 
         cap_t = cap_t.clone()
         dist.all_reduce(cap_t, op=dist.ReduceOp.MAX, group=ep_group)
-    capacity = int(cap_t)  # data-dependent: an unbacked SymInt under torch.export
+    capacity = cap_t.item()  # data-dependent: an unbacked SymInt under torch.export
     torch._check(capacity >= 0)
     return expert, slot, capacity, counts
 
