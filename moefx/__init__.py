@@ -9,6 +9,7 @@ from .analysis.ffn import FFN, find_ffns
 from .capture import capture
 from .convert import convert, pipeline
 from .count import ParamCount, count_params
+from .distribute import distribute, partitioned_view, reduce_gradients
 from .distill import DistillError, DistillResult, distill
 from .dump import dump
 from .errors import AnalysisError, BackendError, CaptureError, MoefxError, PassError, PlanError
@@ -20,6 +21,6 @@ __all__ = [
     "FFN", "find_ffns", "capture", "convert", "pipeline", "ParamCount", "count_params", "AnalysisError",
     "BackendError", "CaptureError", "MoefxError", "PassError", "PlanError", "aux_loss", "Routing", "combine",
     "dispatch", "route", "LoweringPlan", "MoEPlan", "ParallelPlan", "Plan", "StudentPlan", "distill",
-    "DistillResult", "DistillError", "dump",
+    "DistillResult", "DistillError", "dump", "distribute", "partitioned_view", "reduce_gradients",
 ]
 __version__ = "0.1.0"

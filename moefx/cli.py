@@ -81,7 +81,7 @@ def cmd_dump(args) -> int:
     else:
         gm = convert(model, plan, inputs, copy_weights=False)
         if args.stage == "partitioned":
-            from .runtime.partition_view import partitioned_view
+            from .distribute import partitioned_view
 
             gm = partitioned_view(gm, plan, rank=args.rank)
     text = dump(gm, args.format)

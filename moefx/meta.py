@@ -16,9 +16,10 @@ GROUP = "moefx_group"
 IMPL = "moefx_impl"
 
 ROLES = ("attn", "ffn", "router", "route", "dispatch", "experts", "combine", "residual", "coef", "mix",
-         "collective", "aux")
+         "collective", "aux", "layout")
 # Roles of nodes a pass creates (the others annotate nodes that came from the captured model).
-CREATED_ROLES = ("router", "route", "dispatch", "experts", "combine", "coef", "mix", "collective", "aux")
+CREATED_ROLES = ("router", "route", "dispatch", "experts", "combine", "coef", "mix", "collective", "aux",
+                 "layout")
 
 
 def tag(node, pass_name: str, role: str | None = None, layer: int | None = None, block: int | None = None):

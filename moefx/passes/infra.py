@@ -43,6 +43,22 @@ def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
     return mark_captured(new), env
 
 
+class NodeBuilder:
+    """Inserts nodes one after another (starting after `after`), tagging each with provenance."""
+
+    def __init__(self, graph: fx.Graph, after: fx.Node, pass_name: str, layer: int | None = None,
+                 block: int | None = None):
+        self.graph, self.cursor, self.pass_name, self.layer, self.block = graph, after, pass_name, layer, block
+        self.created: list[fx.Node] = []
+
+    def __call__(self, op: str, target, args, kwargs=None, role: str | None = None) -> fx.Node:
+        with self.graph.inserting_after(self.cursor):
+            node = self.graph.create_node(op, target, tuple(args), kwargs or {})
+        self.cursor = node
+        self.created.append(node)
+        return M.tag(node, self.pass_name, role, self.layer, self.block)
+
+
 def verify(gm: fx.GraphModule) -> None:
     """graph.lint() plus moefx invariants; raises AssertionError / RuntimeError on violation."""
     gm.graph.lint()
@@ -52,6 +68,15 @@ def verify(gm: fx.GraphModule) -> None:
     layers_c = sorted(n.meta.get(M.LAYER) for n in combines)
     if layers_d != layers_c:
         raise AssertionError(f"every dispatch needs its combine: dispatch layers {layers_d}, combine layers {layers_c}")
+    a2a: dict = {}
+    for n in gm.graph.nodes:
+        step = n.meta.get("moefx_a2a") or n.meta.get("moefx_a2a_step")
+        if step in ("dispatch", "combine"):
+            a2a.setdefault((n.meta.get(M.LAYER), n.meta.get(M.GROUP)), []).append(step)
+    for key, steps in a2a.items():
+        if steps.count("dispatch") != steps.count("combine"):
+            raise AssertionError(f"all-to-all of layer {key[0]} on group {key[1]}: {steps.count('dispatch')} "
+                                 f"dispatch vs {steps.count('combine')} combine steps")
     for n in gm.graph.nodes:
         if n.meta.get(M.ROLE) in M.CREATED_ROLES and M.PASS not in n.meta:
             raise AssertionError(f"node {n.name} has role {n.meta[M.ROLE]!r} but no {M.PASS!r} provenance")

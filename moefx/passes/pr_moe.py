@@ -41,7 +41,7 @@ from ..nn.aux import AuxLossSink
 from ..nn.experts import StackedExperts
 from ..nn.moe import Gate, MoELayer, Router
 from ..nn.routing import combine, dispatch
-from .infra import copy_graph_module
+from .infra import NodeBuilder, copy_graph_module
 
 NAME = "pr_moe"
 
@@ -72,21 +72,6 @@ def pr_moe(gm: fx.GraphModule, plan) -> fx.GraphModule:
     return new
 
 
-class _Builder:
-    """Appends nodes one after another, tagging each with provenance."""
-
-    def __init__(self, graph: fx.Graph, after: fx.Node, layer: int, block: int):
-        self.graph, self.cursor, self.layer, self.block = graph, after, layer, block
-        self.created: list[fx.Node] = []
-
-    def __call__(self, op: str, target, args, kwargs=None, role: str | None = None) -> fx.Node:
-        with self.graph.inserting_after(self.cursor):
-            node = self.graph.create_node(op, target, tuple(args), kwargs or {})
-        self.cursor = node
-        self.created.append(node)
-        return M.tag(node, NAME, role, self.layer, self.block)
-
-
 def _rewrite(gm: fx.GraphModule, by_name: dict, ffn: FFN, num_experts: int, layer: int, moe) -> None:
     x, out = by_name[ffn.input], by_name[ffn.output]
     d = ffn.d
@@ -94,7 +79,7 @@ def _rewrite(gm: fx.GraphModule, by_name: dict, ffn: FFN, num_experts: int, laye
     prefix = f"moe{layer}"
     gm.add_submodule(prefix, mod)
 
-    b = _Builder(gm.graph, out, layer, ffn.block)
+    b = NodeBuilder(gm.graph, out, NAME, layer, ffn.block)
     tokens = b("call_function", aten.reshape.default, (x, [-1, d]), role="router")
     logits = b("call_module", f"{prefix}.router", (tokens,), role="router")
     routing = b("call_module", f"{prefix}.gate", (logits,), role="route")
