@@ -52,7 +52,9 @@ def _check_case(rank, world, captured, inputs, plan_dict, tag):
                 part = f // lp.expert_slicing
                 lo = lp.slice_of(rank) * part
                 full = full.narrow(1 if name == "down_weight" else 2, lo, part)
+            expert_names.add(f"moe{layer}.experts.{name}")
             if lp.expert_slicing > 1 and "down_bias" in name and lp.slice_of(rank) != 0:
+                assert not p.grad.any(), "only slice 0 applies the down bias"
                 continue
             if lp.expert_slicing > 1 and name.startswith("up_bias"):
                 part = full.shape[1] // lp.expert_slicing

@@ -132,13 +132,16 @@ class Partition:
                 raise ValueError(f"block {ffn.block}: FFN inner size {ffn.f} is not divisible by tp = {tp}")
             lo, hi = r * ffn.f // tp, (r + 1) * ffn.f // tp
             region = {by_name[n] for n in ffn.nodes}
+            up_infos = [linear_info(by_name[up]) for up in ffn.ups]
+            down_info = linear_info(by_name[ffn.down])
             x = by_name[ffn.input]
             b = NodeBuilder(gm.graph, x, NAME, block=ffn.block)
             cp = b("call_module", "tp_copy", (x,), role="collective")
             cp.meta[M.GROUP] = name
+            if "val" in x.meta:
+                cp.meta["val"] = x.meta["val"]
             x.replace_all_uses_with(cp, delete_user_cb=lambda u: u in region)
-            for up in ffn.ups:
-                info = linear_info(by_name[up])
+            for info in up_infos:
                 self._shard(gm, info.weight, dim=0 if info.transposed else 1, lo=lo, hi=hi)
                 if info.bias is not None:
                     self._shard(gm, info.bias, dim=0, lo=lo, hi=hi)
@@ -147,7 +150,7 @@ class Partition:
                 if is_view(node) or packet(node) in (aten.view, aten.reshape, aten._unsafe_view):
                     node.args = (node.args[0], _scale_last(node.args[1], ffn.f, hi - lo), *node.args[2:])
             down = by_name[ffn.down]
-            info = linear_info(down)
+            info = down_info
             self._shard(gm, info.weight, dim=1 if info.transposed else 0, lo=lo, hi=hi)
             for user in list(down.users):
                 if is_view(user) and user in region:
