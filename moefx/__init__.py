@@ -12,6 +12,7 @@ from .count import ParamCount, count_params
 from .distribute import distribute, partitioned_view, reduce_gradients
 from .distill import DistillError, DistillResult, distill
 from .dump import dump
+from .passes.shrink import shrink
 from .errors import AnalysisError, BackendError, CaptureError, MoefxError, PassError, PlanError
 from .nn.aux import aux_loss
 from .nn.routing import Routing, combine, dispatch, route
@@ -21,6 +22,6 @@ __all__ = [
     "FFN", "find_ffns", "capture", "convert", "pipeline", "ParamCount", "count_params", "AnalysisError",
     "BackendError", "CaptureError", "MoefxError", "PassError", "PlanError", "aux_loss", "Routing", "combine",
     "dispatch", "route", "LoweringPlan", "MoEPlan", "ParallelPlan", "Plan", "StudentPlan", "distill",
-    "DistillResult", "DistillError", "dump", "distribute", "partitioned_view", "reduce_gradients",
+    "DistillResult", "DistillError", "dump", "distribute", "partitioned_view", "reduce_gradients", "shrink",
 ]
 __version__ = "0.1.0"
