@@ -34,6 +34,7 @@ separate stacks).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,8 @@ class Block:
     input: the stream value the block reads; output: the stream value it hands on (the FFN's
     residual add, or the LayerNorm after it when post_norm); residual_adds: one per sublayer, in
     order (the last one adds the FFN); ffn_output: the node carrying the FFN (or MoE) result into
-    that add; ffn: the dense FFN region when there is one (a PR-MoE layer's residual MLP too);
+    that add; ffn: the dense FFN region when there is one (a PR-MoE layer's residual MLP too),
+    with `ffn.block` set to this block's index;
     moe_layer / num_experts: the MoE layer index (submodule `moe{L}`) and its expert count, None
     for a dense block; nodes: the block's computation (nodes that depend on `input` and feed
     `output`, graph order); module_path: common module path of those nodes, e.g. "transformer.h.0".
@@ -176,6 +178,8 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
             region.discard(n)
             n = n.args[0]
         ffn = next((ffn_by_output[n] for n in last.region if n in ffn_by_output), None)
+        if ffn is not None and ffn.block != index:  # find_ffns numbers FFNs, not blocks (MoE layers lost theirs)
+            ffn = dataclasses.replace(ffn, block=index)
         layer = next((n.meta[M.LAYER] for n in last.region if n.meta.get(M.LAYER) is not None), None)
         if layer is not None:
             layer_nodes = [n for n in last.region if n.meta.get(M.LAYER) == layer]
