@@ -25,12 +25,14 @@ order: T5's encoder blocks come first), or `student.layers` / `student.depth` gi
 splits the count over the stacks in proportion to their sizes (largest remainder, ties to the
 deeper stack, at least one block each) and applies `auto_keep` to each stack.
 
-    >>> student = shrink(teacher_gm, Plan.from_dict({"student": {"layers": 3}}))   # GPT-2, 4 blocks
+    >>> student = shrink(teacher_gm, Plan.from_dict({"student": {"layers": 3}}))   # dense GPT-2, 4 blocks
     >>> student.meta["moefx_student_keep"]
-    (0, 2, 3)
-    >>> student.code                       # block 1 is gone: block 2 reads block 0's output
-    ... layer_norm_4 = aten.layer_norm.default(add_7, [32], transformer_h_2_ln_1_weight, ...)
-    ... add_12 = aten.add.Tensor(dropout_5, add_7)
+    (0, 1, 3)
+    >>> print(student.code)                # block 2 is gone: block 3 reads block 1's output add_11
+    ...
+    layer_norm_6 = torch.ops.aten.layer_norm.default(add_11, [32], transformer_h_3_ln_1_weight, ...)
+    ...
+    add_16 = torch.ops.aten.add.Tensor(dropout_7, add_11)
 
 Does not handle: blocks the analysis does not find (see `moefx.analysis.blocks`), or models that
 read a removed block's inner values elsewhere (the pass then raises PassError). Removing block 0

@@ -27,8 +27,9 @@ PLANS = {"residual": {"moe": {"experts": [4, 8], "every": 2, "residual": True, "
 
 @functools.lru_cache(maxsize=None)
 def _captured(name: str):
+    """Static shapes (faster to export); the shrink tests run the analysis on dynamic graphs."""
     model, inputs = load_model(name)
-    return moefx.capture(model, inputs)
+    return moefx.capture(model, inputs, dynamic=False)
 
 
 @functools.lru_cache(maxsize=None)

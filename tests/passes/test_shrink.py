@@ -298,3 +298,19 @@ def test_bad_inputs():
     mlp = moefx.capture(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8)), (torch.randn(2, 8),))
     with pytest.raises(AnalysisError, match="no Transformer block"):
         shrink(mlp, {"student": {"layers": 1}})
+
+
+@pytest.mark.slow
+def test_papers_350m_pr_moe_student_on_the_meta_device():
+    """GPT-2 medium shape (24 x 1024) + PR-MoE-32/64 -> MoS with 21 layers, no memory allocated:
+    MoE layers 32x8 + 64x2, ~4.1B -> ~3.5B parameters (the paper: ~4B and ~3.5B)."""
+    model, inputs = load_model("gpt2-medium-24", device="meta")
+    plan = {"moe": {"experts": "32x10+64x2", "every": 2, "residual": True, "drop_tokens": False},
+            "student": {"layers": 21}}
+    student = moefx.convert(model, plan, inputs, copy_weights=False)
+    assert sorted(set(range(24)) - set(student.meta["moefx_student_keep"])) == [5, 12, 15]
+    layers = sorted((m.block, m.num_experts) for m in student.modules() if isinstance(m, MoELayer))
+    assert [e for _, e in layers] == [32] * 8 + [64] * 2 and layers[-1][0] == 23
+    assert len(find_blocks(student)) == 21
+    total = moefx.count_params(student).total
+    assert 3.4e9 < total < 3.7e9, total
