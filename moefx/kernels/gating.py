@@ -5,12 +5,14 @@ Kernels (every program handles a block of many rows):
 - gate (two passes, deterministic): `_gate_kernel` computes, per block of BLOCK_S tokens, the
   softmax, the top-k expert choices, each choice's rank among the block's earlier choices of the
   same expert (an exclusive `tl.cumsum` over a one-hot) and the block's per-expert histogram;
-  an exclusive scan of the [groups * blocks, E] histograms (torch.cumsum, tiny) gives each block
-  its starting position per expert; `_slot_kernel` adds it and applies the capacity. Positions
+  an exclusive scan of the [groups * blocks, E] histograms gives each block
+  its starting position per expert (`_slot_kernel` sums the histograms of the earlier blocks
+  itself, then adds them to the in-block ranks and applies the capacity). Positions
   are therefore exactly DeepSpeed's token-order ones (top-2: all first choices, then all second
   choices), never an atomic's arrival order.
-- dispatch: `_invert_kernel` writes the inverse map (buffer row -> token, -1 when empty), then
-  `_gather_rows_kernel` writes every buffer row once (zeros for empty rows, no memset).
+- dispatch: `_dispatch_kernel`, one launch: token programs read each token row once and write
+  its k buffer rows; the other programs zero each expert's empty rows (the suffix past
+  counts[e]), so every buffer row is written exactly once and no memset is needed.
 - combine: `_combine_kernel` gathers the k expert rows of each token and sums them weighted,
   accumulating in float32.
 - route_dot: `_route_dot_kernel`, out[s, j] = <a[s], b[row(s, j)]> (gradient of a weight).
@@ -68,14 +70,17 @@ def _gate_kernel(logits_ptr, expert_ptr, rank_ptr, hist_ptr, S, E, NB, stride_s,
         e0 = tl.argmax(p, axis=1, tie_break_left=True)
         x1 = tl.where(col2 == e0[:, None], float("-inf"), x)
         e1 = tl.argmax(x1, axis=1, tie_break_left=True)
-        for j in tl.static_range(2):
-            e = e0 if j == 0 else e1
-            oh = ((col2 == e[:, None]) & rmask[:, None]).to(tl.int32)
-            before = tl.cumsum(oh, axis=0) - oh
-            rank = tl.sum(tl.where(oh > 0, before, 0), axis=1)
-            tl.store(expert_ptr + rows64 * 2 + j, e.to(tl.int64), mask=rmask)
-            tl.store(rank_ptr + rows64 * 2 + j, rank, mask=rmask)
-            tl.store(hist_ptr + (j * NB + pid) * E + cols, tl.sum(oh, axis=0), mask=cmask)
+        # group 0 = first choices, group 1 = second choices (ranked after all of group 0)
+        oh0 = ((col2 == e0[:, None]) & rmask[:, None]).to(tl.int32)
+        before0 = tl.cumsum(oh0, axis=0) - oh0
+        tl.store(expert_ptr + rows64 * 2, e0.to(tl.int64), mask=rmask)
+        tl.store(rank_ptr + rows64 * 2, tl.sum(tl.where(oh0 > 0, before0, 0), axis=1), mask=rmask)
+        tl.store(hist_ptr + pid * E + cols, tl.sum(oh0, axis=0), mask=cmask)
+        oh1 = ((col2 == e1[:, None]) & rmask[:, None]).to(tl.int32)
+        before1 = tl.cumsum(oh1, axis=0) - oh1
+        tl.store(expert_ptr + rows64 * 2 + 1, e1.to(tl.int64), mask=rmask)
+        tl.store(rank_ptr + rows64 * 2 + 1, tl.sum(tl.where(oh1 > 0, before1, 0), axis=1), mask=rmask)
+        tl.store(hist_ptr + (NB + pid) * E + cols, tl.sum(oh1, axis=0), mask=cmask)
     else:
         # top-1 / top-k: the k largest probabilities (ties to the lowest index); slots in token order
         which = tl.full([BLOCK_S, BLOCK_E], -1, dtype=tl.int32)  # choice index j of each taken cell
@@ -93,53 +98,84 @@ def _gate_kernel(logits_ptr, expert_ptr, rank_ptr, hist_ptr, S, E, NB, stride_s,
         tl.store(hist_ptr + pid * E + cols, tl.sum(taken, axis=0), mask=cmask)
 
 
-def _slot_kernel(expert_ptr, rank_ptr, start_ptr, slot_ptr, S, E, NB, capacity,
-                 K: tl.constexpr, BLOCK_S: tl.constexpr):
+def _slot_kernel(expert_ptr, rank_ptr, hist_ptr, slot_ptr, counts_ptr, S, E, NB, capacity,
+                 K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
     pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_E)
+    cmask = cols < E
+    # exclusive scan of the block histograms, per expert: tokens of earlier blocks come first
+    before0 = tl.zeros([BLOCK_E], dtype=tl.int32)
+    total0 = tl.zeros([BLOCK_E], dtype=tl.int32)
+    before1 = tl.zeros([BLOCK_E], dtype=tl.int32)
+    total1 = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for b0 in range(0, NB, BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        m = (bs < NB)[:, None] & cmask[None, :]
+        earlier = (bs < pid)[:, None]
+        h0 = tl.load(hist_ptr + bs[:, None] * E + cols[None, :], mask=m, other=0)
+        total0 += tl.sum(h0, axis=0)
+        before0 += tl.sum(tl.where(earlier, h0, 0), axis=0)
+        if K == 2:
+            h1 = tl.load(hist_ptr + (NB + bs)[:, None] * E + cols[None, :], mask=m, other=0)
+            total1 += tl.sum(h1, axis=0)
+            before1 += tl.sum(tl.where(earlier, h1, 0), axis=0)
     rows = pid * BLOCK_S + tl.arange(0, BLOCK_S)
     rmask = rows < S
     rows64 = rows.to(tl.int64)
     for j in tl.static_range(K):
         e = tl.load(expert_ptr + rows64 * K + j, mask=rmask, other=0)
-        r = tl.load(rank_ptr + rows64 * K + j, mask=rmask, other=0).to(tl.int64)
-        g = j if K == 2 else 0
-        pos = r + tl.load(start_ptr + (g * NB + pid) * E + e, mask=rmask, other=0)
+        r = tl.load(rank_ptr + rows64 * K + j, mask=rmask, other=0)
+        start_e = before0
+        if K == 2:
+            if j == 1:
+                start_e = total0 + before1  # second choices queue behind all first choices
+        oh = cols[None, :] == e[:, None].to(tl.int32)
+        pos = (r + tl.sum(tl.where(oh, start_e[None, :], 0), axis=1)).to(tl.int64)
         keep = (pos < capacity) | (capacity < 0)
         tl.store(slot_ptr + rows64 * K + j, tl.where(keep, pos, -1), mask=rmask)
+    if pid == 0:
+        total = (total0 + total1).to(tl.int64)
+        if capacity >= 0:
+            total = tl.minimum(total, capacity)
+        tl.store(counts_ptr + cols, total, mask=cmask)
 
 
-def _invert_kernel(expert_ptr, slot_ptr, source_ptr, S, C, K: tl.constexpr, BLOCK_S: tl.constexpr):
+def _dispatch_kernel(x_ptr, expert_ptr, slot_ptr, scale_ptr, counts_ptr, out_ptr, S, D, C, NTB, NCH,
+                     K: tl.constexpr, HAS_SCALE: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_S: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """Programs [0, NTB): copy a block of tokens to their k buffer rows (each token read once).
+    Programs [NTB, NTB + E * NCH): zero the empty rows of one chunk of one expert's buffer
+    (kept slots of expert e are exactly 0 .. counts[e] - 1, so empty rows are a suffix)."""
     pid = tl.program_id(0)
-    rows = pid * BLOCK_S + tl.arange(0, BLOCK_S)
-    rmask = rows < S
-    rows64 = rows.to(tl.int64)
-    for j in tl.static_range(K):
-        e = tl.load(expert_ptr + rows64 * K + j, mask=rmask, other=0)
-        sl = tl.load(slot_ptr + rows64 * K + j, mask=rmask, other=-1)
-        kept = rmask & (sl >= 0)
-        # source holds token * K + j, so a scaled dispatch finds its scale[s, j] too
-        tl.store(source_ptr + e * C + sl, rows64 * K + j, mask=kept)
-
-
-def _gather_rows_kernel(src_ptr, source_ptr, scale_ptr, out_ptr, R, D,
-                        K: tl.constexpr, HAS_SCALE: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
-    pid_r = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    rmask = rows < R
     cmask = cols < D
-    src = tl.load(source_ptr + rows, mask=rmask, other=-1)
-    valid = src >= 0
-    token = tl.where(valid, src // K, 0)
-    v = tl.load(src_ptr + token[:, None] * D + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
-    if HAS_SCALE:
-        sc = tl.load(scale_ptr + tl.where(valid, src, 0), mask=valid, other=0.0)
-        acc_t = tl.float64 if ACC_F64 else tl.float32
-        v = v.to(acc_t) * sc.to(acc_t)[:, None]
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], v.to(out_ptr.dtype.element_ty),
-             mask=rmask[:, None] & cmask[None, :])
+    if pid < NTB:
+        rows = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+        rmask = rows < S
+        rows64 = rows.to(tl.int64)
+        v = tl.load(x_ptr + rows64[:, None] * D + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        for j in tl.static_range(K):
+            e = tl.load(expert_ptr + rows64 * K + j, mask=rmask, other=0)
+            sl = tl.load(slot_ptr + rows64 * K + j, mask=rmask, other=-1)
+            kept = rmask & (sl >= 0)
+            r = tl.where(kept, e * C + sl, 0)
+            if HAS_SCALE:
+                acc_t = tl.float64 if ACC_F64 else tl.float32
+                sc = tl.load(scale_ptr + rows64 * K + j, mask=kept, other=0.0).to(acc_t)
+                val = (v.to(acc_t) * sc[:, None]).to(out_ptr.dtype.element_ty)
+            else:
+                val = v.to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + r[:, None] * D + cols[None, :], val, mask=kept[:, None] & cmask[None, :])
+    else:
+        z = pid - NTB
+        e = z // NCH
+        c = (z % NCH) * BLOCK_S + tl.arange(0, BLOCK_S)
+        cnt = tl.load(counts_ptr + e)
+        empty = (c < C) & (c >= cnt)
+        r = e.to(tl.int64) * C + c
+        zero = tl.zeros([BLOCK_S, BLOCK_D], dtype=out_ptr.dtype.element_ty)
+        tl.store(out_ptr + r[:, None] * D + cols[None, :], zero, mask=empty[:, None] & cmask[None, :])
 
 
 def _combine_kernel(y_ptr, expert_ptr, slot_ptr, w_ptr, out_ptr, S, D, C,
@@ -287,43 +323,37 @@ def _gate_table_triton(logits: Tensor, k: int, capacity: int) -> tuple[Tensor, T
     dev = logits.device
     expert = torch.empty(S, k, dtype=torch.int64, device=dev)
     slot = torch.empty(S, k, dtype=torch.int64, device=dev)
+    counts = torch.empty(E, dtype=torch.int64, device=dev)
     if S == 0:
-        return expert, slot, torch.zeros(E, dtype=torch.int64, device=dev)
+        return expert, slot, counts.zero_()
     logits = logits.contiguous()
     block_s, block_e = _gate_block(E)
     nb = triton.cdiv(S, block_s)
-    groups = 2 if k == 2 else 1
     rank = torch.empty(S, k, dtype=torch.int32, device=dev)
-    hist = torch.empty(groups * nb, E, dtype=torch.int32, device=dev)
+    hist = torch.empty((2 if k == 2 else 1) * nb, E, dtype=torch.int32, device=dev)
     _launch(_gate_kernel, (nb,), logits, expert, rank, hist, S, E, nb, logits.stride(0),
             K=k, BLOCK_S=block_s, BLOCK_E=block_e)
-    hist64 = hist.to(torch.int64)
-    start = torch.cumsum(hist64, dim=0) - hist64  # exclusive scan over (group, block), per expert
-    loads = hist64.sum(dim=0)
-    _launch(_slot_kernel, (nb,), expert, rank, start, slot, S, E, nb, capacity, K=k, BLOCK_S=block_s)
-    counts = loads if capacity < 0 else loads.clamp(max=capacity)
+    block_b = max(1, min(triton.next_power_of_2(nb), 4096 // block_e))
+    _launch(_slot_kernel, (nb,), expert, rank, hist, slot, counts, S, E, nb, capacity,
+            K=k, BLOCK_S=block_s, BLOCK_E=block_e, BLOCK_B=block_b)
     return expert, slot, counts
 
 
-def _dispatch_triton(tokens: Tensor, expert: Tensor, slot: Tensor, scale: Optional[Tensor], E: int,
-                     C: int) -> Tensor:
+def _dispatch_triton(tokens: Tensor, expert: Tensor, slot: Tensor, counts: Tensor, scale: Optional[Tensor],
+                     E: int, C: int) -> Tensor:
     S, D = tokens.shape
     k = slot.shape[1]
-    out = torch.empty(E * C, D, dtype=tokens.dtype, device=tokens.device)
+    out = torch.empty(E, C, D, dtype=tokens.dtype, device=tokens.device)
     if E * C == 0 or D == 0:
-        return out.view(E, C, D)
-    source = torch.full((E * C,), -1, dtype=torch.int64, device=tokens.device)
-    if S > 0:
-        block_s = 256 if not _interpreting() else 1024
-        _launch(_invert_kernel, (triton.cdiv(S, block_s),), expert.contiguous(), slot.contiguous(), source,
-                S, C, K=k, BLOCK_S=block_s)
+        return out
     block_r, block_d = _rows_blocks(D)
-    grid = (triton.cdiv(E * C, block_r), triton.cdiv(D, block_d))
-    src = tokens.contiguous()
-    sc = scale.contiguous() if scale is not None else source  # dummy pointer when unused
-    _launch(_gather_rows_kernel, grid, src, source, sc, out, E * C, D, K=k, HAS_SCALE=scale is not None,
-            ACC_F64=_acc_f64(tokens, scale), BLOCK_R=block_r, BLOCK_D=block_d)
-    return out.view(E, C, D)
+    ntb, nch = triton.cdiv(S, block_r), triton.cdiv(C, block_r)
+    grid = (ntb + E * nch, triton.cdiv(D, block_d))
+    sc = scale.contiguous() if scale is not None else counts  # dummy pointer when unused
+    _launch(_dispatch_kernel, grid, tokens.contiguous(), expert.contiguous(), slot.contiguous(), sc,
+            counts.contiguous(), out, S, D, C, ntb, nch, K=k, HAS_SCALE=scale is not None,
+            ACC_F64=_acc_f64(tokens, scale), BLOCK_S=block_r, BLOCK_D=block_d)
+    return out
 
 
 def _combine_triton(expert_out: Tensor, expert: Tensor, slot: Tensor, weight: Optional[Tensor]) -> Tensor:
@@ -334,10 +364,9 @@ def _combine_triton(expert_out: Tensor, expert: Tensor, slot: Tensor, weight: Op
         return out
     block_r, block_d = _rows_blocks(D)
     grid = (triton.cdiv(S, block_r), triton.cdiv(D, block_d))
-    y = expert_out.contiguous()
     w = weight.contiguous() if weight is not None else slot  # dummy pointer when unused
-    _launch(_combine_kernel, grid, y, expert.contiguous(), slot.contiguous(), w, out, S, D, C, K=k,
-            HAS_W=weight is not None, ACC_F64=_acc_f64(expert_out, weight), BLOCK_S=block_r, BLOCK_D=block_d)
+    _launch(_combine_kernel, grid, expert_out.contiguous(), expert.contiguous(), slot.contiguous(), w, out, S, D, C,
+            K=k, HAS_W=weight is not None, ACC_F64=_acc_f64(expert_out, weight), BLOCK_S=block_r, BLOCK_D=block_d)
     return out
 
 
@@ -362,15 +391,40 @@ def _dot_dtype(a: Tensor, b: Tensor) -> torch.dtype:
 
 # --------------------------------------------------------------------------------------------
 # Custom ops
+#
+# Table conventions: kept slots of expert e are 0 .. counts[e] - 1 (as every table `route`
+# makes), which lets dispatch zero exactly the empty suffix of each expert's buffer.
 # --------------------------------------------------------------------------------------------
+
+
+def _gate_table_impl(logits, top_k, capacity):
+    if _use_triton(logits):
+        return _gate_table_triton(logits, top_k, capacity)
+    return ref.gate_table_ref(logits, top_k, capacity)
+
+
+def _dispatch_impl(tokens, expert, slot, counts, scale, num_experts, capacity):
+    if _use_triton(tokens):
+        return _dispatch_triton(tokens, expert, slot, counts, scale, num_experts, capacity)
+    return ref.dispatch_ref(tokens, expert, slot, scale, num_experts, capacity)
+
+
+def _combine_impl(expert_out, expert, slot, weight):
+    if _use_triton(expert_out):
+        return _combine_triton(expert_out, expert, slot, weight)
+    return ref.combine_ref(expert_out, expert, slot, weight)
+
+
+def _route_dot_impl(a, b, expert, slot):
+    if _use_triton(a):
+        return _route_dot_triton(a, b, expert, slot)
+    return ref.route_dot_ref(a, b, expert, slot)
 
 
 @torch.library.custom_op("moefx::gate_table", mutates_args=())
 def gate_table_op(logits: Tensor, top_k: int, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
     """(expert [S, k] int64, slot [S, k] int64, counts [E] int64) of logits [S, E]; capacity -1 = no limit."""
-    if _use_triton(logits):
-        return _gate_table_triton(logits, top_k, capacity)
-    return ref.gate_table_ref(logits, top_k, capacity)
+    return _gate_table_impl(logits, top_k, capacity)
 
 
 @gate_table_op.register_fake
@@ -381,99 +435,115 @@ def _(logits, top_k, capacity):
 
 
 @torch.library.custom_op("moefx::dispatch_tokens", mutates_args=())
-def dispatch_op(tokens: Tensor, expert: Tensor, slot: Tensor, scale: Optional[Tensor], num_experts: int,
-                capacity: int) -> Tensor:
+def dispatch_op(tokens: Tensor, expert: Tensor, slot: Tensor, counts: Tensor, scale: Optional[Tensor],
+                num_experts: int, capacity: int) -> Tensor:
     """[E, C, d] buffer: row (expert[s, j], slot[s, j]) = scale[s, j] * tokens[s] (scale None: 1), zeros elsewhere."""
-    if _use_triton(tokens):
-        return _dispatch_triton(tokens, expert, slot, scale, num_experts, capacity)
-    return ref.dispatch_ref(tokens, expert, slot, scale, num_experts, capacity)
+    return _dispatch_impl(tokens, expert, slot, counts, scale, num_experts, capacity)
 
 
 @dispatch_op.register_fake
-def _(tokens, expert, slot, scale, num_experts, capacity):
+def _(tokens, expert, slot, counts, scale, num_experts, capacity):
     return tokens.new_empty(num_experts, capacity, tokens.shape[-1])
 
 
 def _dispatch_setup(ctx, inputs, output):
-    tokens, expert, slot, scale, num_experts, capacity = inputs
-    ctx.save_for_backward(tokens if scale is not None else None, expert, slot, scale)
+    tokens, expert, slot, counts, scale, num_experts, capacity = inputs
+    ctx.save_for_backward(tokens if scale is not None else None, expert, slot, counts, scale)
 
 
 def _dispatch_backward(ctx, grad):
-    tokens, expert, slot, scale = ctx.saved_tensors
+    tokens, expert, slot, counts, scale = ctx.saved_tensors
     g_tokens = g_scale = None
     if ctx.needs_input_grad[0]:
-        g_tokens = combine_op(grad, expert, slot, scale)
-    if scale is not None and ctx.needs_input_grad[3]:
-        g_scale = route_dot_op(tokens, grad, expert, slot).to(scale.dtype)
-    return g_tokens, None, None, g_scale, None, None
+        g_tokens = combine_op(grad, expert, slot, counts, scale)
+    if scale is not None and ctx.needs_input_grad[4]:
+        g_scale = route_dot_op(tokens, grad, expert, slot, counts).to(scale.dtype)
+    return g_tokens, None, None, None, g_scale, None, None
 
 
 dispatch_op.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
 
 
 @torch.library.custom_op("moefx::combine_tokens", mutates_args=())
-def combine_op(expert_out: Tensor, expert: Tensor, slot: Tensor, weight: Optional[Tensor]) -> Tensor:
-    """[S, d]: out[s] = sum over kept j of weight[s, j] * expert_out[expert[s, j], slot[s, j]] (float32 accumulation)."""
-    if _use_triton(expert_out):
-        return _combine_triton(expert_out, expert, slot, weight)
-    return ref.combine_ref(expert_out, expert, slot, weight)
+def combine_op(expert_out: Tensor, expert: Tensor, slot: Tensor, counts: Tensor, weight: Optional[Tensor]) -> Tensor:
+    """[S, d]: out[s] = sum over kept j of weight[s, j] * expert_out[expert[s, j], slot[s, j]] (float32 accumulation).
+
+    counts is only used by the backward (a dispatch)."""
+    return _combine_impl(expert_out, expert, slot, weight)
 
 
 @combine_op.register_fake
-def _(expert_out, expert, slot, weight):
+def _(expert_out, expert, slot, counts, weight):
     return expert_out.new_empty(slot.shape[0], expert_out.shape[-1])
 
 
 def _combine_setup(ctx, inputs, output):
-    expert_out, expert, slot, weight = inputs
+    expert_out, expert, slot, counts, weight = inputs
     ctx.num_experts, ctx.capacity = expert_out.shape[0], expert_out.shape[1]
-    ctx.save_for_backward(expert_out if weight is not None else None, expert, slot, weight)
+    ctx.save_for_backward(expert_out if weight is not None else None, expert, slot, counts, weight)
 
 
 def _combine_backward(ctx, grad):
-    expert_out, expert, slot, weight = ctx.saved_tensors
+    expert_out, expert, slot, counts, weight = ctx.saved_tensors
     g_out = g_weight = None
     if ctx.needs_input_grad[0]:
-        g_out = dispatch_op(grad, expert, slot, weight, ctx.num_experts, ctx.capacity)
-    if weight is not None and ctx.needs_input_grad[3]:
-        g_weight = route_dot_op(grad, expert_out, expert, slot).to(weight.dtype)
-    return g_out, None, None, g_weight
+        g_out = dispatch_op(grad, expert, slot, counts, weight, ctx.num_experts, ctx.capacity)
+    if weight is not None and ctx.needs_input_grad[4]:
+        g_weight = route_dot_op(grad, expert_out, expert, slot, counts).to(weight.dtype)
+    return g_out, None, None, None, g_weight
 
 
 combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
 
 
 @torch.library.custom_op("moefx::route_dot", mutates_args=())
-def route_dot_op(a: Tensor, b: Tensor, expert: Tensor, slot: Tensor) -> Tensor:
-    """[S, k]: out[s, j] = <a[s], b[expert[s, j], slot[s, j]]>, 0 when dropped (float32 or wider)."""
-    if _use_triton(a):
-        return _route_dot_triton(a, b, expert, slot)
-    return ref.route_dot_ref(a, b, expert, slot)
+def route_dot_op(a: Tensor, b: Tensor, expert: Tensor, slot: Tensor, counts: Tensor) -> Tensor:
+    """[S, k]: out[s, j] = <a[s], b[expert[s, j], slot[s, j]]>, 0 when dropped (float32 or wider).
+
+    counts is only used by the backward (a dispatch)."""
+    return _route_dot_impl(a, b, expert, slot)
 
 
 @route_dot_op.register_fake
-def _(a, b, expert, slot):
+def _(a, b, expert, slot, counts):
     return a.new_empty(slot.shape, dtype=_dot_dtype(a, b))
 
 
 def _route_dot_setup(ctx, inputs, output):
-    a, b, expert, slot = inputs
+    a, b, expert, slot, counts = inputs
     ctx.num_experts, ctx.capacity = b.shape[0], b.shape[1]
-    ctx.save_for_backward(a, b, expert, slot)
+    ctx.save_for_backward(a, b, expert, slot, counts)
 
 
 def _route_dot_backward(ctx, grad):
-    a, b, expert, slot = ctx.saved_tensors
+    a, b, expert, slot, counts = ctx.saved_tensors
     g_a = g_b = None
     if ctx.needs_input_grad[0]:
-        g_a = combine_op(b, expert, slot, grad).to(a.dtype)
+        g_a = combine_op(b, expert, slot, counts, grad).to(a.dtype)
     if ctx.needs_input_grad[1]:
-        g_b = dispatch_op(a, expert, slot, grad, ctx.num_experts, ctx.capacity).to(b.dtype)
-    return g_a, g_b, None, None
+        g_b = dispatch_op(a, expert, slot, counts, grad, ctx.num_experts, ctx.capacity).to(b.dtype)
+    return g_a, g_b, None, None, None
 
 
 route_dot_op.register_autograd(_route_dot_backward, setup_context=_route_dot_setup)
+
+
+def _eager(*tensors: Optional[Tensor]) -> bool:
+    """True when the ops may be bypassed: plain tensors, no autograd, no tracing or dispatch mode.
+
+    The custom ops exist for graph capture (fake tensors, export, compile) and autograd; in plain
+    eager inference their Python dispatch costs tens of microseconds per call, comparable to the
+    kernels themselves, so the public functions call the implementations directly then.
+    """
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,11 +555,12 @@ def gate_table(logits: Tensor, top_k: int, capacity_factor: float, min_capacity:
                ep_group=None) -> tuple[Tensor, Tensor, int, Tensor]:
     """(expert [S, k], slot [S, k], capacity, counts [E]) with DeepSpeed's semantics (see routing)."""
     S, E = logits.shape
+    table = _gate_table_impl if _eager(logits) else gate_table_op
     if drop_tokens:
         capacity = expert_capacity(S, E, top_k, capacity_factor, min_capacity)
-        expert, slot, counts = gate_table_op(logits, top_k, capacity)
+        expert, slot, counts = table(logits, top_k, capacity)
         return expert, slot, capacity, counts
-    expert, slot, counts = gate_table_op(logits, top_k, -1)
+    expert, slot, counts = table(logits, top_k, -1)
     cap_t = counts.max() if S > 0 else counts.new_zeros(())
     if ep_group is not None:
         import torch.distributed as dist
@@ -503,9 +574,12 @@ def gate_table(logits: Tensor, top_k: int, capacity_factor: float, min_capacity:
 
 def dispatch(tokens: Tensor, routing: Routing, num_experts: int) -> Tensor:
     """tokens [S, d] -> [E, C, d] by the routing table (zeros in empty slots)."""
-    return dispatch_op(tokens, routing.expert, routing.slot, None, num_experts, routing.capacity)
+    args = (tokens, routing.expert, routing.slot, routing.counts, None, num_experts, routing.capacity)
+    return _dispatch_impl(*args) if _eager(tokens) else dispatch_op(*args)
 
 
 def combine(expert_out: Tensor, routing: Routing) -> Tensor:
     """expert_out [E, C, d] -> [S, d], weighted by routing.weight (float32 accumulation)."""
-    return combine_op(expert_out, routing.expert, routing.slot, routing.weight)
+    if _eager(expert_out, routing.weight):
+        return _combine_impl(expert_out, routing.expert, routing.slot, routing.weight)
+    return combine_op(expert_out, routing.expert, routing.slot, routing.counts, routing.weight)

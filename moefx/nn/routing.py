@@ -278,7 +278,9 @@ def _aux_loss(probs: Tensor, expert: Tensor, k: int) -> Tensor:
         return probs.sum() * 0.0
     me = probs.mean(dim=0)
     chosen = expert[:, :1] if k <= 2 else expert
-    ce = torch.bincount(chosen.reshape(-1), minlength=E).to(probs.dtype) / S
+    # per-expert counts without bincount, which synchronises with a GPU to size its output
+    hits = chosen.reshape(-1, 1) == torch.arange(E, device=chosen.device)
+    ce = hits.sum(dim=0).to(probs.dtype) / S
     if k == 1:
         return torch.sum(me * ce) * E
     if k == 2:

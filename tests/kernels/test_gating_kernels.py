@@ -101,8 +101,7 @@ def test_empty_and_zero_sized():
 
 
 def _table(S, E, k, capacity, kind="skewed", seed=0):
-    expert, slot, _ = R.gate_table_ref(_logits(S, E, kind, seed), k, capacity)
-    return expert, slot
+    return R.gate_table_ref(_logits(S, E, kind, seed), k, capacity)  # expert, slot, counts
 
 
 MOVE_CASES = [
@@ -118,10 +117,10 @@ MOVE_CASES = [
 @pytest.mark.parametrize("S,E,k,C,d", MOVE_CASES)
 @pytest.mark.parametrize("scaled", [False, True])
 def test_dispatch_matches_reference(S, E, k, C, d, scaled):
-    expert, slot = _table(S, E, k, C, seed=d)
+    expert, slot, counts = _table(S, E, k, C, seed=d)
     x = torch.randn(S, d, device=DEV)
     scale = torch.rand(S, k, device=DEV) if scaled else None
-    out = G.dispatch_op(x, expert, slot, scale, E, C)
+    out = G.dispatch_op(x, expert, slot, counts, scale, E, C)
     assert out.shape == (E, C, d)
     torch.testing.assert_close(out, R.dispatch_ref(x, expert, slot, scale, E, C), rtol=0, atol=0)
 
@@ -129,30 +128,30 @@ def test_dispatch_matches_reference(S, E, k, C, d, scaled):
 @pytest.mark.parametrize("S,E,k,C,d", MOVE_CASES)
 @pytest.mark.parametrize("weighted", [False, True])
 def test_combine_matches_reference(S, E, k, C, d, weighted):
-    expert, slot = _table(S, E, k, C, seed=d)
+    expert, slot, counts = _table(S, E, k, C, seed=d)
     y = torch.randn(E, C, d, device=DEV)
     w = torch.rand(S, k, device=DEV) if weighted else None
-    torch.testing.assert_close(G.combine_op(y, expert, slot, w), R.combine_ref(y, expert, slot, w))
+    torch.testing.assert_close(G.combine_op(y, expert, slot, counts, w), R.combine_ref(y, expert, slot, w))
 
 
 @pytest.mark.parametrize("S,E,k,C,d", MOVE_CASES)
 def test_route_dot_matches_reference(S, E, k, C, d):
-    expert, slot = _table(S, E, k, C, seed=d)
+    expert, slot, counts = _table(S, E, k, C, seed=d)
     a = torch.randn(S, d, device=DEV)
     b = torch.randn(E, C, d, device=DEV)
-    torch.testing.assert_close(G.route_dot_op(a, b, expert, slot), R.route_dot_ref(a, b, expert, slot))
+    torch.testing.assert_close(G.route_dot_op(a, b, expert, slot, counts), R.route_dot_ref(a, b, expert, slot))
 
 
 def test_half_precision_accumulates_in_float32():
     S, E, k, C, d = 40, 4, 2, 20, 24
-    expert, slot = _table(S, E, k, C)
+    expert, slot, counts = _table(S, E, k, C)
     y = torch.randn(E, C, d, device=DEV).half()
     w = torch.rand(S, k, device=DEV)
-    out = G.combine_op(y, expert, slot, w)
+    out = G.combine_op(y, expert, slot, counts, w)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out, R.combine_ref(y, expert, slot, w))
     x = torch.randn(S, d, device=DEV).half()
-    assert torch.equal(G.dispatch_op(x, expert, slot, None, E, C), R.dispatch_ref(x, expert, slot, None, E, C))
+    assert torch.equal(G.dispatch_op(x, expert, slot, counts, None, E, C), R.dispatch_ref(x, expert, slot, None, E, C))
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,28 +161,28 @@ def test_half_precision_accumulates_in_float32():
 
 def _tiny(k=2, C=3):
     S, E, d = 7, 3, 3
-    expert, slot = _table(S, E, k, C, seed=1)
+    expert, slot, counts = _table(S, E, k, C, seed=1)
     assert bool((slot < 0).any()) and bool((slot >= 0).any())
     g = torch.Generator().manual_seed(2)
     dd = dict(dtype=torch.double)
     x = torch.randn(S, d, generator=g, **dd).to(DEV).requires_grad_(True)
     s = torch.rand(S, k, generator=g, **dd).to(DEV).requires_grad_(True)
     y = torch.randn(E, C, d, generator=g, **dd).to(DEV).requires_grad_(True)
-    return S, E, C, d, expert, slot, x, s, y
+    return S, E, C, d, expert, slot, counts, x, s, y
 
 
 def test_gradcheck_dispatch_combine_route_dot():
-    S, E, C, d, expert, slot, x, s, y = _tiny()
+    S, E, C, d, expert, slot, n, x, s, y = _tiny()
     gc = dict(eps=1e-6, atol=1e-6, fast_mode=True)
-    assert torch.autograd.gradcheck(lambda t, sc: G.dispatch_op(t, expert, slot, sc, E, C), (x, s), **gc)
-    assert torch.autograd.gradcheck(lambda t: G.dispatch_op(t, expert, slot, None, E, C), (x,), **gc)
-    assert torch.autograd.gradcheck(lambda t, w: G.combine_op(t, expert, slot, w), (y, s), **gc)
-    assert torch.autograd.gradcheck(lambda a, b: G.route_dot_op(a, b, expert, slot), (x, y), **gc)
+    assert torch.autograd.gradcheck(lambda t, sc: G.dispatch_op(t, expert, slot, n, sc, E, C), (x, s), **gc)
+    assert torch.autograd.gradcheck(lambda t: G.dispatch_op(t, expert, slot, n, None, E, C), (x,), **gc)
+    assert torch.autograd.gradcheck(lambda t, w: G.combine_op(t, expert, slot, n, w), (y, s), **gc)
+    assert torch.autograd.gradcheck(lambda a, b: G.route_dot_op(a, b, expert, slot, n), (x, y), **gc)
 
 
 def test_gradgradcheck_combine():
-    S, E, C, d, expert, slot, x, s, y = _tiny(k=1, C=4)
-    assert torch.autograd.gradgradcheck(lambda t, w: G.combine_op(t, expert, slot, w), (y, s),
+    S, E, C, d, expert, slot, n, x, s, y = _tiny(k=1, C=4)
+    assert torch.autograd.gradgradcheck(lambda t, w: G.combine_op(t, expert, slot, n, w), (y, s),
                                         eps=1e-6, atol=1e-6, fast_mode=True)
 
 
@@ -212,16 +211,16 @@ def test_moe_forward_backward_matches_torch_path():
 
 
 def test_opcheck():
-    S, E, C, d, expert, slot, x, s, y = _tiny()
+    S, E, C, d, expert, slot, n, x, s, y = _tiny()
     f32 = dict(dtype=torch.float32)
     xf, sf, yf = (t.detach().to(**f32).requires_grad_(True) for t in (x, s, y))
     torch.library.opcheck(G.gate_table_op, (_logits(37, 5), 2, 9))
     torch.library.opcheck(G.gate_table_op, (_logits(37, 5), 3, -1))
-    torch.library.opcheck(G.dispatch_op, (xf, expert, slot, sf, E, C))
-    torch.library.opcheck(G.dispatch_op, (xf, expert, slot, None, E, C))
-    torch.library.opcheck(G.combine_op, (yf, expert, slot, sf))
-    torch.library.opcheck(G.combine_op, (yf, expert, slot, None))
-    torch.library.opcheck(G.route_dot_op, (xf, yf, expert, slot))
+    torch.library.opcheck(G.dispatch_op, (xf, expert, slot, n, sf, E, C))
+    torch.library.opcheck(G.dispatch_op, (xf, expert, slot, n, None, E, C))
+    torch.library.opcheck(G.combine_op, (yf, expert, slot, n, sf))
+    torch.library.opcheck(G.combine_op, (yf, expert, slot, n, None))
+    torch.library.opcheck(G.route_dot_op, (xf, yf, expert, slot, n))
 
 
 class _MoE(torch.nn.Module):
@@ -263,6 +262,19 @@ def test_torch_compile_forward_backward():
     torch.testing.assert_close(out, out2)
     for a, p in zip(got, m.parameters()):
         torch.testing.assert_close(a, p.grad)
+
+
+def test_eager_fast_path_equals_the_custom_ops():
+    logits = _logits(150, 8, "skewed")
+    x = torch.randn(150, 12, device=DEV)
+    r = route(logits, top_k=2, capacity_factor=0.7, impl="triton")
+    assert G._eager(x) and not G._eager(x.requires_grad_(True))
+    x.requires_grad_(False)
+    e, s, n = G.gate_table_op(logits, 2, r.capacity)
+    assert torch.equal(e, r.expert) and torch.equal(s, r.slot) and torch.equal(n, r.counts)
+    buf = G.dispatch(x, r, 8)
+    assert torch.equal(buf, G.dispatch_op(x, r.expert, r.slot, r.counts, None, 8, r.capacity))
+    assert torch.equal(G.combine(buf, r), G.combine_op(buf, r.expert, r.slot, r.counts, r.weight))
 
 
 def test_interpreter_is_scoped_to_this_module():
