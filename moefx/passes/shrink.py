@@ -46,7 +46,6 @@ import math
 import torch
 from torch import fx, nn
 
-from .. import meta as M
 from ..analysis.blocks import ORIGIN_KEY, Block, find_blocks, stacks
 from ..errors import AnalysisError, PassError, PlanError
 from ..nn.aux import AuxLossSink
