@@ -5,6 +5,7 @@
     moe_model = moefx.convert(model, plan, example_inputs=(input_ids,))
     loss = task_loss(moe_model(input_ids)) + moefx.aux_loss(moe_model)
 """
+from .analysis.blocks import Block, find_blocks
 from .analysis.ffn import FFN, find_ffns
 from .capture import capture
 from .convert import convert, pipeline
@@ -19,7 +20,7 @@ from .nn.routing import Routing, combine, dispatch, route
 from .plan import LoweringPlan, MoEPlan, ParallelPlan, Plan, StudentPlan
 
 __all__ = [
-    "FFN", "find_ffns", "capture", "convert", "pipeline", "ParamCount", "count_params", "AnalysisError",
+    "Block", "find_blocks", "FFN", "find_ffns", "capture", "convert", "pipeline", "ParamCount", "count_params", "AnalysisError",
     "BackendError", "CaptureError", "MoefxError", "PassError", "PlanError", "aux_loss", "Routing", "combine",
     "dispatch", "route", "LoweringPlan", "MoEPlan", "ParallelPlan", "Plan", "StudentPlan", "distill",
     "DistillResult", "DistillError", "dump", "distribute", "partitioned_view", "reduce_gradients", "shrink",

@@ -104,6 +104,14 @@ def test_world2_ep_only():
     run_world(_run_cases, 2, "gpt2-tiny", cases, timeout=180)
 
 
+def test_world2_tensor_parallel_attention_and_mlps():
+    # GPT-2: fused qkv projection split chunk by chunk; T5: per-head position-bias mask, cross-attention
+    cases = {"tp2-gpt2": _case({"top_k": 2}, {"nodes": 1, "devices_per_node": 2, "tp": 2, "ep": 2})}
+    run_world(_run_cases, 2, "gpt2-tiny", cases, timeout=180)
+    cases = {"tp2-t5": _case({}, {"nodes": 1, "devices_per_node": 2, "tp": 2, "ep": 1})}
+    run_world(_run_cases, 2, "t5-tiny", cases, timeout=180)
+
+
 def test_world4_ep_tp_dp_pyramid():
     cases = {
         # EP + TP: dense / residual MLPs split over tp = 2, experts over ep = 4 / 4

@@ -50,10 +50,15 @@ def test_hierarchical_counts(converted):
 
 def test_tensor_parallel_counts_and_shards(converted):
     gm = moefx.partitioned_view(converted, _plan(nodes=1, devices_per_node=4, tp=2, ep=2), rank=1)
-    # 4 dense FFNs (2 dense blocks + 2 residual MLPs): tp_copy + tp_reduce each
-    assert _collectives(gm) == {"ep2": 6, "tp": 8}
+    # 4 dense FFNs (2 dense blocks + 2 residual MLPs) and 4 attentions: tp_copy + tp_reduce each
+    assert _collectives(gm) == {"ep2": 6, "tp": 16}
+    assert gm.meta["moefx_tp_replicated_attention"] == []
     shards = gm.meta["moefx_shards"]
-    assert len(shards) == 4 * 3  # up weight, up bias, down weight per FFN (down bias added after reduce)
+    # FFN: up weight, up bias, down weight (its bias is added after the reduce); attention: the fused
+    # c_attn weight and bias in 3 chunks (q, k, v heads of this rank) and the c_proj weight
+    assert len(shards) == 4 * 3 + 4 * 7
+    assert shards["tp_shard_transformer_h_0_attn_c_attn_weight_chunk1"] == ("transformer.h.0.attn.c_attn.weight", 1,
+                                                                            48, 64)
     target, dim, lo, hi = shards["tp_shard_transformer_h_0_mlp_c_fc_weight"]
     assert (target, dim, lo, hi) == ("transformer.h.0.mlp.c_fc.weight", 1, 64, 128)
     assert gm.get_parameter("tp_shard_transformer_h_0_mlp_c_fc_weight").shape == (32, 64)

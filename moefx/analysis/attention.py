@@ -1,0 +1,297 @@
+"""Find attention regions and the tensor axes that carry heads, for tensor-parallel splitting.
+
+An attention region is a `scaled_dot_product_attention` node, the linear projections its q / k / v
+come from (separate, or one fused projection split into chunks), the layout ops in between
+(views, transposes, rotary embeddings, GQA expands), and the output projection reached from the
+attention output through layout ops. For every node of the region the analysis derives which
+axes *scale with the number of heads* (the projection width, the head axis, the width again after
+the heads are merged): splitting heads over `tp` ranks divides exactly those sizes by `tp`.
+
+Regions with an op the axis rules do not know (e.g. head counts baked into SymInt expressions, as
+in `nn.MultiheadAttention`'s export) are reported with `supported=False` and a reason.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .linear import aten, linear_info, packet, val
+
+_LAYOUT = {aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.permute, aten.contiguous, aten.clone,
+           aten.expand, aten.unsqueeze, aten.squeeze, aten.select, aten.split, aten.split_with_sizes,
+           aten.unflatten, aten.slice, aten.cat, aten.mul, aten.add, aten.sub, aten.div, aten.neg, aten.to,
+           aten._to_copy, aten.alias, aten.detach, aten.dropout}
+_ELEMENTWISE = {aten.contiguous, aten.clone, aten.mul, aten.add, aten.sub, aten.div, aten.neg, aten.to,
+                aten._to_copy, aten.alias, aten.detach, aten.dropout}
+SDPA = aten.scaled_dot_product_attention
+
+
+class Unsupported(Exception):
+    """The region uses an op whose head axes cannot be derived."""
+
+
+@dataclass
+class Attention:
+    """One attention region (node objects of the analysed graph)."""
+
+    sdpa: fx.Node
+    projections: list[fx.Node]
+    out_proj: fx.Node | None
+    heads: int = 0
+    flags: dict = field(default_factory=dict)  # node -> tuple of bools (axis scales with heads)
+    supported: bool = True
+    reason: str = ""
+
+
+def find_attention(gm: fx.GraphModule) -> list[Attention]:
+    """Every sdpa-based attention region of a captured graph, in graph order."""
+    out = []
+    for node in gm.graph.nodes:
+        if packet(node) is not SDPA:
+            continue
+        att = _region(node)
+        if att.supported:
+            try:
+                att.flags = _propagate(att)
+            except Unsupported as e:
+                att.supported, att.reason = False, str(e)
+        out.append(att)
+    return out
+
+
+def _region(sdpa: fx.Node) -> Attention:
+    projections: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+    stack = list(sdpa.args[:3])
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if linear_info(n) is not None:
+            projections.append(n)
+            continue
+        if packet(n) in _LAYOUT or (n.op == "call_function" and n.target is operator.getitem):
+            stack.extend(a for a in n.all_input_nodes if a.op != "get_attr")
+    out_proj = _out_projection(sdpa)
+    att = Attention(sdpa, sorted(set(projections), key=_order(sdpa.graph)), out_proj)
+    q = val(sdpa.args[0])
+    att.heads = int(q.shape[-3]) if q is not None and q.dim() >= 3 and isinstance(q.shape[-3], int) else 0
+    if not projections or len(att.projections) > 3:
+        att.supported, att.reason = False, f"q/k/v come from {len(att.projections)} projections"
+    elif out_proj is None:
+        att.supported, att.reason = False, "no output projection after the attention"
+    elif att.heads == 0:
+        att.supported, att.reason = False, "head count is not static"
+    return att
+
+
+def _order(graph: fx.Graph):
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return index.get
+
+
+def _out_projection(sdpa: fx.Node) -> fx.Node | None:
+    n = sdpa
+    for _ in range(8):
+        if len(n.users) != 1:
+            return None
+        n = next(iter(n.users))
+        if linear_info(n) is not None:
+            return n
+        if packet(n) not in (aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.permute,
+                             aten.contiguous, aten.clone):
+            return None
+    return None
+
+
+def region_nodes(att: Attention) -> list[fx.Node]:
+    """Nodes from the projections' outputs to the output projection's input, in graph order."""
+    return sorted(att.flags, key=_order(att.sdpa.graph))
+
+
+# ---------------------------------------------------------------------------------------------
+# Axis flags
+
+
+def _propagate(att: Attention) -> dict:
+    graph_order = _order(att.sdpa.graph)
+    ancestors = _ancestors(att.sdpa)
+    flags: dict[fx.Node, tuple[bool, ...]] = {}
+    for p in att.projections:
+        flags[p] = (False,) * (val(p).dim() - 1) + (True,)
+    frontier = sorted({u for p in att.projections for u in p.users if u in ancestors or u is att.sdpa},
+                      key=graph_order)
+    todo = set(frontier)
+    while todo:
+        n = min(todo, key=graph_order)
+        todo.discard(n)
+        if n in flags:
+            continue
+        if any(a in ancestors and a not in flags and a.op != "get_attr" and _reaches_projection(a, att)
+               for a in n.all_input_nodes):
+            # an input still unresolved: come back later
+            pending = [a for a in n.all_input_nodes if a in ancestors and a not in flags and
+                       _reaches_projection(a, att)]
+            todo.update(pending)
+            todo.add(n)
+            continue
+        flags[n] = _rule(n, flags)
+        if n is att.sdpa:
+            continue
+        todo.update(u for u in n.users if (u in ancestors or u is att.sdpa) and u not in flags)
+    # the output side: sdpa -> ... -> out projection input
+    n = att.sdpa
+    while True:
+        user = next(iter(n.users))
+        if user is att.out_proj:
+            break
+        flags[user] = _rule(user, flags)
+        n = user
+    return flags
+
+
+def _reaches_projection(node: fx.Node, att: Attention) -> bool:
+    seen, stack = set(), [node]
+    targets = set(att.projections)
+    while stack:
+        n = stack.pop()
+        if n in targets:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _in_flags(a, flags, ndim: int) -> tuple[bool, ...]:
+    if not isinstance(a, fx.Node) or a not in flags:
+        return (False,) * ndim
+    return flags[a]
+
+
+def _rule(n: fx.Node, flags: dict) -> tuple[bool, ...]:
+    p = packet(n)
+    out = val(n)
+    if n.op == "call_function" and n.target is operator.getitem:
+        return flags[n.args[0]]
+    if p in (aten.split, aten.split_with_sizes):
+        return flags[n.args[0]]
+    if out is None:
+        raise Unsupported(f"{n.name} ({n.target}) has no tensor metadata")
+    nd = out.dim()
+    x = n.args[0] if n.args else None
+    fx_ = _in_flags(x, flags, val(x).dim() if isinstance(x, fx.Node) and val(x) is not None else 0)
+    if p in _ELEMENTWISE or p is SDPA:
+        if p is SDPA:
+            return flags[n.args[0]]
+        res = [False] * nd
+        for a in n.all_input_nodes:
+            if a in flags:
+                f = flags[a]
+                for i in range(1, len(f) + 1):
+                    res[nd - i] = res[nd - i] or f[len(f) - i]
+        return tuple(res)
+    if p is aten.transpose:
+        a, b = (d % len(fx_) for d in n.args[1:3])
+        f = list(fx_)
+        f[a], f[b] = f[b], f[a]
+        return tuple(f)
+    if p is aten.permute:
+        return tuple(fx_[d % len(fx_)] for d in n.args[1])
+    if p is aten.unsqueeze:
+        d = n.args[1] % nd
+        f = list(fx_)
+        f.insert(d, False)
+        return tuple(f)
+    if p is aten.squeeze:
+        dims = n.args[1] if len(n.args) > 1 else [i for i, s in enumerate(val(x).shape) if s == 1]
+        dims = [dims] if isinstance(dims, int) else dims
+        dims = {d % len(fx_) for d in dims if val(x).shape[d] == 1}
+        return tuple(f for i, f in enumerate(fx_) if i not in dims)
+    if p is aten.expand:
+        pad = nd - len(fx_)
+        return (False,) * pad + tuple(fx_)
+    if p is aten.slice:
+        d = n.args[1] % len(fx_)
+        if fx_[d] and not _full_slice(n):
+            raise Unsupported(f"{n.name} slices a head axis")
+        return fx_
+    if p is aten.select:
+        d = n.args[1] % len(fx_)
+        if fx_[d]:
+            raise Unsupported(f"{n.name} selects along a head axis")
+        return tuple(f for i, f in enumerate(fx_) if i != d)
+    if p is aten.cat:
+        tensors = n.args[0]
+        d = (n.args[1] if len(n.args) > 1 else 0) % nd
+        res = [False] * nd
+        for t in tensors:
+            for i, f in enumerate(_in_flags(t, flags, nd)):
+                res[i] = res[i] or f
+        if res[d]:
+            raise Unsupported(f"{n.name} concatenates along a head axis")
+        return tuple(res)
+    if p in (aten.view, aten.reshape, aten._unsafe_view, aten.unflatten):
+        return _reshape_flags(n, fx_)
+    raise Unsupported(f"no head-axis rule for {n.name} ({n.target})")
+
+
+def _full_slice(n: fx.Node) -> bool:
+    start = n.args[2] if len(n.args) > 2 else 0
+    end = n.args[3] if len(n.args) > 3 else None
+    return (start in (0, None)) and (end is None or (isinstance(end, int) and end >= 2**62))
+
+
+def _hint(s) -> int:
+    """A size's value in the example the graph was captured with."""
+    if isinstance(s, int):
+        return s
+    node = s.node
+    if node.hint is not None:
+        return int(node.hint)
+    return int(node.shape_env.size_hint(node.expr))
+
+
+def _reshape_flags(n: fx.Node, in_flags: tuple[bool, ...]) -> tuple[bool, ...]:
+    """Group input and output axes with equal products (by the captured example's sizes); a group
+    holding a head axis on the input side flags the first output axis of the group that is not 1."""
+    src = [_hint(s) for s in val(n.args[0]).shape]
+    dst = [_hint(s) for s in val(n).shape]
+    out = [False] * len(dst)
+    i = j = 0
+    while i < len(src) and j < len(dst):
+        gi, gj, pi, pj = [i], [j], src[i], dst[j]
+        while pi != pj:
+            if pi < pj and i + 1 < len(src):
+                i += 1
+                gi.append(i)
+                pi *= src[i]
+            elif pj < pi and j + 1 < len(dst):
+                j += 1
+                gj.append(j)
+                pj *= dst[j]
+            else:
+                raise Unsupported(f"{n.name}: cannot group the reshape's axes")
+        if sum(in_flags[k] for k in gi) > 1:
+            raise Unsupported(f"{n.name}: merges two head axes")
+        if any(in_flags[k] for k in gi):
+            out[next((k for k in gj if dst[k] != 1), gj[0])] = True
+        i, j = i + 1, j + 1
+    if any(in_flags[k] for k in range(i, len(src))):
+        raise Unsupported(f"{n.name}: cannot map head axes through the reshape")
+    return tuple(out)
