@@ -169,13 +169,13 @@ def _dispatch_kernel(x_ptr, expert_ptr, slot_ptr, scale_ptr, counts_ptr, out_ptr
             tl.store(out_ptr + r[:, None] * D + cols[None, :], val, mask=kept[:, None] & cmask[None, :])
     else:
         z = pid - NTB
-        e = z // NCH
-        c = (z % NCH) * BLOCK_S + tl.arange(0, BLOCK_S)
-        cnt = tl.load(counts_ptr + e)
-        empty = (c < C) & (c >= cnt)
-        r = e.to(tl.int64) * C + c
+        ez = z // NCH
+        cz = (z % NCH) * BLOCK_S + tl.arange(0, BLOCK_S)
+        cnt = tl.load(counts_ptr + ez)
+        empty = (cz < C) & (cz >= cnt)
+        rz = ez.to(tl.int64) * C + cz
         zero = tl.zeros([BLOCK_S, BLOCK_D], dtype=out_ptr.dtype.element_ty)
-        tl.store(out_ptr + r[:, None] * D + cols[None, :], zero, mask=empty[:, None] & cmask[None, :])
+        tl.store(out_ptr + rz[:, None] * D + cols[None, :], zero, mask=empty[:, None] & cmask[None, :])
 
 
 def _combine_kernel(y_ptr, expert_ptr, slot_ptr, w_ptr, out_ptr, S, D, C,
