@@ -2,6 +2,7 @@
 
     moefx convert [MODEL] [--plan plan.toml]     convert, print the layer table, check vs dense
     moefx dump MODEL --plan plan.toml --format {code,table,dot,svg,json} [--stage ...] [--output F]
+    moefx launch --nnodes N --nproc-per-node G --plan plan.toml MODEL [--check] [--compile] [--steps N]
 """
 from __future__ import annotations
 
@@ -95,6 +96,45 @@ def cmd_dump(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    """Run `python -m moefx.runtime.run_model MODEL ...` on this node's ranks under torchrun."""
+    from .runtime.launch import launch
+    from .runtime.run_model import worker_argv
+
+    plan = _load_plan(args.plan)
+    world = args.nnodes * args.nproc_per_node
+    pp = plan.parallel
+    if pp is None:
+        raise MoefxError(f"moefx launch needs a plan with a [parallel] section (nodes, devices_per_node, tp, ep); "
+                         f"{args.plan} has none")
+    if pp.world_size != world:
+        raise MoefxError(f"the plan's [parallel] section describes nodes * devices_per_node = {pp.nodes} * "
+                         f"{pp.devices_per_node} = {pp.world_size} ranks but this launch starts nnodes * "
+                         f"nproc_per_node = {args.nnodes} * {args.nproc_per_node} = {world}")
+    extra = ["--iters", str(args.iters)] if args.iters is not None else []
+    if args.fail_rank is not None:
+        extra += ["--fail-rank", str(args.fail_rank)]
+    for flag, value in (("--load", args.load), ("--save", args.save)):
+        if value:
+            extra += [flag, value]
+    target = worker_argv(args.model, args.plan, compile=args.compile, check=args.check, steps=args.steps,
+                         batch=args.batch, seq=args.seq, seed=args.seed, extra=extra)
+    try:
+        result = launch(target, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, node_rank=args.node_rank,
+                        master_addr=args.master_addr, master_port=args.master_port, timeout=args.timeout,
+                        capture=not args.stream)
+    except ValueError as e:
+        raise MoefxError(str(e)) from None
+    if result.output:
+        sys.stdout.write(result.output)
+    node = f"node {args.node_rank}/{args.nnodes}: " if args.nnodes > 1 else ""
+    if result.ok:
+        print(f"moefx launch: {node}{args.nproc_per_node} rank(s) {result.summary()}", flush=True)
+        return 0
+    print(f"moefx launch: {node}FAILED, {result.summary()}", file=sys.stderr, flush=True)
+    return 124 if result.timed_out else (result.returncode if result.returncode > 0 else 1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moefx", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -118,6 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rank", type=int, default=0, help="rank to show with --stage partitioned")
     d.add_argument("--output", "-o", help="write to this file (atomically) instead of stdout")
     d.set_defaults(func=cmd_dump)
+
+    ln = sub.add_parser("launch", help="run a distributed moefx model on this node's ranks (torchrun)")
+    ln.add_argument("model", help="built-in name (gpt2-tiny, llama-tiny, ...) or module:function")
+    ln.add_argument("--plan", required=True, help="plan file with a [parallel] section (world = nnodes x nproc)")
+    ln.add_argument("--nnodes", type=int, default=1)
+    ln.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this node")
+    ln.add_argument("--node-rank", type=int, default=0, help="this node's index (with --nnodes > 1)")
+    ln.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
+    ln.add_argument("--master-port", type=int, default=None,
+                    help="port on node 0 (required with --nnodes > 1; default: a free port)")
+    ln.add_argument("--check", action="store_true", help="every rank compares with the single-process model")
+    ln.add_argument("--compile", action="store_true", help="torch.compile each rank's graph")
+    ln.add_argument("--steps", type=int, default=0, help="training steps (0: forward passes)")
+    ln.add_argument("--iters", type=int, default=None, help="forward passes when --steps is 0 (default 3)")
+    ln.add_argument("--batch", type=int, default=None)
+    ln.add_argument("--seq", type=int, default=None)
+    ln.add_argument("--seed", type=int, default=None)
+    ln.add_argument("--load", help="load this sharded checkpoint folder before running")
+    ln.add_argument("--save", help="save a sharded checkpoint folder at the end")
+    ln.add_argument("--timeout", type=float, default=None, help="kill the launch after this many seconds")
+    ln.add_argument("--stream", action="store_true",
+                    help="let the workers write to the terminal live (the failure summary then cannot name "
+                         "the failing rank)")
+    ln.add_argument("--fail-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ln.set_defaults(func=cmd_launch)
     return p
 
 
