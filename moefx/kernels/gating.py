@@ -25,6 +25,10 @@ per-choice scale and the weighted combine are adjoint to each other:
     d dispatch(x, scale) / dx     = combine(g, scale)      d / dscale = route_dot(x, g)
     d combine(y, w) / dy          = dispatch(g, w)         d / dw     = route_dot(g, y)
 
+The public `gate_table` / `dispatch` / `combine` call the implementations directly in plain
+eager inference (no autograd, no tracing: see `_eager`), since a custom op's Python dispatch
+costs about as much as these kernels; otherwise they go through the custom ops.
+
 On CUDA tensors (or any tensors with TRITON_INTERPRET=1) the ops run the Triton kernels; on CPU
 without the interpreter they run the references in `gating_ref`. Whether to interpret is read
 at launch time, so setting TRITON_INTERPRET=1 after this module was imported still works.

@@ -349,6 +349,10 @@ def _combine_torch(expert_out: Tensor, expert: Tensor, slot: Tensor, weight: Ten
     rows = torch.where(kept, expert * C + slot, torch.zeros_like(slot))
     w = torch.where(kept, weight, torch.zeros_like(weight))
     flat = expert_out.reshape(E * C, d)
+    if expert_out.dtype in (torch.float32, torch.float64) and weight.dtype in (torch.float32, expert_out.dtype):
+        # one fused gather-scale-sum pass with a single output allocation (several times faster
+        # on CPU than gather + multiply); dropped choices read row 0 with weight 0
+        return F.embedding_bag(rows, flat, mode="sum", per_sample_weights=w.to(expert_out.dtype))
     out = flat.index_select(0, rows[:, 0]) * w[:, 0:1]
     for j in range(1, k):
         out = out.addcmul_(flat.index_select(0, rows[:, j]), w[:, j:j + 1])
