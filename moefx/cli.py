@@ -2,6 +2,8 @@
 
     moefx convert [MODEL] [--plan plan.toml]     convert, print the layer table, check vs dense
     moefx dump MODEL --plan plan.toml --format {code,table,dot,svg,json} [--stage ...] [--output F]
+    moefx distill [MODEL] --plan plan.toml --steps N --kd-stop K   staged-KD MoS student (needs [student])
+    moefx launch --nproc-per-node G --plan plan.toml MODEL [--check]   distributed run under torchrun
     moefx launch --nnodes N --nproc-per-node G --plan plan.toml MODEL [--check] [--compile] [--steps N]
 """
 from __future__ import annotations
@@ -135,6 +137,47 @@ def cmd_launch(args) -> int:
     return 124 if result.timed_out else (result.returncode if result.returncode > 0 else 1)
 
 
+def cmd_distill(args) -> int:
+    """Convert MODEL into the plan's PR-MoE teacher, shrink it to the plan's student, run staged KD
+    on the offline stdlib corpus and save the student's state dict."""
+    import torch
+
+    from .convert import convert
+    from .data import fixed_eval_batches, lm_batches, load_corpus
+    from .distill import distill
+    from .models import load_model
+    from .passes.shrink import shrink
+
+    plan = _load_plan(args.plan)
+    if plan.student is None:
+        raise MoefxError(f"moefx distill needs a plan with a [student] section (layers, depth or keep); "
+                         f"{args.plan or 'the default plan'} has none")
+    model, inputs = load_model(args.model, seed=args.seed, batch=args.batch, seq=args.seq)
+    teacher_plan = type(plan)(moe=plan.moe, lowering=plan.lowering)
+    teacher = convert(model, teacher_plan, inputs)
+    student = shrink(teacher, plan)
+    vocab = _first_tensor(teacher(*inputs)).shape[-1]
+    train, val = load_corpus(max_bytes=args.corpus_bytes, seed=args.seed)
+    train, val = train.clamp_max(vocab - 1), val.clamp_max(vocab - 1)  # byte ids into the model's vocabulary
+    batches = lm_batches(train, args.batch, args.seq, args.steps, seed=args.seed)
+    evals = fixed_eval_batches(val, args.batch, args.seq, 4)
+    kd_stop = args.kd_stop if args.kd_stop >= 0 else None
+    result = distill(teacher, student, batches, steps=args.steps, kd_stop=kd_stop, kd_alpha=args.kd_alpha,
+                     temperature=args.temperature, lr=args.lr, eval_batches=evals, progress=True,
+                     checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    kept = student.meta.get("moefx_student_keep")
+    print(f"student keeps teacher blocks {kept}; final eval loss {result.final_eval_loss:.4f} "
+          f"(teacher {result.teacher_eval_loss if result.teacher_eval_loss is not None else float('nan'):.4f})")
+    if args.output:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(student.state_dict(), buf)
+        write_atomic(args.output, buf.getvalue())
+        print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moefx", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -158,6 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rank", type=int, default=0, help="rank to show with --stage partitioned")
     d.add_argument("--output", "-o", help="write to this file (atomically) instead of stdout")
     d.set_defaults(func=cmd_dump)
+
+    ds = sub.add_parser("distill", help="shrink a PR-MoE teacher into a MoS student and train it with staged KD")
+    model_args(ds, default="gpt2-tiny")
+    ds.add_argument("--steps", type=int, default=100)
+    ds.add_argument("--kd-stop", type=int, default=60, help="step at which KD switches off (-1: never)")
+    ds.add_argument("--kd-alpha", type=float, default=1.0)
+    ds.add_argument("--temperature", type=float, default=1.0)
+    ds.add_argument("--lr", type=float, default=3e-4)
+    ds.add_argument("--batch", type=int, default=8)
+    ds.add_argument("--seq", type=int, default=32)
+    ds.add_argument("--corpus-bytes", type=int, default=400_000)
+    ds.add_argument("--checkpoint-dir", help="write resumable checkpoints here (atomically)")
+    ds.add_argument("--checkpoint-every", type=int, default=None)
+    ds.add_argument("--output", "-o", help="save the student's state dict here")
+    ds.set_defaults(func=cmd_distill)
 
     ln = sub.add_parser("launch", help="run a distributed moefx model on this node's ranks (torchrun)")
     ln.add_argument("model", help="built-in name (gpt2-tiny, llama-tiny, ...) or module:function")

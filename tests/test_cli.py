@@ -56,3 +56,18 @@ def test_errors_are_reported_not_raised(capsys):
     assert main(["dump", "no-such-model"]) == 2
     assert "gpt2-tiny" in capsys.readouterr().err
     assert main(["convert", "gpt2-tiny", "--plan", "missing.toml"]) == 2
+
+
+def test_distill_command(tmp_path, capsys):
+    out = tmp_path / "student.pt"
+    assert main(["distill", "gpt2-tiny", "--plan", "examples/plans/tiny_pr_mos.toml", "--steps", "6", "--kd-stop",
+                 "3", "--corpus-bytes", "100000", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "student keeps teacher blocks (0, 2, 3)" in text
+    state = __import__("torch").load(out)
+    assert not any(k.startswith("moe0.") for k in state) and any(k.startswith("moe1.") for k in state)
+
+
+def test_distill_needs_a_student_section(capsys):
+    assert main(["distill", "gpt2-tiny", "--plan", PLAN, "--steps", "2"]) == 2
+    assert "[student]" in capsys.readouterr().err
