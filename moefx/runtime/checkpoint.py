@@ -138,7 +138,7 @@ def pieces(local: torch.nn.Module) -> list[Piece]:
         offsets = [0] * t.dim()
         shape = list(t.shape)
         if name in shards:
-            target, dim, lo, hi = shards[name]
+            target, dim, lo, hi = shards[name][:4]
             if target in state:
                 shape = list(state[target].shape)
             elif sum(1 for v in shards.values() if v[0] == target) == 1:

@@ -83,7 +83,7 @@ def _expected_local(ref_state, local):
         if name in {t for t, *_ in shards.values()}:
             continue                                    # full-size original left next to its shards
         if name in shards:
-            target, dim, lo, hi = shards[name]
+            target, dim, lo, hi = shards[name][:4]
             out[name] = ref_state[target].narrow(dim, lo, hi - lo)
         elif name.startswith("moe") and ".experts." in name:
             lp = resolved.layers[layers.index(int(name.split(".")[0][3:]))]
