@@ -65,7 +65,7 @@ def _check_case(rank, world, captured, inputs, plan_dict, tag):
         if name in expert_names or p.grad is None:
             continue
         if name in shards:
-            target, dim, lo, hi = shards[name]
+            target, dim, lo, hi, _ = shards[name]
             want = ref_params[target].grad.narrow(dim, lo, hi - lo)
         else:
             want = ref_params[name].grad

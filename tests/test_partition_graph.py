@@ -1,4 +1,6 @@
 """Partitioned graphs without processes: collectives counted per group, shards, dumps."""
+import math
+
 import pytest
 import torch
 
@@ -57,11 +59,17 @@ def test_tensor_parallel_counts_and_shards(converted):
     # FFN: up weight, up bias, down weight (its bias is added after the reduce); attention: the fused
     # c_attn weight and bias in 3 chunks (q, k, v heads of this rank) and the c_proj weight
     assert len(shards) == 4 * 3 + 4 * 7
-    assert shards["tp_shard_transformer_h_0_attn_c_attn_weight_chunk1"] == ("transformer.h.0.attn.c_attn.weight", 1,
-                                                                            48, 64)
-    target, dim, lo, hi = shards["tp_shard_transformer_h_0_mlp_c_fc_weight"]
-    assert (target, dim, lo, hi) == ("transformer.h.0.mlp.c_fc.weight", 1, 64, 128)
+    assert shards["tp_shard_transformer_h_0_attn_c_attn_weight_chunk1"][:4] == (
+        "transformer.h.0.attn.c_attn.weight", 1, 48, 64)
+    assert shards["tp_shard_transformer_h_0_mlp_c_fc_weight"] == ("transformer.h.0.mlp.c_fc.weight", 1, 64, 128,
+                                                                  (32, 128))
     assert gm.get_parameter("tp_shard_transformer_h_0_mlp_c_fc_weight").shape == (32, 64)
+    names = dict(gm.named_parameters())
+    assert "transformer.h.0.mlp.c_fc.weight" not in names  # the full-size original is gone
+    assert "transformer.h.0.attn.c_attn.weight" not in names
+    sharded = sum(p.numel() for n, p in names.items() if n.startswith("tp_shard_"))
+    full = {target: math.prod(shape) for target, _, _, _, shape in shards.values()}
+    assert sharded * 2 == sum(full.values())  # tp = 2: each rank holds half of every split tensor
 
 
 def test_expert_slicing_shards_inner_dim(converted):

@@ -63,6 +63,7 @@ class Partition:
             self._tensor_parallel(new, counts)
         new.meta["moefx_collectives"] = counts
         new.meta["moefx_shards"] = dict(self.shards)
+        _drop_unreferenced(new, {target for target, *_ in self.shards.values()})
         new.meta["moefx_rank"] = self.rank
         new.meta["moefx_parallel"] = self.resolved
         new.graph.eliminate_dead_code()
@@ -259,7 +260,8 @@ class Partition:
     def _shard(self, gm: fx.GraphModule, attr_node: fx.Node, dim: int, ranges: list[tuple[int, int]]) -> None:
         """Point a get_attr node at this rank's part of a parameter: ranges [lo, hi) of `dim`.
 
-        One range: a new parameter (recorded in gm.meta["moefx_shards"][name] = (target, dim, lo, hi)).
+        One range: a new parameter, recorded in gm.meta["moefx_shards"][name] =
+        (target, dim, lo, hi, full shape of target).
         Several (a fused projection's chunks): one parameter per range, concatenated in the graph.
         """
         old = gm
@@ -272,7 +274,7 @@ class Partition:
             if not hasattr(gm, target):
                 shard = nn.Parameter(old.detach().narrow(dim, lo, hi - lo).clone(), requires_grad=old.requires_grad)
                 gm.register_parameter(target, shard)
-                self.shards[target] = (attr_node.target, dim, lo, hi)
+                self.shards[target] = (attr_node.target, dim, lo, hi, tuple(old.shape))
             targets.append(target)
         if len(targets) == 1:
             attr_node.target = targets[0]
@@ -286,6 +288,20 @@ class Partition:
             joined = gm.graph.call_function(aten.cat.default, (parts, dim))
         M.tag(joined, NAME, "layout")
         attr_node.replace_all_uses_with(joined)
+        gm.graph.erase_node(attr_node)
+
+
+def _drop_unreferenced(gm: fx.GraphModule, targets: set[str]) -> None:
+    """Delete the full-size originals that TP shards replaced (when no node reads them any more), so a
+    rank holds only its shards."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in targets - used:
+        owner_path, _, attr = target.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if attr in owner._parameters:
+            del owner._parameters[attr]
+        elif attr in owner._buffers:
+            del owner._buffers[attr]
 
 
 def _dim(split: fx.Node) -> int:

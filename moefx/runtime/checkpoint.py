@@ -139,7 +139,9 @@ def pieces(local: torch.nn.Module) -> list[Piece]:
         shape = list(t.shape)
         if name in shards:
             target, dim, lo, hi = shards[name][:4]
-            if target in state:
+            if len(shards[name]) > 4:
+                shape = list(shards[name][4])
+            elif target in state:
                 shape = list(state[target].shape)
             elif sum(1 for v in shards.values() if v[0] == target) == 1:
                 shape[dim] = (hi - lo) * resolved.tp
