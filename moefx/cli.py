@@ -16,20 +16,7 @@ import torch
 
 from .errors import MoefxError
 from .fileio import write_atomic
-
-
-def _first_tensor(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, dict):
-        return next(v for v in out.values() if isinstance(v, torch.Tensor))
-    if isinstance(out, (tuple, list)):
-        return _first_tensor(out[0])
-    if hasattr(out, "to_tuple"):
-        return _first_tensor(out.to_tuple())
-    raise TypeError(f"cannot find a tensor in a {type(out).__name__} output")
+from .outputs import main_tensor
 
 
 def _load_plan(path: str | None):
@@ -56,7 +43,7 @@ def cmd_convert(args) -> int:
     if args.device == "meta":
         return 0
     with torch.no_grad():
-        ref, out = _first_tensor(model(*inputs)), _first_tensor(gm(*inputs))
+        ref, out = main_tensor(model(*inputs)), main_tensor(gm(*inputs))
     diff = (out - ref).abs().max().item()
     scale = ref.abs().max().item()
     moe = plan.moe
@@ -156,7 +143,7 @@ def cmd_distill(args) -> int:
     teacher_plan = type(plan)(moe=plan.moe, lowering=plan.lowering)
     teacher = convert(model, teacher_plan, inputs)
     student = shrink(teacher, plan)
-    vocab = _first_tensor(teacher(*inputs)).shape[-1]
+    vocab = main_tensor(teacher(*inputs)).shape[-1]
     train, val = load_corpus(max_bytes=args.corpus_bytes, seed=args.seed)
     train, val = train.clamp_max(vocab - 1), val.clamp_max(vocab - 1)  # byte ids into the model's vocabulary
     batches = lm_batches(train, args.batch, args.seq, args.steps, seed=args.seed)

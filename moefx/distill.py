@@ -82,6 +82,7 @@ from torch import nn
 
 from moefx.errors import MoefxError
 from moefx.nn.aux import AuxLossSink, aux_loss
+from moefx.outputs import main_tensor
 
 __all__ = ["distill", "DistillResult", "DistillError", "distill_losses", "extract_logits"]
 
@@ -123,34 +124,11 @@ class DistillResult:
 
 
 def extract_logits(output: Any) -> torch.Tensor:
-    """The logits of a model output: the tensor itself, ``.logits``, ``["logits"]`` or the
-    first element of a tuple/list (recursively)."""
-    seen = 0
-    while not isinstance(output, torch.Tensor):
-        seen += 1
-        if seen > 8:
-            break
-        logits = getattr(output, "logits", None)
-        if isinstance(logits, torch.Tensor):
-            return logits
-        if isinstance(output, Mapping):
-            if "logits" in output:
-                output = output["logits"]
-                continue
-            if len(output) == 0:
-                break
-            output = next(iter(output.values()))
-            continue
-        if isinstance(output, (tuple, list)) and len(output) > 0:
-            output = output[0]
-            continue
-        break
-    if not isinstance(output, torch.Tensor):
-        raise DistillError(
-            f"cannot find logits in a model output of type {type(output).__name__}; return a "
-            "tensor, a tuple whose first element is the logits, or an object with .logits"
-        )
-    return output
+    """The logits of a model output (see `moefx.outputs.main_tensor`); DistillError when there are none."""
+    try:
+        return main_tensor(output)
+    except TypeError as e:
+        raise DistillError(str(e)) from None
 
 
 @dataclass

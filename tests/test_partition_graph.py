@@ -2,11 +2,10 @@
 import math
 
 import pytest
-import torch
 
 import moefx
 from moefx import meta as M
-from moefx.errors import PassError, PlanError
+from moefx.errors import PlanError
 from moefx.models import load_model
 
 

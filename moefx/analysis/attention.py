@@ -15,7 +15,6 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, field
 
-import torch
 from torch import fx
 
 from .linear import aten, linear_info, packet, val
@@ -131,11 +130,11 @@ def _propagate(att: Attention) -> dict:
         todo.discard(n)
         if n in flags:
             continue
-        if any(a in ancestors and a not in flags and a.op != "get_attr" and _reaches_projection(a, att)
+        if any(a in ancestors and a not in flags and a.op != "get_attr" and reaches(a, set(att.projections))
                for a in n.all_input_nodes):
             # an input still unresolved: come back later
             pending = [a for a in n.all_input_nodes if a in ancestors and a not in flags and
-                       _reaches_projection(a, att)]
+                       reaches(a, set(att.projections))]
             todo.update(pending)
             todo.add(n)
             continue
@@ -154,9 +153,9 @@ def _propagate(att: Attention) -> dict:
     return flags
 
 
-def _reaches_projection(node: fx.Node, att: Attention) -> bool:
+def reaches(node: fx.Node, targets: set[fx.Node]) -> bool:
+    """Whether any of `targets` is `node` or one of its ancestors."""
     seen, stack = set(), [node]
-    targets = set(att.projections)
     while stack:
         n = stack.pop()
         if n in targets:

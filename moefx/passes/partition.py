@@ -32,7 +32,7 @@ import warnings
 from torch import fx, nn
 
 from .. import meta as M
-from ..analysis.attention import find_attention
+from ..analysis.attention import find_attention, reaches
 from ..analysis.ffn import find_ffns
 from ..analysis.linear import aten, linear_info, packet, val
 from ..nn.moe import MoELayer
@@ -221,7 +221,7 @@ class Partition:
         out_info = linear_info(att.out_proj)
         for p, info in infos.items():
             splits = [n for n in att.flags if packet(n) in (aten.split, aten.split_with_sizes)
-                      and att.flags[n.args[0]][_dim(n)] and _reaches(p, n)]
+                      and att.flags[n.args[0]][_dim(n)] and reaches(n, {p})]
             chunks = len(val_list(splits[0])) if splits else 1
             self._column(gm, info, chunks)
         for n in list(att.flags):
@@ -313,19 +313,6 @@ def val_list(split: fx.Node) -> list:
     """The outputs of a split node (its getitem users), one per chunk."""
     v = split.meta.get("val")
     return list(v) if isinstance(v, (list, tuple)) else [u for u in split.users]
-
-
-def _reaches(src: fx.Node, dst: fx.Node) -> bool:
-    stack, seen = [dst], set()
-    while stack:
-        n = stack.pop()
-        if n is src:
-            return True
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return False
 
 
 def _scale_flagged(node: fx.Node, shape, flags: tuple[bool, ...], tp: int):

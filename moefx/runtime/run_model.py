@@ -32,6 +32,8 @@ import warnings
 
 import torch
 
+from ..outputs import main_tensor
+
 from .launch import init_from_env, worker
 
 __all__ = ["main", "build_parser", "worker_argv"]
@@ -71,22 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="collective timeout, seconds")
     p.add_argument("--fail-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
-
-
-def _first_tensor(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if hasattr(out, "last_hidden_state"):
-        return out.last_hidden_state
-    if isinstance(out, dict):
-        return next(v for v in out.values() if isinstance(v, torch.Tensor))
-    if isinstance(out, (tuple, list)):
-        return _first_tensor(out[0])
-    if hasattr(out, "to_tuple"):
-        return _first_tensor(out.to_tuple())
-    raise TypeError(f"cannot find a tensor in a {type(out).__name__} output")
 
 
 def _loss(out: torch.Tensor, inputs: tuple) -> torch.Tensor:
@@ -180,7 +166,7 @@ def run(args) -> str:
         for _ in range(args.steps):
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            out = _first_tensor(runner(*inputs))
+            out = main_tensor(runner(*inputs))
             (_loss(out, inputs) + aux_loss(local)).backward()
             moefx.reduce_gradients(local)
             opt.step()
@@ -189,7 +175,7 @@ def run(args) -> str:
                 ref_opt.zero_grad(set_to_none=True)
                 total = 0.0
                 for batch in replicas:
-                    total = total + _loss(_first_tensor(ref(*batch)), batch) + aux_loss(ref)
+                    total = total + _loss(main_tensor(ref(*batch)), batch) + aux_loss(ref)
                 (total / len(replicas)).backward()
                 ref_opt.step()
         mode = f"{args.steps} training steps"
@@ -198,10 +184,10 @@ def run(args) -> str:
     with torch.no_grad():
         for _ in range(max(args.iters, 1) if args.steps == 0 else 1):
             t0 = time.perf_counter()
-            out = _first_tensor(runner(*inputs))
+            out = main_tensor(runner(*inputs))
             if args.steps == 0:
                 times.append(time.perf_counter() - t0)
-        want = _first_tensor(ref(*inputs)) if ref is not None else None
+        want = main_tensor(ref(*inputs)) if ref is not None else None
 
     if runner is not local:
         compiled_note = _compile_report(rank)

@@ -251,7 +251,7 @@ def test_auto_keep_invariants(blocks, every):
         if 8 in dropped:  # the top of the pyramid goes last: every removable 4-expert layer went first
             assert all(i in (0, blocks - 1) for i in keep if experts[i] == 4)
         if every == 2 and blocks % 2 == 0 and n >= 2:  # MoE every other block: floor(n / 2) MoE layers
-            assert len(kept_moe) == n // 2
+            assert len(kept_moe) == n // 2 == n * moe // blocks
 
 
 def test_auto_keep_dense_is_evenly_spaced():

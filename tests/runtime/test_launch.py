@@ -1,7 +1,6 @@
 """torchrun launching: argv, happy path, fail-fast with a readable message, two nodes on one host."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 

@@ -165,7 +165,6 @@ def _check_layout(rank, pp, counts):
 
 
 def _check_groups(rank, world):
-    import torch.distributed as dist
     from moefx.runtime.all_to_all import flat_all_to_all, hierarchical_all_to_all
 
     pg = _check_layout(rank, PP(nodes=2, devices_per_node=2, tp=2, ep=[2, 4, 4]), [4, 8, 2])
