@@ -103,6 +103,8 @@ def _rewrite(gm: fx.GraphModule, by_name: dict, ffn: FFN, num_experts: int, laye
     xv, ov = x.meta.get("val"), out.meta.get("val")
     if xv is not None and ov is not None and ov.dim() == xv.dim():
         result = b("call_method", "view_as", (result, x), role="mix")
+    if ov is not None:
+        result.meta["val"] = ov  # same shape as the FFN output it replaces; later analyses read it
     created = set(b.created)
     out.replace_all_uses_with(result, delete_user_cb=lambda user: user not in created)
     if not moe.residual:
