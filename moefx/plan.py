@@ -62,6 +62,9 @@ class MoEPlan:
         "auto" is "unit" with init="upcycle", else "prob".
     init_noise: relative std of seeded noise added to copied expert weights (upcycle only);
         breaks the symmetry of identical experts at the cost of exact function preservation.
+    generic_experts: run every layer's experts as vmapped copies of the FFN subgraph
+        (GenericExperts) even where stacked matrices (StackedExperts, faster) would do; FFNs with
+        inner matrices always use the generic path.
     """
 
     experts: ExpertSpec = 8
@@ -78,6 +81,7 @@ class MoEPlan:
     init: str = "upcycle"
     init_noise: float = 0.0
     combine_weight: str = "auto"
+    generic_experts: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

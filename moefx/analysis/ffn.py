@@ -6,7 +6,9 @@ SwiGLU/GeGLU, dropout, casts, bias adds), and contracts back to d with one *down
 Attention never matches: its output projection is reached through a matmul of two activations.
 
 The search starts from every linear (candidate down projection) and walks its input backwards
-through token-wise ops until it reaches linears d -> f (the ups). Module names are only used to
+through token-wise ops until it reaches linears d -> f (the ups). Linears met on the way whose
+input is not d wide are *inner* matrices (an MLP with three or more layers): such an FFN is still
+found, and its experts run on the generic path (`moefx.nn.experts.GenericExperts`). Module names are only used to
 label a region when `nn_module_stack` metadata is present.
 
     >>> ffns = find_ffns(capture(model, (input_ids,)))
@@ -31,7 +33,8 @@ class FFN:
     block: index of the Transformer block (FFNs in graph order); d / f: hidden / inner size;
     activation: "gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "reglu", "gated" or "custom";
     input: X, the node the ups read; output: the node carrying the FFN result ([..., d]);
-    ups / down: linear nodes; middle: token-wise nodes between them; nodes: the whole region
+    ups / down: linear nodes; middle: token-wise nodes between them; inner: further linears inside
+    the region (FFNs with more than two matrices: their MoE experts use the generic path); nodes: the whole region
     (every node that only the FFN uses, in graph order); module_path: e.g. "transformer.h.0.mlp".
     """
 
@@ -46,15 +49,16 @@ class FFN:
     middle: tuple[str, ...]
     nodes: tuple[str, ...]
     module_path: str | None
+    inner: tuple[str, ...] = ()
 
     @property
     def gated(self) -> bool:
         return len(self.ups) > 1
 
     @property
-    def num_params(self) -> int:
-        """Weights + biases are counted by the caller from the graph; here the matrix sizes only."""
-        return (len(self.ups) + 1) * self.d * self.f
+    def stackable(self) -> bool:
+        """Whether the experts can run as stacked up/down matrices (no inner matrices)."""
+        return not self.inner
 
 
 def find_ffns(gm: fx.GraphModule) -> list[FFN]:
@@ -77,8 +81,8 @@ def find_ffns(gm: fx.GraphModule) -> list[FFN]:
         region = _grow(linears[down], linears)
         if region is None:
             continue
-        ups, middle, pre, out_chain, x = region
-        region_nodes = set(ups) | set(middle) | set(pre) | {down} | set(out_chain)
+        ups, inner, middle, pre, out_chain, x = region
+        region_nodes = set(ups) | set(inner) | set(middle) | set(pre) | {down} | set(out_chain)
         if region_nodes & claimed or not _closed(region_nodes, out_chain[-1] if out_chain else down):
             continue
         claimed |= region_nodes
@@ -89,6 +93,7 @@ def find_ffns(gm: fx.GraphModule) -> list[FFN]:
             activation=_classify([n for n in middle], len(ups)), input=x.name, output=out.name,
             ups=tuple(u.name for u in sorted(ups, key=order.get)), down=down.name,
             middle=tuple(n.name for n in sorted(middle, key=order.get)),
+            inner=tuple(n.name for n in sorted(inner, key=order.get)),
             nodes=tuple(n.name for n in sorted(region_nodes, key=order.get)),
             module_path=_module_path([*ups, down]),
         ))
@@ -99,6 +104,7 @@ def _grow(info: LinearInfo, linears: dict) -> tuple | None:
     """Walk back from a candidate down projection; return (ups, middle, pre_views, out_views, X)."""
     d, f = info.out_features, info.in_features
     ups: list[fx.Node] = []
+    inner: list[fx.Node] = []
     middle: list[fx.Node] = []
     seen: set[fx.Node] = set()
     stack = [info.x]
@@ -109,9 +115,11 @@ def _grow(info: LinearInfo, linears: dict) -> tuple | None:
         seen.add(n)
         if n in linears:
             u = linears[n]
-            if u.in_features != d or u.out_features != f:
-                return None
-            ups.append(n)
+            if u.in_features == d:
+                ups.append(n)  # reads the FFN input X
+            else:
+                inner.append(n)  # a matrix inside the FFN (e.g. a third linear): generic experts
+                stack.append(u.x)
             continue
         if n.op != "call_function" or not is_tokenwise(n) or val(n) is None:
             return None
@@ -126,6 +134,8 @@ def _grow(info: LinearInfo, linears: dict) -> tuple | None:
         if len(middle) > 64:
             return None
     if not ups or not any(not is_view(m) for m in middle):
+        return None
+    if not inner and any(linears[u].out_features != f for u in ups):
         return None
     xs = {strip_views(linears[u].x) for u in ups}
     if len(xs) != 1:
@@ -145,7 +155,7 @@ def _grow(info: LinearInfo, linears: dict) -> tuple | None:
     xv, ov = val(x), val(out)
     if xv is None or ov is None or not same_size(xv.shape[-1], ov.shape[-1]):
         return None
-    return ups, middle, pre, out_chain, x
+    return ups, inner, middle, pre, out_chain, x
 
 
 def _closed(region: set, out: fx.Node) -> bool:

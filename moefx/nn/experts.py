@@ -95,3 +95,56 @@ class StackedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, d={self.d}, f={self.f}, ups={len(self.up_weight)}, "
                 f"activation={self.activation}")
+
+
+class GenericExperts(nn.Module):
+    """E copies of any token-wise FFN subgraph, run batched with torch.vmap over the experts.
+
+    template: a GraphModule computing the dense FFN on [C, d] -> [C, d], whose parameters are
+    non-persistent meta buffers (placeholders); params: for each of them, the stacked [E, ...] values,
+    held here as parameters of the same (flat) names. forward(buf [E, C, d]) calls the template once
+    per expert through `torch.func.functional_call`, vectorised by `torch.vmap`.
+    """
+
+    def __init__(self, template: fx.GraphModule, params: dict[str, Tensor], d: int, f: int,
+                 activation: str = "custom", first_expert: int = 0):
+        super().__init__()
+        self.template = template
+        self.expert_params = nn.ParameterDict({k: nn.Parameter(v) for k, v in params.items()})
+        self._d, self._f = d, f
+        self.activation = activation
+        self.first_expert = first_expert
+        self.bias_scale = 1.0
+
+    @property
+    def num_experts(self) -> int:
+        return next(iter(self.expert_params.values())).shape[0]
+
+    @property
+    def d(self) -> int:
+        return self._d
+
+    @property
+    def f(self) -> int:
+        return self._f
+
+    def forward(self, buf: Tensor) -> Tensor:
+        """buf [E, C, d] -> [E, C, d]."""
+        names = list(self.expert_params.keys())
+
+        def one(values, x):
+            return torch.func.functional_call(self.template, dict(zip(names, values)), (x,))
+
+        return torch.vmap(one)(tuple(self.expert_params[n] for n in names), buf)
+
+    def select(self, start: int, stop: int) -> "GenericExperts":
+        """A new module with experts [start, stop) (weights copied)."""
+        return GenericExperts(self.template, {k: v.detach()[start:stop].clone() for k, v in self.expert_params.items()},
+                              self._d, self._f, self.activation, self.first_expert + start)
+
+    def slice_inner(self, index: int, parts: int) -> "GenericExperts":
+        raise ValueError("expert slicing (more ranks than experts) needs stacked experts: this layer's FFN has "
+                         "inner matrices, so give it an ep that divides its expert count")
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, d={self.d}, f={self.f}, generic, activation={self.activation}"

@@ -35,10 +35,10 @@ from torch import fx, nn
 
 from .. import meta as M
 from ..analysis.ffn import FFN, find_ffns
-from ..analysis.linear import aten, is_side_effect, is_view, linear_info, strip_views
+from ..analysis.linear import aten, is_side_effect, is_view, linear_info, packet, strip_views, val
 from ..errors import AnalysisError
 from ..nn.aux import AuxLossSink
-from ..nn.experts import StackedExperts
+from ..nn.experts import GenericExperts, StackedExperts
 from ..nn.moe import Gate, MoELayer, Router
 from ..nn.routing import combine, dispatch
 from .infra import NodeBuilder, copy_graph_module
@@ -123,6 +123,7 @@ def _make_layer(gm: fx.GraphModule, by_name: dict, ffn: FFN, E: int, layer: int,
     gen = torch.Generator().manual_seed(moe.seed * 100_003 + layer)
 
     def stack(t: torch.Tensor | None, noisy: bool) -> torch.Tensor | None:
+        """E copies of a dense weight (upcycle, optionally noisy) or fresh values (random init)."""
         if t is None:
             return None
         if device.type == "meta":
@@ -137,9 +138,14 @@ def _make_layer(gm: fx.GraphModule, by_name: dict, ffn: FFN, E: int, layer: int,
             base = base + (torch.randn(base.shape, generator=gen) * scale).to(device, dtype)
         return base
 
-    experts = StackedExperts([stack(w, True) for w, _ in dense_up], [stack(bias, False) for _, bias in dense_up],
-                             stack(dense_down[0], True), stack(dense_down[1], False),
-                             _extract_middle(gm, by_name, ffn, ups, down), ffn.activation)
+    if ffn.stackable and not moe.generic_experts:
+        experts = StackedExperts([stack(w, True) for w, _ in dense_up], [stack(b, False) for _, b in dense_up],
+                                 stack(dense_down[0], True), stack(dense_down[1], False),
+                                 _extract_middle(gm, by_name, ffn, ups, down), ffn.activation)
+    else:
+        template, dense = _extract_region(gm, by_name, ffn)
+        experts = GenericExperts(template, {k: stack(t, t.dim() > 1) for k, t in dense.items()}, ffn.d, ffn.f,
+                                 ffn.activation)
     router = Router(_init_linear((E, ffn.d), gen, device, torch.float32), jitter=moe.noisy_gate == "jitter")
     gate = Gate(E, moe.top_k, moe.capacity_factor, moe.eval_capacity_factor, moe.min_capacity, moe.drop_tokens,
                 moe.unit_top1, moe.use_rts, moe.noisy_gate)
@@ -209,3 +215,34 @@ def _extract_middle(gm: fx.GraphModule, by_name: dict, ffn: FFN, ups, down) -> f
     graph.output(env[strip_views(down.x)])
     return fx.GraphModule(root, graph, class_name="FFNMiddle")
 pr_moe.name = NAME
+
+
+def _extract_region(gm: fx.GraphModule, by_name: dict, ffn: FFN) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
+    """The whole FFN region as a GraphModule [C, d] -> [C, d] (the generic experts' template) and its
+    parameters by flat name. Views become reshapes to [-1, last dim] so any leading shape works; the
+    template's own parameters are meta placeholders (GenericExperts supplies the values)."""
+    graph = fx.Graph()
+    root = nn.Module()
+    env: dict[fx.Node, fx.Node] = {by_name[ffn.input]: graph.placeholder("x")}
+    params: dict[str, torch.Tensor] = {}
+
+    def arg(a: fx.Node) -> fx.Node:
+        if a in env:
+            return env[a]
+        if a.op == "get_attr":
+            name = a.target.replace(".", "_")
+            if name not in params:
+                params[name] = _attr(gm, a.target).detach()
+                root.register_buffer(name, torch.empty_like(params[name], device="meta"), persistent=False)
+            env[a] = graph.get_attr(name)
+            return env[a]
+        raise AnalysisError(f"FFN of block {ffn.block} reads {a.name}, which is outside the FFN region")
+
+    for name in ffn.nodes:
+        node = by_name[name]
+        if packet(node) in (aten.view, aten.reshape, aten._unsafe_view):
+            env[node] = graph.call_function(aten.reshape.default, (arg(node.args[0]), [-1, int(val(node).shape[-1])]))
+        else:
+            env[node] = graph.node_copy(node, arg)
+    graph.output(graph.call_function(aten.reshape.default, (env[by_name[ffn.output]], [-1, ffn.d])))
+    return fx.GraphModule(root, graph, class_name="FFNTemplate"), params
