@@ -1,6 +1,5 @@
 """Shared test helpers: quiet HF logging, deterministic threads."""
 import os
-import warnings
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ from moefx.outputs import main_tensor
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, torch.get_num_threads()))
-warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
 
 
 first_tensor = main_tensor
