@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from .dump import moe_layers
+from .nn.moe import moe_layers
 from .errors import PlanError
 from .passes.hierarchical_a2a import HierarchicalA2A
 from .passes.infra import run_pipeline
@@ -23,7 +23,7 @@ def resolve(gm: fx.GraphModule, plan: Plan, world_size: int) -> ResolvedParallel
     """Validate plan.parallel against `world_size` and gm's MoE layers (PlanError says what to fix)."""
     if plan.parallel is None:
         raise PlanError("distribute needs a [parallel] section in the plan (nodes, devices_per_node, tp, ep)")
-    counts = [m.num_experts for _, m in sorted(moe_layers(gm), key=lambda t: int(t[0].removeprefix("moe")))]
+    counts = [m.num_experts for _, m in moe_layers(gm)]
     return validate_parallel(plan.parallel, world_size, counts)
 
 

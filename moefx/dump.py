@@ -11,7 +11,7 @@ from torch import fx
 from . import meta as M
 from .count import count_params
 from .errors import MoefxError
-from .nn.moe import MoELayer
+from .nn.moe import MoELayer, moe_layers
 
 FORMATS = ("code", "table", "dot", "svg", "json")
 
@@ -35,9 +35,9 @@ def dump(gm: fx.GraphModule, format: str = "code") -> str | bytes:
     raise MoefxError(f"unknown dump format {format!r}; choose one of {FORMATS}")
 
 
-def moe_layers(gm: torch.nn.Module) -> list[tuple[str, MoELayer]]:
-    """(name, module) of every MoE layer in `gm`, in layer order."""
-    return [(n, m) for n, m in gm.named_modules() if isinstance(m, MoELayer)]
+def _named_moe_layers(gm: torch.nn.Module) -> list[tuple[str, MoELayer]]:
+    """("moe{L}", module) of every MoE layer of `gm`, in layer order."""
+    return [(f"moe{layer}", m) for layer, m in moe_layers(gm)]
 
 
 def _block_ffn_params(gm: fx.GraphModule) -> dict[int, int]:
@@ -63,7 +63,7 @@ def _block_ffn_params(gm: fx.GraphModule) -> dict[int, int]:
 def layer_table(gm: fx.GraphModule) -> str:
     """One row per block: dense FFN or (PR-)MoE layer, experts, top-k, residual, impl, parameters."""
     impls = {n.meta.get(M.LAYER): n.meta.get(M.IMPL) for n in gm.graph.nodes if n.meta.get(M.ROLE) == "route"}
-    moe_by_block = {m.block: (name, m) for name, m in moe_layers(gm)}
+    moe_by_block = {m.block: (name, m) for name, m in _named_moe_layers(gm)}
     dense = _block_ffn_params(gm)
     blocks = sorted(set(dense) | set(moe_by_block))
     header = ("block", "ffn", "experts", "top_k", "capacity", "residual", "gating", "ffn params", "active/token")
@@ -76,7 +76,7 @@ def layer_table(gm: fx.GraphModule) -> str:
             per_expert = expert_params // m.num_experts
             kind = "PR-MoE" if m.coef is not None else "MoE"
             cap = "dropless" if not m.gate.drop_tokens else f"cf={m.gate.capacity_factor:g}"
-            layer = int(name.removeprefix("moe")) if name.removeprefix("moe").isdigit() else None
+            layer = int(name[3:])
             rows.append((b, kind, m.num_experts, m.gate.top_k, cap, "yes" if m.coef is not None else "no",
                          impls.get(layer) or m.gate.impl, _h(expert_params + other),
                          _h(other + per_expert * m.gate.top_k)))
@@ -126,7 +126,7 @@ def to_json(gm: fx.GraphModule) -> dict:
     layers = [{"name": name, "block": m.block, "experts": m.num_experts, "top_k": m.gate.top_k,
                "residual": m.coef is not None, "drop_tokens": m.gate.drop_tokens,
                "capacity_factor": m.gate.capacity_factor, "impl": m.gate.impl,
-               "expert_params": sum(p.numel() for p in m.experts.parameters())} for name, m in moe_layers(gm)]
+               "expert_params": sum(p.numel() for p in m.experts.parameters())} for name, m in _named_moe_layers(gm)]
     c = count_params(gm)
     return {"passes": list(getattr(gm, "meta", {}).get("moefx_passes", [])), "nodes": nodes, "moe_layers": layers,
             "params": {"total": c.total, "active": c.active, "expert": c.expert}}

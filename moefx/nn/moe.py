@@ -100,3 +100,10 @@ class MoELayer(nn.Module):
             return out
         c = torch.softmax(self.coef(tokens), dim=-1)
         return out * c[:, 0:1] + mlp_out * c[:, 1:2]
+
+
+def moe_layers(model: nn.Module) -> list[tuple[int, MoELayer]]:
+    """(layer index L, module) of every `moe{L}` MoE layer directly under `model`, in layer order."""
+    found = [(int(name[3:]), m) for name, m in model.named_children()
+             if isinstance(m, MoELayer) and name.startswith("moe") and name[3:].isdigit()]
+    return sorted(found, key=lambda t: t[0])

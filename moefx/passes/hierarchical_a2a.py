@@ -22,7 +22,7 @@ import operator
 from torch import fx
 
 from .. import meta as M
-from ..nn.moe import MoELayer
+from ..nn.moe import MoELayer, moe_layers
 from ..runtime.collectives import AllToAll, HierarchicalSplits, hier_step_splits, layout_transform
 from .infra import NodeBuilder, copy_graph_module
 
@@ -47,9 +47,7 @@ class HierarchicalA2A:
         return lp.use_hierarchical(bytes_per_rank)
 
     def __call__(self, gm: fx.GraphModule, plan) -> fx.GraphModule:
-        layers = sorted(((int(n.removeprefix("moe")), m) for n, m in gm.named_children()
-                         if isinstance(m, MoELayer)), key=lambda t: t[0])
-        chosen = [(layer, index, mod) for index, (layer, mod) in enumerate(layers) if self.decide(index, mod)]
+        chosen = [(layer, index, mod) for index, (layer, mod) in enumerate(moe_layers(gm)) if self.decide(index, mod)]
         if not chosen:
             return gm
         new, _ = copy_graph_module(gm)

@@ -35,7 +35,7 @@ from .. import meta as M
 from ..analysis.attention import find_attention, reaches
 from ..analysis.ffn import find_ffns
 from ..analysis.linear import aten, linear_info, packet, val
-from ..nn.moe import MoELayer
+from ..nn.moe import MoELayer, moe_layers
 from ..runtime.collectives import AllToAll, CopyToTP, CountExchange, ReduceFromTP
 from ..runtime.expert_parallel import ep_from_expert_major, ep_pack, ep_send_counts, ep_to_expert_major, ep_unpack
 from .infra import NodeBuilder, copy_graph_module
@@ -55,9 +55,7 @@ class Partition:
         new, _ = copy_graph_module(gm)
         counts: dict[str, int] = {}
         self.shards: dict[str, tuple[str, int, int, int]] = {}
-        layers = sorted(((int(n.removeprefix("moe")), m) for n, m in new.named_children()
-                         if isinstance(m, MoELayer)), key=lambda t: t[0])
-        for index, (layer, mod) in enumerate(layers):
+        for index, (layer, mod) in enumerate(moe_layers(new)):
             self._expert_parallel(new, layer, index, mod, counts)
         if self.resolved.tp > 1:
             self._tensor_parallel(new, counts)

@@ -117,7 +117,7 @@ def pieces(local: torch.nn.Module) -> list[Piece]:
     (which experts / expert slice this rank holds). The full-size originals that partition leaves
     next to their TP shards are left out. Without partition metadata every entry is whole.
     """
-    from ..nn.moe import MoELayer
+    from ..nn.moe import moe_layers
 
     state = _state(local)
     meta = getattr(local, "meta", {}) or {}
@@ -127,9 +127,7 @@ def pieces(local: torch.nn.Module) -> list[Piece]:
     rank = meta["moefx_rank"]
     shards = meta.get("moefx_shards", {})
     shadowed = {target for target, *_ in shards.values()} - set(shards)
-    layers = sorted(((int(n.removeprefix("moe")), m) for n, m in local.named_children()
-                     if isinstance(m, MoELayer)), key=lambda t: t[0])
-    expert_prefix = {f"moe{layer}.experts.": (index, mod) for index, (layer, mod) in enumerate(layers)}
+    expert_prefix = {f"moe{layer}.experts.": (index, mod) for index, (layer, mod) in enumerate(moe_layers(local))}
 
     out: list[Piece] = []
     for name, t in state.items():

@@ -11,16 +11,14 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
-from ..nn.moe import MoELayer
+from ..nn.moe import moe_layers
 
 
 def reduce_gradients(local: nn.Module, groups) -> None:
     """All-reduce the .grad of every parameter of `local` (this rank's GraphModule) in place."""
     resolved = groups.resolved
     expert_params: dict[int, int] = {}
-    layers = sorted(((int(n.removeprefix("moe")), m) for n, m in local.named_children()
-                     if isinstance(m, MoELayer)), key=lambda t: t[0])
-    for index, (_, mod) in enumerate(layers):
+    for index, (_, mod) in enumerate(moe_layers(local)):
         for p in mod.experts.parameters():
             expert_params[id(p)] = index
     for p in local.parameters():
