@@ -121,10 +121,11 @@ def run(cfg: Config) -> str:
     example = (batches[0][0],)
     rows, curves = [], {}
 
-    def record(name, model, curve, tps, note=""):
+    def record(name, model, curve, tps, note="", start=0):
+        """One table row; the curve is plotted from `start` (continued runs start where their base ended)."""
         total, active = counts(model)
         rows.append((name, curve[-1][1], total, active, tps, note))
-        curves[name] = curve
+        curves[name] = [(start + s, v) for s, v in curve]
 
     # (a) dense
     torch.manual_seed(cfg.seed)
@@ -161,7 +162,7 @@ def run(cfg: Config) -> str:
     teacher_more = _clone(pr)
     curve, tps = train(teacher_more, sb, cfg.student_steps, cfg.lr / 2, val, max(cfg.student_steps // 6, 1),
                        "teacher+")
-    record(f"(c') PR-MoE teacher +{cfg.student_steps}", teacher_more, curve, tps, "reference for (d)")
+    record(f"(c') PR-MoE teacher +{cfg.student_steps}", teacher_more, curve, tps, "reference for (d)", cfg.steps)
     for name, kd_stop in (("no KD", 0), ("full KD", None), ("staged KD", cfg.kd_stop)):
         student = moefx.shrink(pr, moefx.Plan.from_dict({"student": {"layers": student_layers}}))
         t0 = time.perf_counter()
@@ -173,18 +174,18 @@ def run(cfg: Config) -> str:
         tps = cfg.student_steps * cfg.batch * cfg.seq / (time.perf_counter() - t0)
         curve = [(e["step"], e["eval_loss"]) for e in result.eval_history]
         keep = student.meta.get("moefx_student_keep")
-        record(f"(d) PR-MoS {student_layers}L, {name}", student, curve, tps, f"kept blocks {keep}")
+        record(f"(d) PR-MoS {student_layers}L, {name}", student, curve, tps, f"kept blocks {keep}", cfg.steps)
 
     # (e) upcycling from the trained dense model vs continuing dense
     extra = batches[cfg.steps:]
     cont = NanoGPT(gpt_cfg)
     cont.load_state_dict(dense.state_dict())
     curve, tps = train(cont, extra, cfg.extra_steps, cfg.lr / 4, val, max(cfg.extra_steps // 5, 1), "dense+")
-    record(f"(e) dense continued +{cfg.extra_steps}", cont, curve, tps)
+    record(f"(e) dense continued +{cfg.extra_steps}", cont, curve, tps, start=cfg.steps)
     up = moefx.convert(dense, {"moe": {**pr_plan, "init": "upcycle", "init_noise": 0.01, "drop_tokens": True}},
                        example)
     curve, tps = train(up, extra, cfg.extra_steps, cfg.lr / 4, val, max(cfg.extra_steps // 5, 1), "upcycled")
-    record(f"(e) PR-MoE upcycled +{cfg.extra_steps}", up, curve, tps)
+    record(f"(e) PR-MoE upcycled +{cfg.extra_steps}", up, curve, tps, start=cfg.steps)
 
     table = _table(rows)
     claims = _claims(rows)
@@ -234,11 +235,13 @@ def _svg(curves: dict, width: int = 760, height: int = 420) -> str:
            f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
            f'<line x1="{L}" y1="{height - B}" x2="{width - R}" y2="{height - B}" stroke="black"/>',
            f'<line x1="{L}" y1="{T}" x2="{L}" y2="{height - B}" stroke="black"/>',
-           f'<text x="{(width - R) / 2}" y="{height - 8}">step</text>',
+           f'<text x="{(width - R) / 2}" y="{height - 4}">step (continued runs start where their base run ended)</text>',
            f'<text x="4" y="{T + 10}">val loss</text>']
     for i in range(5):
         v = ymin + (ymax - ymin) * i / 4
         out.append(f'<text x="8" y="{sy(v) + 4:.1f}">{v:.2f}</text>')
+        s = xmax * i / 4
+        out.append(f'<text x="{sx(s) - 8:.1f}" y="{height - B + 14}">{s:.0f}</text>')
     for i, (name, c) in enumerate(curves.items()):
         color = colors[i % len(colors)]
         path = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in c)
