@@ -11,6 +11,7 @@ from torch import fx
 from . import meta as M
 from .count import count_params
 from .errors import MoefxError
+from .analysis.linear import attr_value
 from .nn.moe import MoELayer, moe_layers
 
 FORMATS = ("code", "table", "dot", "svg", "json")
@@ -52,10 +53,7 @@ def _block_ffn_params(gm: fx.GraphModule) -> dict[int, int]:
     for block, targets in out.items():
         total = 0
         for t in targets:
-            obj = gm
-            for part in t.split("."):
-                obj = getattr(obj, part)
-            total += obj.numel()
+            total += attr_value(gm, t).numel()
         sizes[block] = total
     return sizes
 

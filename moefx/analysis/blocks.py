@@ -43,7 +43,7 @@ from torch import fx
 from .. import meta as M
 from ..errors import AnalysisError
 from .ffn import FFN, find_ffns
-from .linear import aten, is_side_effect, linear_info, packet, same_size, val
+from .linear import aten, common_module_path, is_side_effect, linear_info, packet, same_size, val
 
 ORIGIN_KEY = "moefx_block_origin"  # gm.meta: teacher block index of each block (set by shrink)
 
@@ -411,19 +411,7 @@ def _num_experts(gm: fx.GraphModule, layer: int | None) -> int | None:
 
 
 def _module_path(region) -> str | None:
-    paths = []
-    for n in region:
-        stack = n.meta.get("nn_module_stack")
-        if stack:
-            paths.append(list(stack.values())[-1][0].split("."))
-    if not paths:
-        return None
-    common = paths[0]
-    for p in paths[1:]:
-        i = 0
-        while i < min(len(common), len(p)) and common[i] == p[i]:
-            i += 1
-        common = common[:i]
+    common = common_module_path(region)
     digits = [i for i, part in enumerate(common) if part.isdigit()]
     if digits:  # "encoder.block.1.layer" (T5's sublayers sit in a ModuleList) -> "encoder.block.1"
         common = common[:digits[-1] + 1]

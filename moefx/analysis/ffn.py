@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from ..errors import AnalysisError
-from .linear import (ACTIVATIONS, LinearInfo, aten, is_side_effect, is_tokenwise, is_view, linear_info,
+from .linear import (ACTIVATIONS, LinearInfo, common_module_path, aten, is_side_effect, is_tokenwise, is_view, linear_info,
                      packet, same_size, strip_views, tensor_args, val)
 
 
@@ -95,7 +95,7 @@ def find_ffns(gm: fx.GraphModule) -> list[FFN]:
             middle=tuple(n.name for n in sorted(middle, key=order.get)),
             inner=tuple(n.name for n in sorted(inner, key=order.get)),
             nodes=tuple(n.name for n in sorted(region_nodes, key=order.get)),
-            module_path=_module_path([*ups, down]),
+            module_path=".".join(common_module_path([*ups, down])) or None,
         ))
     return found
 
@@ -189,17 +189,3 @@ def _classify(middle: list[fx.Node], num_ups: int) -> str:
     return "custom"
 
 
-def _module_path(nodes: list[fx.Node]) -> str | None:
-    paths = []
-    for n in nodes:
-        stack = n.meta.get("nn_module_stack")
-        if not stack:
-            return None
-        paths.append(list(stack.values())[-1][0].split("."))
-    common = paths[0]
-    for p in paths[1:]:
-        i = 0
-        while i < min(len(common), len(p)) and common[i] == p[i]:
-            i += 1
-        common = common[:i]
-    return ".".join(common) or None

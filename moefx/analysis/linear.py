@@ -9,6 +9,7 @@ keep the last dimension, and normalisations over the last dimension.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -152,6 +153,30 @@ def is_view(node: fx.Node) -> bool:
         return False
     a, v = val(node.args[0]), val(node)
     return a is not None and v is not None and a.dim() >= 1 and v.dim() >= 1 and same_size(a.shape[-1], v.shape[-1])
+
+
+def attr_value(gm: fx.GraphModule, target: str):
+    """The object a get_attr target ("transformer.h.0.mlp.c_fc.weight") names on `gm`."""
+    return operator.attrgetter(target)(gm)
+
+
+def common_module_path(nodes) -> list[str]:
+    """The common prefix of the innermost `nn_module_stack` paths of `nodes` (nodes without that
+    metadata are skipped), as path parts; [] when there is none."""
+    common: list[str] | None = None
+    for n in nodes:
+        stack = n.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        path = list(stack.values())[-1][0].split(".")
+        if common is None:
+            common = path
+            continue
+        i = 0
+        while i < min(len(common), len(path)) and common[i] == path[i]:
+            i += 1
+        common = common[:i]
+    return common or []
 
 
 def same_size(a, b) -> bool:

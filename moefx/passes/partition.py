@@ -34,7 +34,7 @@ from torch import fx, nn
 from .. import meta as M
 from ..analysis.attention import find_attention, reaches
 from ..analysis.ffn import find_ffns
-from ..analysis.linear import aten, linear_info, packet, val
+from ..analysis.linear import attr_value, aten, linear_info, packet, val
 from ..nn.moe import MoELayer, moe_layers
 from ..runtime.collectives import AllToAll, CopyToTP, CountExchange, ReduceFromTP
 from ..runtime.expert_parallel import ep_from_expert_major, ep_pack, ep_send_counts, ep_to_expert_major, ep_unpack
@@ -54,7 +54,7 @@ class Partition:
     def __call__(self, gm: fx.GraphModule, plan) -> fx.GraphModule:
         new, _ = copy_graph_module(gm)
         counts: dict[str, int] = {}
-        self.shards: dict[str, tuple[str, int, int, int]] = {}
+        self.shards: dict[str, tuple[str, int, int, int, tuple[int, ...]]] = {}
         for index, (layer, mod) in enumerate(moe_layers(new)):
             self._expert_parallel(new, layer, index, mod, counts)
         if self.resolved.tp > 1:
@@ -262,9 +262,7 @@ class Partition:
         (target, dim, lo, hi, full shape of target).
         Several (a fused projection's chunks): one parameter per range, concatenated in the graph.
         """
-        old = gm
-        for part in attr_node.target.split("."):
-            old = getattr(old, part)
+        old = attr_value(gm, attr_node.target)
         base = "tp_shard_" + attr_node.target.replace(".", "_")
         targets = []
         for i, (lo, hi) in enumerate(ranges):

@@ -35,7 +35,7 @@ from torch import fx, nn
 
 from .. import meta as M
 from ..analysis.ffn import FFN, find_ffns
-from ..analysis.linear import aten, is_side_effect, is_view, linear_info, packet, strip_views, val
+from ..analysis.linear import attr_value, aten, is_side_effect, is_view, linear_info, packet, strip_views, val
 from ..errors import AnalysisError
 from ..nn.aux import AuxLossSink
 from ..nn.experts import GenericExperts, StackedExperts
@@ -171,17 +171,10 @@ def _init_linear(shape, gen, device, dtype) -> torch.Tensor:
 
 def _matrix(gm: fx.GraphModule, info) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The linear's weight as [in, out] (x @ M) and its bias, from the module's parameters."""
-    w = _attr(gm, info.weight.target)
+    w = attr_value(gm, info.weight.target)
     m = w.detach().t() if info.transposed else w.detach()
-    bias = _attr(gm, info.bias.target).detach() if info.bias is not None else None
+    bias = attr_value(gm, info.bias.target).detach() if info.bias is not None else None
     return m, bias
-
-
-def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _extract_middle(gm: fx.GraphModule, by_name: dict, ffn: FFN, ups, down) -> fx.GraphModule:
@@ -201,7 +194,7 @@ def _extract_middle(gm: fx.GraphModule, by_name: dict, ffn: FFN, ups, down) -> f
         if a.op == "get_attr":
             name = a.target.replace(".", "_")
             if not hasattr(root, name):
-                root.register_buffer(name, _attr(gm, a.target).detach().clone())
+                root.register_buffer(name, attr_value(gm, a.target).detach().clone())
             env[a] = graph.get_attr(name)
             return env[a]
         raise AnalysisError(f"FFN middle op reads {a.name}, which is outside the FFN region")
@@ -232,7 +225,7 @@ def _extract_region(gm: fx.GraphModule, by_name: dict, ffn: FFN) -> tuple[fx.Gra
         if a.op == "get_attr":
             name = a.target.replace(".", "_")
             if name not in params:
-                params[name] = _attr(gm, a.target).detach()
+                params[name] = attr_value(gm, a.target).detach()
                 root.register_buffer(name, torch.empty_like(params[name], device="meta"), persistent=False)
             env[a] = graph.get_attr(name)
             return env[a]
