@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from torch import fx
 
 from ..errors import AnalysisError
-from .linear import (ACTIVATIONS, LinearInfo, common_module_path, aten, is_side_effect, is_tokenwise, is_view, linear_info,
-                     packet, same_size, strip_views, tensor_args, val)
+from .linear import (ACTIVATIONS, LinearInfo, aten, common_module_path, is_side_effect, is_tokenwise, is_view,
+                     linear_info, packet, same_size, strip_views, tensor_args, val)
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,14 @@ eager mode (handy for tests and for using the layer outside a graph).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .aux import AuxLossSink
-from .experts import StackedExperts
+from .experts import GenericExperts, StackedExperts
 from .routing import Routing, combine, dispatch, route
 
 
@@ -66,6 +68,13 @@ class Gate(nn.Module):
                      noisy_gate=self.noisy_gate if self.training and self.noisy_gate == "rsample" else None,
                      ep_group=self.ep_group, impl=self.impl)
 
+    def with_options(self, **attrs) -> "Gate":
+        """A copy of this gate with some settings changed (passes use it: the input graph keeps its own)."""
+        new = copy.copy(self)
+        for name, value in attrs.items():
+            setattr(new, name, value)
+        return new
+
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
                 f"drop_tokens={self.drop_tokens}, impl={self.impl}")
@@ -76,7 +85,7 @@ class MoELayer(nn.Module):
 
     _moefx_keep = True  # graph copies keep this module whole (see passes.infra.copy_graph_module)
 
-    def __init__(self, router: Router, gate: Gate, experts: StackedExperts, coef: nn.Linear | None,
+    def __init__(self, router: Router, gate: Gate, experts: StackedExperts | GenericExperts, coef: nn.Linear | None,
                  aux: AuxLossSink, block: int):
         super().__init__()
         self.router = router
@@ -89,6 +98,13 @@ class MoELayer(nn.Module):
     @property
     def num_experts(self) -> int:
         return self.gate.num_experts
+
+    def replaced(self, **children: nn.Module) -> "MoELayer":
+        """A shallow copy with some submodules replaced or added (gate, experts, collectives); the
+        others are shared. Passes use it so their input graph keeps its own layer."""
+        new = copy.copy(self)
+        new._modules = {**self._modules, **children}
+        return new
 
     def forward(self, tokens: Tensor, mlp_out: Tensor | None = None) -> Tensor:
         """Eager equivalent of the graph nodes: tokens [S, d] (+ dense MLP output) -> [S, d]."""

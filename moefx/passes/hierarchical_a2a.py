@@ -16,7 +16,6 @@ decision, or EP groups inside one node, are left alone.
 """
 from __future__ import annotations
 
-import copy
 import operator
 
 from torch import fx
@@ -68,11 +67,9 @@ class HierarchicalA2A:
             intra, inter, intra_name, inter_name = lg.intra, lg.inter, lg.names["intra"], lg.names["inter"]
         else:
             intra, inter, intra_name, inter_name = None, None, "intra_node", f"ep{lp.ep}_inter"
-        local = copy.copy(mod)
-        local._modules = dict(mod._modules,
-                              a2a_hier_splits=HierarchicalSplits(intra, intra_name, nodes, per_node),
-                              a2a_intra=AllToAll(intra, intra_name), a2a_inter=AllToAll(inter, inter_name))
-        gm.add_submodule(f"moe{layer}", local)
+        gm.add_submodule(f"moe{layer}", mod.replaced(
+            a2a_hier_splits=HierarchicalSplits(intra, intra_name, nodes, per_node),
+            a2a_intra=AllToAll(intra, intra_name), a2a_inter=AllToAll(inter, inter_name)))
         p = f"moe{layer}"
         find = lambda d: next(n for n in gm.graph.nodes  # noqa: E731
                               if n.meta.get(M.LAYER) == layer and n.meta.get("moefx_a2a") == d)

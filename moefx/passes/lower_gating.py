@@ -8,8 +8,6 @@ Records the choice in node.meta["moefx_impl"] (shown by `moefx dump`) and on the
 """
 from __future__ import annotations
 
-import copy
-
 from torch import fx
 
 from .. import meta as M
@@ -34,11 +32,8 @@ def lower_gating(gm: fx.GraphModule, plan) -> fx.GraphModule:
         layer_mod = new.get_submodule(f"moe{node.meta[M.LAYER]}")
         impl = resolve_impl(wanted, layer_mod.router.weight.device)
         if role == "route":
-            gate = copy.copy(layer_mod.gate)  # a fresh module object: the input graph keeps its own
-            gate.impl = impl
-            layer_mod = copy.copy(layer_mod)
-            layer_mod._modules = dict(layer_mod._modules, gate=gate)
-            new.add_submodule(f"moe{node.meta[M.LAYER]}", layer_mod)
+            gate = layer_mod.gate.with_options(impl=impl)
+            new.add_submodule(f"moe{node.meta[M.LAYER]}", layer_mod.replaced(gate=gate))
         else:
             node.kwargs = {**node.kwargs, "impl": impl}
         node.meta[M.IMPL] = impl

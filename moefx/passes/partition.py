@@ -26,7 +26,6 @@ reduced by `moefx.runtime.grads.reduce_gradients`.
 """
 from __future__ import annotations
 
-import copy
 import warnings
 
 from torch import fx, nn
@@ -87,23 +86,17 @@ class Partition:
             raise ValueError(f"MoE layer {layer} has {mod.num_experts} experts but the parallel plan was "
                              f"resolved for {lp.experts}")
         ep_group, ep_name = self._layer_group(index, "ep")
-        local = copy.copy(mod)
-        local._modules = dict(mod._modules)
-        gate = copy.copy(mod.gate)
-        gate.ep_group = ep_group if lp.ep > 1 else None
-        local._modules["gate"] = gate
-        experts = mod.experts
         mine = lp.experts_of(self.rank)
-        experts = experts.select(mine.start, mine.stop)
+        experts = mod.experts.select(mine.start, mine.stop)
         if lp.expert_slicing > 1:
             experts = experts.slice_inner(lp.slice_of(self.rank), lp.expert_slicing)
-        local._modules["experts"] = experts
-        gm.add_submodule(f"moe{layer}", local)
+        children = {"gate": mod.gate.with_options(ep_group=ep_group if lp.ep > 1 else None), "experts": experts}
+        if lp.ep > 1:
+            children.update(a2a_counts=CountExchange(ep_group, ep_name), a2a_dispatch=AllToAll(ep_group, ep_name),
+                            a2a_combine=AllToAll(ep_group, ep_name))
+        gm.add_submodule(f"moe{layer}", mod.replaced(**children))
         if lp.ep == 1:
             return
-        local._modules["a2a_counts"] = CountExchange(ep_group, ep_name)
-        local._modules["a2a_dispatch"] = AllToAll(ep_group, ep_name)
-        local._modules["a2a_combine"] = AllToAll(ep_group, ep_name)
 
         node = next(n for n in gm.graph.nodes if n.meta.get(M.ROLE) == "experts" and n.meta.get(M.LAYER) == layer)
         buf = node.args[0]
