@@ -19,12 +19,12 @@ from .plan import ParallelPlan, Plan
 from .runtime.mesh import ResolvedParallel, build_groups, validate_parallel
 
 
-def resolve(gm: fx.GraphModule, plan: Plan, world_size: int) -> ResolvedParallel:
-    """Validate plan.parallel against `world_size` and gm's MoE layers (PlanError says what to fix)."""
-    if plan.parallel is None:
+def resolve(gm: fx.GraphModule, parallel: ParallelPlan | None, world_size: int) -> ResolvedParallel:
+    """Validate a plan's [parallel] section against `world_size` and gm's MoE layers (PlanError says
+    what to fix)."""
+    if parallel is None:
         raise PlanError("distribute needs a [parallel] section in the plan (nodes, devices_per_node, tp, ep)")
-    counts = [m.num_experts for _, m in moe_layers(gm)]
-    return validate_parallel(plan.parallel, world_size, counts)
+    return validate_parallel(parallel, world_size, [m.num_experts for _, m in moe_layers(gm)])
 
 
 def distribute(gm: fx.GraphModule, plan: Plan, *, groups=None, tokens_per_rank: int = 4096,
@@ -42,7 +42,7 @@ def distribute(gm: fx.GraphModule, plan: Plan, *, groups=None, tokens_per_rank: 
     if not dist.is_initialized():
         raise PlanError("distribute needs torch.distributed initialised: run under torchrun / `moefx launch` "
                         "and call moefx.runtime.init_from_env() first")
-    resolved = resolve(gm, plan, dist.get_world_size())
+    resolved = resolve(gm, plan.parallel, dist.get_world_size())
     groups = groups if groups is not None else build_groups(resolved)
     passes = [Partition(dist.get_rank(), resolved, groups), HierarchicalA2A(resolved, groups, tokens_per_rank)]
     local = _own_weights(run_pipeline(gm, plan, passes, dump_dir=dump_dir))
@@ -74,7 +74,7 @@ def partitioned_view(gm: fx.GraphModule, plan: Plan, rank: int, world_size: int 
     world = world_size or pp.world_size
     if not 0 <= rank < world:
         raise PlanError(f"rank {rank} is outside the world of {world} ranks")
-    resolved = resolve(gm, plan if plan.parallel else Plan(moe=plan.moe, parallel=pp), world)
+    resolved = resolve(gm, pp, world)
     return run_pipeline(gm, plan, [Partition(rank, resolved), HierarchicalA2A(resolved, None, tokens_per_rank)])
 
 
