@@ -68,11 +68,10 @@ def test_convert_preserves_function_and_trains(name, plan_name):
         if layer.coef is not None:
             assert layer.coef.weight.grad is not None
     if plan.moe.residual:  # the dense MLP of a PR-MoE layer still learns
-        dense = [n for n in gm.graph.nodes if n.meta.get(M.ROLE) == "residual" and n.op == "get_attr"]
         params = dict(gm.named_parameters())
         weights = [a.target for n in gm.graph.nodes if n.meta.get(M.ROLE) == "residual"
                    for a in n.all_input_nodes if a.op == "get_attr" and a.target in params]
-        assert weights and all(params[w].grad is not None for w in weights), dense
+        assert weights and all(params[w].grad is not None for w in weights), weights
 
 
 def test_converted_model_does_not_alias_the_dense_one():

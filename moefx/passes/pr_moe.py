@@ -146,26 +146,22 @@ def _make_layer(gm: fx.GraphModule, by_name: dict, ffn: FFN, E: int, layer: int,
         template, dense = _extract_region(gm, by_name, ffn)
         experts = GenericExperts(template, {k: stack(t, t.dim() > 1) for k, t in dense.items()}, ffn.d, ffn.f,
                                  ffn.activation)
-    router = Router(_init_linear((E, ffn.d), gen, device, torch.float32), jitter=moe.noisy_gate == "jitter")
+    router = Router(_init_uniform((E, ffn.d), ffn.d, gen, device, torch.float32), jitter=moe.noisy_gate == "jitter")
     gate = Gate(E, moe.top_k, moe.capacity_factor, moe.eval_capacity_factor, moe.min_capacity, moe.drop_tokens,
                 moe.unit_top1, moe.use_rts, moe.noisy_gate)
     coef = None
     if moe.residual:
-        coef = nn.Linear(ffn.d, 2, device="meta" if device.type == "meta" else "cpu", dtype=dtype)
-        if device.type != "meta":
-            with torch.no_grad():
-                coef.weight.copy_(_init_linear((2, ffn.d), gen, "cpu", dtype))
-                coef.bias.copy_(torch.empty(2, dtype=dtype).uniform_(-1 / math.sqrt(ffn.d), 1 / math.sqrt(ffn.d),
-                                                                      generator=gen))
-            coef = coef.to(device)
+        coef = nn.Linear(ffn.d, 2, device="meta", dtype=dtype)
+        coef.weight = nn.Parameter(_init_uniform((2, ffn.d), ffn.d, gen, device, dtype))
+        coef.bias = nn.Parameter(_init_uniform((2,), ffn.d, gen, device, dtype))
     return MoELayer(router, gate, experts, coef, AuxLossSink(moe.aux_loss_coef), ffn.block)
 
 
-def _init_linear(shape, gen, device, dtype) -> torch.Tensor:
-    """nn.Linear's default init (uniform +-1/sqrt(fan_in)), from a seeded generator."""
+def _init_uniform(shape, fan_in: int, gen, device, dtype) -> torch.Tensor:
+    """nn.Linear's default init (uniform +-1/sqrt(fan_in)) drawn from a seeded generator; empty on meta."""
     if torch.device(device).type == "meta":
         return torch.empty(shape, device="meta", dtype=dtype)
-    bound = 1 / math.sqrt(shape[1])
+    bound = 1 / math.sqrt(fan_in)
     return torch.empty(shape, dtype=dtype).uniform_(-bound, bound, generator=gen).to(device)
 
 
