@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
 __all__ = ["exchange_counts", "flat_all_to_all", "HierarchicalSplits", "hierarchical_splits",
-           "hierarchical_all_to_all", "hierarchical_all_to_all_inverse", "permute_chunks"]
+           "hierarchical_all_to_all", "hierarchical_all_to_all_inverse", "permute_chunks", "unpermute_chunks"]
 
 
 def _group_size(group) -> int:
@@ -219,14 +219,15 @@ def hierarchical_all_to_all_inverse(y: torch.Tensor, splits: HierarchicalSplits,
                          f"{y.shape[0]} rows")
     z = flat_all_to_all(y, h.inter_recv(), h.inter_send(), inter_group) if h.nodes > 1 else y  # undo 4
     sizes, order = h.mid_sizes_order()
-    z = permute_chunks(z, [sizes[i] for i in order], _inverse(order))                 # undo 3
+    z = unpermute_chunks(z, sizes, order)                                             # undo 3
     z = flat_all_to_all(z, h.intra_recv(), h.intra_send(), intra_group) if h.devices_per_node > 1 else z  # undo 2
     sizes, order = h.by_local_then_node()
-    return permute_chunks(z, [sizes[i] for i in order], _inverse(order))              # undo 1
+    return unpermute_chunks(z, sizes, order)                                          # undo 1
 
 
-def _inverse(order: Sequence[int]) -> list[int]:
-    inv = [0] * len(order)
+def unpermute_chunks(x: torch.Tensor, sizes: Sequence[int], order: Sequence[int]) -> torch.Tensor:
+    """Undo `permute_chunks(., sizes, order)`: `x` holds the chunks in `order`; restore their original order."""
+    inverse = [0] * len(order)
     for pos, i in enumerate(order):
-        inv[i] = pos
-    return inv
+        inverse[i] = pos
+    return permute_chunks(x, [sizes[i] for i in order], inverse)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .all_to_all import exchange_counts, flat_all_to_all, hierarchical_splits, permute_chunks
+from .all_to_all import exchange_counts, flat_all_to_all, hierarchical_splits, permute_chunks, unpermute_chunks
 
 
 class _Collective(nn.Module):
@@ -55,12 +55,7 @@ def layout_transform(x: Tensor, splits, stage: str, inverse: bool = False) -> Te
     """The hierarchical all-to-all's local reorderings: stage "by_local" ((n', g') -> (g', n')) or
     "by_node" ((g, n') -> (n', g)); `inverse` undoes it (combine direction)."""
     sizes, order = splits.by_local_then_node() if stage == "by_local" else splits.mid_sizes_order()
-    if not inverse:
-        return permute_chunks(x, sizes, order)
-    inv = [0] * len(order)
-    for pos, i in enumerate(order):
-        inv[i] = pos
-    return permute_chunks(x, [sizes[i] for i in order], inv)
+    return unpermute_chunks(x, sizes, order) if inverse else permute_chunks(x, sizes, order)
 
 
 def hier_step_splits(splits, step: str):
