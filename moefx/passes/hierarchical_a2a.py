@@ -62,11 +62,9 @@ class HierarchicalA2A:
     def _lower(self, gm: fx.GraphModule, layer: int, index: int, mod: MoELayer, counts: dict) -> None:
         lp = self.resolved.layers[index]
         nodes, per_node = lp.hier_shape
-        if self.groups is not None:
-            lg = self.groups.layer(index)
-            intra, inter, intra_name, inter_name = lg.intra, lg.inter, lg.names["intra"], lg.names["inter"]
-        else:
-            intra, inter, intra_name, inter_name = None, None, "intra_node", f"ep{lp.ep}_inter"
+        intra_name, inter_name = lp.group_names["intra"], lp.group_names["inter"]
+        lg = self.groups.layer(index) if self.groups is not None else None
+        intra, inter = (lg.intra, lg.inter) if lg is not None else (None, None)
         gm.add_submodule(f"moe{layer}", mod.replaced(
             a2a_hier_splits=HierarchicalSplits(intra, intra_name, nodes, per_node),
             a2a_intra=AllToAll(intra, intra_name), a2a_inter=AllToAll(inter, inter_name)))

@@ -68,13 +68,10 @@ class Partition:
         return new
 
     # -- groups -------------------------------------------------------------------------------
-    def _layer_group(self, index: int, key: str):
-        lp = self.resolved.layers[index]
-        names = {"ep": f"ep{lp.ep}", "edp": f"edp{lp.ep}"}
-        if self.groups is None:
-            return None, names[key]
-        lg = self.groups.layer(index)
-        return getattr(lg, key), lg.names[key]
+    def _layer_group(self, index: int, role: str):
+        """(process group or None without groups, name) of MoE layer `index`'s group `role`."""
+        name = self.resolved.layers[index].group_names[role]
+        return (getattr(self.groups.layer(index), role) if self.groups is not None else None), name
 
     def _group(self, name: str):
         return (self.groups.group(name) if self.groups is not None else None), name

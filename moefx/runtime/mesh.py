@@ -86,6 +86,17 @@ class LayerParallel:
         """Which slice (0 .. expert_slicing - 1) of its expert `rank` holds."""
         return self.ep_rank(rank) % self.expert_slicing
 
+    @property
+    def group_names(self) -> dict[str, str]:
+        """Names of this layer's groups by role: "ep", "edp", and when they exist "expert_slice",
+        "intra" / "inter" (the two steps of the hierarchical all-to-all)."""
+        names = {"ep": f"ep{self.ep}", "edp": f"edp{self.ep}"}
+        if self.expert_slicing > 1:
+            names["expert_slice"] = f"slice{self.expert_slicing}"
+        if self.hier_shape is not None:
+            names["intra"], names["inter"] = "intra_node", f"ep{self.ep}_inter"
+        return names
+
     def use_hierarchical(self, bytes_per_rank: float, **cost_kwargs) -> bool:
         """Resolve "auto" with the cost model (`moefx.runtime.cost.choose_hierarchical`)."""
         if self.hierarchical != "auto":
@@ -329,12 +340,7 @@ class ProcessGroups:
 
     def layer(self, l: int) -> LayerGroups:
         """Groups of MoE layer `l` (index into `resolved.layers`)."""
-        lp = self.resolved.layers[l]
-        names = {"ep": f"ep{lp.ep}", "edp": f"edp{lp.ep}"}
-        if lp.expert_slicing > 1:
-            names["expert_slice"] = f"slice{lp.expert_slicing}"
-        if lp.hier_shape is not None:
-            names["intra"], names["inter"] = "intra_node", f"ep{lp.ep}_inter"
+        names = self.resolved.layers[l].group_names
         get = lambda k: self._groups[names[k]] if k in names else None  # noqa: E731
         return LayerGroups(ep=get("ep"), edp=get("edp"), expert_slice=get("expert_slice"),
                            intra=get("intra"), inter=get("inter"), names=names)
