@@ -49,7 +49,7 @@ class HierarchicalA2A:
         chosen = [(layer, index, mod) for index, (layer, mod) in enumerate(moe_layers(gm)) if self.decide(index, mod)]
         if not chosen:
             return gm
-        new, _ = copy_graph_module(gm)
+        new = copy_graph_module(gm)
         counts = dict(new.meta.get("moefx_collectives", {}))
         for layer, index, mod in chosen:
             self._lower(new, layer, index, mod, counts)

@@ -25,11 +25,10 @@ class Pass(Protocol):
     def __call__(self, gm: fx.GraphModule, plan) -> fx.GraphModule: ...
 
 
-def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
-    """A new GraphModule over a copy of gm's graph (parameters shared); returns (new, old->new node map)."""
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of gm's graph (same node names, parameters shared)."""
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(gm.graph, env)
+    out = graph.graph_copy(gm.graph, {})
     graph.output(out)
     graph._codegen = gm.graph._codegen  # in/out pytree specs: read-only, safe to share
     new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
@@ -40,7 +39,7 @@ def copy_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
     for name, value in vars(gm).items():
         if name.startswith("_moefx"):
             setattr(new, name, value)
-    return mark_captured(new), env
+    return mark_captured(new)
 
 
 class NodeBuilder:

@@ -23,7 +23,7 @@ def lower_gating(gm: fx.GraphModule, plan) -> fx.GraphModule:
     if not any(n.meta.get(M.ROLE) in _ROLES for n in gm.graph.nodes):
         return gm
     wanted = plan.lowering.gating if plan is not None else "auto"
-    new, _ = copy_graph_module(gm)
+    new = copy_graph_module(gm)
     lowered = 0
     for node in new.graph.nodes:
         role = node.meta.get(M.ROLE)

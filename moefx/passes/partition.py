@@ -51,7 +51,7 @@ class Partition:
         self.rank, self.resolved, self.groups = rank, resolved, groups
 
     def __call__(self, gm: fx.GraphModule, plan) -> fx.GraphModule:
-        new, _ = copy_graph_module(gm)
+        new = copy_graph_module(gm)
         counts: dict[str, int] = {}
         self.shards: dict[str, tuple[str, int, int, int, tuple[int, ...]]] = {}
         for index, (layer, mod) in enumerate(moe_layers(new)):

@@ -56,7 +56,7 @@ def pr_moe(gm: fx.GraphModule, plan) -> fx.GraphModule:
         raise AnalysisError("no position-wise FFN (linear d->f, token-wise ops, linear f->d) was found in the "
                             "graph; moefx.find_ffns(gm) shows what the analysis sees")
     layer_experts = moe.layer_experts(len(ffns))
-    new, _ = copy_graph_module(gm)
+    new = copy_graph_module(gm)
     by_name = {n.name: n for n in new.graph.nodes}
     for ffn in ffns:
         for name in ffn.nodes:

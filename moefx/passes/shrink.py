@@ -74,7 +74,7 @@ def shrink(gm: fx.GraphModule, plan) -> fx.GraphModule:
     keep = select_blocks(blocks, student)
     removed = [b for b in blocks if b.index not in keep]
 
-    new, _ = copy_graph_module(gm)
+    new = copy_graph_module(gm)
     graph = new.graph
     by_name = {n.name: n for n in graph.nodes}
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
