@@ -18,7 +18,7 @@ class ParamCount:
     expert: int
 
     def __str__(self) -> str:
-        return f"total {_human(self.total)}, active/token {_human(self.active)}, experts {_human(self.expert)}"
+        return f"total {human(self.total)}, active/token {human(self.active)}, experts {human(self.expert)}"
 
 
 def count_params(model: nn.Module) -> ParamCount:
@@ -33,7 +33,8 @@ def count_params(model: nn.Module) -> ParamCount:
     return ParamCount(total=total, active=total - expert + active_expert, expert=expert)
 
 
-def _human(n: int) -> str:
+def human(n: int) -> str:
+    """A parameter count for people: 4.12B, 456.03M, 8.35K."""
     for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
         if n >= size:
             return f"{n / size:.2f}{unit}"

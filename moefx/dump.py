@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from . import meta as M
-from .count import count_params
+from .count import count_params, human
 from .errors import MoefxError
 from .analysis.linear import attr_value
 from .nn.moe import MoELayer, moe_layers
@@ -76,23 +76,16 @@ def layer_table(gm: fx.GraphModule) -> str:
             cap = "dropless" if not m.gate.drop_tokens else f"cf={m.gate.capacity_factor:g}"
             layer = int(name[3:])
             rows.append((b, kind, m.num_experts, m.gate.top_k, cap, "yes" if m.coef is not None else "no",
-                         impls.get(layer) or m.gate.impl, _h(expert_params + other),
-                         _h(other + per_expert * m.gate.top_k)))
+                         impls.get(layer) or m.gate.impl, human(expert_params + other),
+                         human(other + per_expert * m.gate.top_k)))
         else:
-            rows.append((b, "dense", "-", "-", "-", "-", "-", _h(dense[b]), _h(dense[b])))
+            rows.append((b, "dense", "-", "-", "-", "-", "-", human(dense[b]), human(dense[b])))
     counts = count_params(gm)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda r: "  ".join(str(x).rjust(w) for x, w in zip(r, widths))  # noqa: E731
     out = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
     out.append(f"\nparameters: {counts}")
     return "\n".join(out)
-
-
-def _h(n: int) -> str:
-    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
 
 
 def _target_name(n: fx.Node) -> str:
