@@ -7,7 +7,7 @@ parallel degrees (`moefx.runtime.mesh.validate_parallel`) and this rank's proces
 Per MoE layer with ep > 1 (experts by EP rank, expert slicing when ep > E):
 
     rows  = ep_pack(buf)                       send  = ep_send_counts(buf)
-    recv  = moe{L}.a2a_counts(send)            count exchange          [ep group]
+    recv  = moe{L}.a2a_counts(send, rows)      count exchange (ints)   [ep group]
     x     = moe{L}.a2a_dispatch(rows, send, recv)                      [ep group]
     y     = moe{L}.experts(ep_to_expert_major(x, recv))   this rank's experts only
     back  = moe{L}.a2a_combine(ep_from_expert_major(y, recv), recv, send)   [ep group]
@@ -101,7 +101,7 @@ class Partition:
         b = NodeBuilder(gm.graph, node.prev, NAME, layer, node.meta.get(M.BLOCK))
         rows = b("call_function", ep_pack, (buf, s), role="layout")
         send = b("call_function", ep_send_counts, (buf, lp.ep, s), role="layout")
-        recv = b("call_module", f"moe{layer}.a2a_counts", (send,), role="collective")
+        recv = b("call_module", f"moe{layer}.a2a_counts", (send, rows), role="collective")
         x = b("call_module", f"moe{layer}.a2a_dispatch", (rows, send, recv), role="collective")
         local_buf = b("call_function", ep_to_expert_major, (x, recv, epr), role="layout")
         node.args = (local_buf,)

@@ -2,7 +2,7 @@
 
 Process groups cannot be code constants, so every collective is a small module holding its group
 and the group's name (shown by `moefx dump --stage partitioned`). Splits travel through the
-graph as plain values: `CountExchange` turns per-destination row counts into per-source counts,
+graph as plain values: `CountExchange` turns per-destination row counts into per-source counts (ints),
 `AllToAll` moves rows, `HierarchicalSplits` / `LayoutTransform` are the extra steps of the
 hierarchical all-to-all. `CopyToTP` / `ReduceFromTP` are Megatron's f and g operators for tensor
 parallelism (identity forward / all-reduce backward, and the reverse).
@@ -27,10 +27,13 @@ class _Collective(nn.Module):
 
 
 class CountExchange(_Collective):
-    """send_counts [P] (rows for each group rank) -> recv_counts [P] (rows from each group rank)."""
+    """Rows for each group rank -> rows from each group rank, as Python ints: the one host sync of
+    the exchange; the layout steps and all-to-alls that follow read the list. `like` is a tensor on
+    the device the backend communicates on (NCCL needs CUDA tensors)."""
 
-    def forward(self, send_counts: Tensor) -> Tensor:
-        return exchange_counts(send_counts, self.group)
+    def forward(self, send_counts: list[int], like: Tensor) -> list[int]:
+        counts = torch.tensor(send_counts, dtype=torch.long, device=like.device)
+        return exchange_counts(counts, self.group).tolist()
 
 
 class AllToAll(_Collective):

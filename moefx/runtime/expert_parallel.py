@@ -6,7 +6,7 @@ expert slicing (ep = s * E) slice i % s of expert i // s, so each expert's rows 
 
     rows   = ep_pack(buf, s)                      [E * s * C, d], grouped by destination EP rank
     send   = ep_send_counts(buf, ep, s)           rows per destination
-    recv   = CountExchange(send)                  rows per source
+    recv   = CountExchange(send, rows)            rows per source (ints)
     x      = AllToAll(rows, send, recv)           rows from every source, source-major
     local  = ep_to_expert_major(x, recv, epr)     [epr, sum of sources' C, d] -> experts
     y_rows = ep_from_expert_major(y, recv, epr)   back to source-major rows
@@ -27,26 +27,24 @@ def ep_pack(buf: Tensor, slicing: int = 1) -> Tensor:
     return buf.reshape(-1, d)
 
 
-def ep_send_counts(buf: Tensor, ep: int, slicing: int = 1) -> Tensor:
-    """Rows this rank sends to each of the `ep` EP ranks (LongTensor [ep])."""
+def ep_send_counts(buf: Tensor, ep: int, slicing: int = 1) -> list[int]:
+    """Rows this rank sends to each of the `ep` EP ranks."""
     E, C, _ = buf.shape
-    per_rank = (E * slicing // ep) * C
-    return torch.full((ep,), per_rank, dtype=torch.long)
+    return [(E * slicing // ep) * C] * ep
 
 
-def ep_to_expert_major(x: Tensor, recv: Tensor, experts_per_rank: int) -> Tensor:
+def ep_to_expert_major(x: Tensor, recv: list[int], experts_per_rank: int) -> Tensor:
     """Source-major rows [(src, expert, C_src), d] -> [expert, (src, C_src), d]."""
     d = x.shape[-1]
-    counts = [int(c) for c in recv.tolist()]
-    chunks = torch.split(x, counts, dim=0)
+    chunks = torch.split(x, list(recv), dim=0)
     per_src = [c.reshape(experts_per_rank, -1, d) for c in chunks]
     return torch.cat(per_src, dim=1)
 
 
-def ep_from_expert_major(y: Tensor, recv: Tensor, experts_per_rank: int) -> Tensor:
+def ep_from_expert_major(y: Tensor, recv: list[int], experts_per_rank: int) -> Tensor:
     """Inverse of ep_to_expert_major: [expert, (src, C_src), d] -> source-major rows."""
     d = y.shape[-1]
-    caps = [int(c) // experts_per_rank for c in recv.tolist()]
+    caps = [c // experts_per_rank for c in recv]
     parts = torch.split(y, caps, dim=1)
     return torch.cat([p.reshape(-1, d) for p in parts], dim=0)
 
