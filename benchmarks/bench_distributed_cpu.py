@@ -174,21 +174,22 @@ def _timed(fn, iters: int) -> float:
 
 
 def _a2a_rows(rank, world, nodes, sizes_kib, reps):
+    from moefx.parallel import validate_parallel
     from moefx.plan import ParallelPlan
-    from moefx.runtime import HierarchicalSplits, build_groups, flat_all_to_all, hierarchical_all_to_all, \
-        validate_parallel
+    from moefx.runtime.all_to_all import HierarchicalSplits, flat_all_to_all, hierarchical_all_to_all
+    from moefx.runtime.mesh import build_mesh
 
     G = world // nodes
     resolved = validate_parallel(ParallelPlan(nodes=nodes, devices_per_node=G, ep=world), world, [world])
-    groups = build_groups(resolved)
+    mesh = build_mesh(resolved)
     rows = []
     for kib in sizes_kib:
         per_dest = max(1, kib * 1024 // ROW_BYTES // world)
         x = torch.randn(per_dest * world, D)
         send = [per_dest] * world
         splits = HierarchicalSplits.from_matrix([send] * world, rank, nodes, G)
-        flat = lambda: flat_all_to_all(x, send, send, groups.world)  # noqa: E731
-        hier = lambda: hierarchical_all_to_all(x, send, send, groups.intra_node, groups.inter_node,  # noqa: E731
+        flat = lambda: flat_all_to_all(x, send, send, mesh.group("world"))  # noqa: E731
+        hier = lambda: hierarchical_all_to_all(x, send, send, mesh.group("intra_node"), mesh.group("inter_node"),  # noqa: E731
                                                nodes, G, splits=splits)
         assert torch.equal(flat(), hier())
         times = {"flat": [], "hier": []}

@@ -8,21 +8,22 @@
 from .analysis.blocks import Block, find_blocks
 from .analysis.ffn import FFN, find_ffns
 from .capture import capture
-from .convert import convert, pipeline
+from .convert import convert
 from .count import ParamCount, count_params
 from .distribute import distribute, partitioned_view, reduce_gradients
-from .distill import DistillError, DistillResult, distill
 from .dump import dump
-from .passes.shrink import shrink
 from .errors import AnalysisError, BackendError, CaptureError, MoefxError, PassError, PlanError
 from .nn.aux import aux_loss
 from .nn.routing import Routing, combine, dispatch, route
+from .passes.pipeline import PIPELINE
+from .passes.shrink import shrink
 from .plan import LoweringPlan, MoEPlan, ParallelPlan, Plan, StudentPlan
+from .train.distill import DistillError, DistillResult, distill
 
 __all__ = [
-    "Block", "find_blocks", "FFN", "find_ffns", "capture", "convert", "pipeline", "ParamCount", "count_params", "AnalysisError",
-    "BackendError", "CaptureError", "MoefxError", "PassError", "PlanError", "aux_loss", "Routing", "combine",
-    "dispatch", "route", "LoweringPlan", "MoEPlan", "ParallelPlan", "Plan", "StudentPlan", "distill",
+    "Block", "find_blocks", "FFN", "find_ffns", "capture", "convert", "PIPELINE", "ParamCount", "count_params",
+    "AnalysisError", "BackendError", "CaptureError", "MoefxError", "PassError", "PlanError", "aux_loss", "Routing",
+    "combine", "dispatch", "route", "LoweringPlan", "MoEPlan", "ParallelPlan", "Plan", "StudentPlan", "distill",
     "DistillResult", "DistillError", "dump", "distribute", "partitioned_view", "reduce_gradients", "shrink",
 ]
 __version__ = "0.1.0"

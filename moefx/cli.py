@@ -131,7 +131,7 @@ def cmd_distill(args) -> int:
 
     from .convert import convert
     from .data import fixed_eval_batches, lm_batches, load_corpus
-    from .distill import distill
+    from .train.distill import distill
     from .models import load_model
     from .passes.shrink import shrink
 

@@ -1,4 +1,4 @@
-"""`moefx.distribute`: this rank's GraphModule of a converted model (partition + hierarchical a2a).
+"""`moefx.distribute`: this rank's GraphModule of a converted model (stage "distribute").
 
 Call under torchrun (or any initialised default process group):
 
@@ -8,15 +8,17 @@ Call under torchrun (or any initialised default process group):
 """
 from __future__ import annotations
 
+import copy
+import warnings
+
 from torch import fx
 
-from .nn.moe import moe_layers
 from .errors import PlanError
-from .passes.hierarchical_a2a import HierarchicalA2A
-from .passes.infra import run_pipeline
-from .passes.partition import Partition
+from .nn.moe import moe_layers
+from .parallel import ResolvedParallel, validate_parallel
+from .passes import pipeline
+from .passes.base import PassContext
 from .plan import ParallelPlan, Plan
-from .runtime.mesh import ResolvedParallel, build_groups, validate_parallel
 
 
 def resolve(gm: fx.GraphModule, parallel: ParallelPlan | None, world_size: int) -> ResolvedParallel:
@@ -27,59 +29,69 @@ def resolve(gm: fx.GraphModule, parallel: ParallelPlan | None, world_size: int) 
     return validate_parallel(parallel, world_size, [m.num_experts for _, m in moe_layers(gm)])
 
 
-def distribute(gm: fx.GraphModule, plan: Plan, *, groups=None, tokens_per_rank: int = 4096,
+def distribute(gm: fx.GraphModule, plan: Plan, *, mesh=None, tokens_per_rank: int = 4096, profile=None,
                dump_dir=None) -> fx.GraphModule:
     """This rank's GraphModule: weights sharded, collectives inserted as graph nodes.
 
     Takes a converted GraphModule and a plan with a [parallel] section; needs an initialised
-    torch.distributed default group (moefx.runtime.init_from_env()). groups: from
-    `moefx.runtime.build_groups` (built here when None; collective over all ranks).
-    tokens_per_rank: message-size estimate for hierarchical_a2a = "auto".
-    The result's `.moefx_groups` holds the groups (for `reduce_gradients`).
+    torch.distributed default group (moefx.runtime.init_from_env()). mesh: from
+    `moefx.runtime.mesh.build_mesh` (built here when None; collective over all ranks; it binds
+    the group names the graph's collectives use). tokens_per_rank: message-size estimate for
+    hierarchical_a2a = "auto"; profile: a measured `moefx.cost.CostProfile` for that decision.
+    The result shares no tensor with `gm`; `.meta["moefx_placements"]` records where every tensor
+    sits (read by `reduce_gradients`, checkpoints and dumps).
     """
     import torch.distributed as dist
+
+    from .runtime.mesh import build_mesh
 
     if not dist.is_initialized():
         raise PlanError("distribute needs torch.distributed initialised: run under torchrun / `moefx launch` "
                         "and call moefx.runtime.init_from_env() first")
     resolved = resolve(gm, plan.parallel, dist.get_world_size())
-    groups = groups if groups is not None else build_groups(resolved)
-    passes = [Partition(dist.get_rank(), resolved, groups), HierarchicalA2A(resolved, groups, tokens_per_rank)]
-    local = _own_weights(run_pipeline(gm, plan, passes, dump_dir=dump_dir))
-    local.moefx_groups = groups
+    mesh = mesh if mesh is not None else build_mesh(resolved)
+    ctx = PassContext(plan, rank=dist.get_rank(), resolved=resolved, tokens_per_rank=tokens_per_rank,
+                      profile=profile)
+    local = _own_weights(_finish(pipeline.run(gm, ctx, "distribute", dump_dir=dump_dir), ctx))
+    local.moefx_mesh = mesh
+    return local
+
+
+def _finish(local: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Record the rank and degrees, and a placement for every tensor (whatever the passes placed)."""
+    from .placement import KEY, complete, placements
+
+    local.meta = dict(local.meta)
+    local.meta["moefx_rank"], local.meta["moefx_parallel"] = ctx.rank, ctx.resolved
+    local.meta[KEY] = complete(local, placements(local), ctx.resolved)
     return local
 
 
 def _own_weights(local: fx.GraphModule) -> fx.GraphModule:
-    """Deep-copy the rank's module so it shares no parameter or aux-loss sink with the global one
-    (process groups are kept, not copied)."""
-    import copy
-
-    import torch.distributed as dist
-
-    memo = {}
-    for mod in local.modules():
-        for value in vars(mod).values():
-            if isinstance(value, dist.ProcessGroup):
-                memo[id(value)] = value
-    out = copy.deepcopy(local, memo)
+    """Deep-copy the rank's module so it shares no parameter or aux-loss sink with the global one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # pytree spec deprecation noise from deepcopy
+        out = copy.deepcopy(local)
     out.meta = dict(local.meta)
     return out
 
 
 def partitioned_view(gm: fx.GraphModule, plan: Plan, rank: int, world_size: int | None = None,
                      tokens_per_rank: int = 4096) -> fx.GraphModule:
-    """Rank `rank`'s partitioned graph without any process group (for dumps and inspection)."""
+    """Rank `rank`'s partitioned graph without any process group, for dumps and inspection: its
+    collectives name groups that are not bound, so running it raises GroupNotBound."""
     pp = plan.parallel or ParallelPlan()
     world = world_size or pp.world_size
     if not 0 <= rank < world:
         raise PlanError(f"rank {rank} is outside the world of {world} ranks")
     resolved = resolve(gm, pp, world)
-    return run_pipeline(gm, plan, [Partition(rank, resolved), HierarchicalA2A(resolved, None, tokens_per_rank)])
+    ctx = PassContext(plan, rank=rank, resolved=resolved, tokens_per_rank=tokens_per_rank)
+    out = pipeline.run(gm, ctx, "distribute")
+    return _finish(copy.copy(out) if out is gm else out, ctx)
 
 
 def reduce_gradients(local: fx.GraphModule) -> None:
     """All-reduce the gradients of a distributed GraphModule (see moefx.runtime.grads)."""
     from .runtime.grads import reduce_gradients as _reduce
 
-    _reduce(local, local.moefx_groups)
+    _reduce(local)

@@ -23,3 +23,11 @@ class PassError(MoefxError, RuntimeError):
 
 class BackendError(MoefxError, RuntimeError):
     """A requested implementation cannot run here (e.g. Triton without a GPU)."""
+
+
+class DistillError(MoefxError, ValueError):
+    """Arguments, batches or models that a trainer (`moefx.distill`, `moefx train`) cannot train with."""
+
+
+class CheckpointError(MoefxError, ValueError):
+    """A checkpoint is missing, damaged or does not fit the model it is loaded into."""

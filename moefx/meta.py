@@ -6,6 +6,8 @@ PASS   str     name of the pass that created the node
 LAYER  int     MoE layer index (0-based, in block order)
 GROUP  str     process-group name of a collective (set by partition)
 IMPL   str     implementation a gating node runs with ("torch" / "triton"), set by lower_gating
+A2A    str     "counts" / "dispatch" / "combine": the step of an expert all-to-all a collective is
+PATH   str     how an MoE layer runs its experts ("buffer" / "gather"), on its experts node
 """
 
 BLOCK = "moefx_block"
@@ -14,6 +16,8 @@ PASS = "moefx_pass"
 LAYER = "moefx_layer"
 GROUP = "moefx_group"
 IMPL = "moefx_impl"
+A2A = "moefx_a2a"
+PATH = "moefx_experts_path"
 
 ROLES = ("attn", "ffn", "router", "route", "dispatch", "experts", "combine", "residual", "coef", "mix",
          "collective", "aux", "layout")

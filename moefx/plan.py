@@ -1,8 +1,10 @@
 """Typed, frozen plan: what to convert, how to shrink, how to lower and partition.
 
 A plan is data. Build it with `Plan.from_dict`, `Plan.from_file` (TOML or JSON) or the
-dataclasses directly. Every field is checked when the plan is built; checks that need the model
-(how many blocks, which expert counts) happen in `MoEPlan.layer_experts` when the plan meets it.
+dataclasses directly. Every field is checked when the plan is built, strictly: a bool is not an
+int, a string is not a bool (`residual = "no"` is an error, not a truthy string), floats must be
+finite. Checks that need the model (how many blocks, which expert counts) happen when the plan
+meets it (`MoEPlan.layer_experts`, `moefx.parallel.validate_parallel`).
 
     [moe]
     experts = [32, 32, 32, 32, 32, 32, 32, 32, 32, 32, 64, 64]   # or 32, or "32x10+64x2"
@@ -36,15 +38,57 @@ from .errors import PlanError
 
 ExpertSpec = Union[int, tuple, str, dict]
 
+# The passes of `moefx.passes.pipeline.PIPELINE`, in order (plan.disable is checked against them here,
+# so a plan is validated without importing the passes; the pipeline asserts it matches).
+PASS_NAMES = ("pr_moe", "shrink", "lower_gating", "expert_parallel", "tensor_parallel", "hierarchical_a2a")
+
 _NOISY_GATES = (None, "jitter", "rsample")
 _INITS = ("upcycle", "random")
 _COMBINE_WEIGHTS = ("auto", "prob", "unit")
 _GATING_IMPLS = ("auto", "triton", "torch")
+_EXPERT_PATHS = ("auto", "buffer", "gather")
 
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise PlanError(msg)
+
+
+def _kind(v: Any) -> str:
+    return type(v).__name__
+
+
+def _int(where: str, v: Any, minimum: int | None = None) -> int:
+    """An int (not a bool, not a float or string) >= minimum."""
+    _check(isinstance(v, int) and not isinstance(v, bool),
+           f"{where} must be an integer, got {v!r} ({_kind(v)})" + (": write it without quotes" if isinstance(v, str)
+                                                                  else ""))
+    _check(minimum is None or v >= minimum, f"{where} must be >= {minimum}, got {v}")
+    return v
+
+
+def _float(where: str, v: Any, minimum: float | None = None, *, exclusive: bool = False) -> float:
+    """A finite number (int or float, not a bool or string) above minimum."""
+    _check(isinstance(v, (int, float)) and not isinstance(v, bool),
+           f"{where} must be a number, got {v!r} ({_kind(v)})" + (": write it without quotes" if isinstance(v, str)
+                                                                 else ""))
+    _check(math.isfinite(v), f"{where} must be finite, got {v}")
+    if minimum is not None:
+        ok = v > minimum if exclusive else v >= minimum
+        _check(ok, f"{where} must be {'>' if exclusive else '>='} {minimum}, got {v}")
+    return float(v)
+
+
+def _bool(where: str, v: Any) -> bool:
+    _check(isinstance(v, bool), f"{where} must be true or false, got {v!r} ({_kind(v)})"
+           + (": write true / false without quotes" if isinstance(v, str) else ""))
+    return v
+
+
+def _choice(where: str, v: Any, choices: tuple) -> Any:
+    _check(any(v is c or (v == c and type(v) is type(c)) for c in choices),
+           f"{where} must be one of {list(choices)}, got {v!r}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -65,6 +109,8 @@ class MoEPlan:
     generic_experts: run every layer's experts as vmapped copies of the FFN subgraph
         (GenericExperts) even where stacked matrices (StackedExperts, faster) would do; FFNs with
         inner matrices always use the generic path.
+    z_loss_coef: weight of the router z-loss (mean of logsumexp(logits)^2, ST-MoE) added to the
+        aux loss; 0 turns it off.
     """
 
     experts: ExpertSpec = 8
@@ -76,6 +122,7 @@ class MoEPlan:
     min_capacity: int = 4
     drop_tokens: bool = True
     aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
     noisy_gate: str | None = None
     use_rts: bool = False
     init: str = "upcycle"
@@ -92,28 +139,31 @@ class MoEPlan:
         _check(isinstance(e, (int, tuple, str, dict)) and not isinstance(e, bool),
                f"moe.experts must be an int, a list, a 'NxL+MxK' string or a pyramid dict, got {e!r}")
         if isinstance(e, int):
-            _check(e >= 1, f"moe.experts must be >= 1, got {e}")
+            _int("moe.experts", e, 1)
         if isinstance(e, tuple):
             _check(len(e) > 0, "moe.experts list is empty: give one expert count per MoE layer")
             for i, c in enumerate(e):
-                _check(isinstance(c, int) and not isinstance(c, bool) and c >= 1,
-                       f"moe.experts[{i}] must be a positive int, got {c!r}")
+                _int(f"moe.experts[{i}]", c, 1)
         if isinstance(e, str):
             _parse_expert_string(e)
         if isinstance(e, dict):
             _check_pyramid(e)
-        _check(isinstance(self.every, int) and self.every >= 1, f"moe.every must be an int >= 1, got {self.every!r}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 1, f"moe.top_k must be an int >= 1, got {self.top_k!r}")
-        _check(self.capacity_factor > 0, f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
-        _check(self.eval_capacity_factor > 0, f"moe.eval_capacity_factor must be > 0, got {self.eval_capacity_factor}")
-        _check(isinstance(self.min_capacity, int) and self.min_capacity >= 0,
-               f"moe.min_capacity must be an int >= 0, got {self.min_capacity!r}")
-        _check(self.aux_loss_coef >= 0, f"moe.aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
-        _check(self.noisy_gate in _NOISY_GATES, f"moe.noisy_gate must be one of {_NOISY_GATES}, got {self.noisy_gate!r}")
-        _check(self.init in _INITS, f"moe.init must be one of {_INITS}, got {self.init!r}")
-        _check(self.init_noise >= 0, f"moe.init_noise must be >= 0, got {self.init_noise}")
-        _check(self.combine_weight in _COMBINE_WEIGHTS,
-               f"moe.combine_weight must be one of {_COMBINE_WEIGHTS}, got {self.combine_weight!r}")
+        _int("moe.every", self.every, 1)
+        _int("moe.top_k", self.top_k, 1)
+        _bool("moe.residual", self.residual)
+        _float("moe.capacity_factor", self.capacity_factor, 0, exclusive=True)
+        _float("moe.eval_capacity_factor", self.eval_capacity_factor, 0, exclusive=True)
+        _int("moe.min_capacity", self.min_capacity, 0)
+        _bool("moe.drop_tokens", self.drop_tokens)
+        _float("moe.aux_loss_coef", self.aux_loss_coef, 0)
+        _float("moe.z_loss_coef", self.z_loss_coef, 0)
+        _choice("moe.noisy_gate", self.noisy_gate, _NOISY_GATES)
+        _bool("moe.use_rts", self.use_rts)
+        _choice("moe.init", self.init, _INITS)
+        _float("moe.init_noise", self.init_noise, 0)
+        _choice("moe.combine_weight", self.combine_weight, _COMBINE_WEIGHTS)
+        _bool("moe.generic_experts", self.generic_experts)
+        _int("moe.seed", self.seed, 0)
         _check(not (self.use_rts and self.top_k != 1), "moe.use_rts (random token selection) only exists for top_k = 1")
 
     @property
@@ -160,7 +210,7 @@ def _parse_expert_string(s: str) -> list[int]:
     counts: list[int] = []
     for part in s.replace(" ", "").split("+"):
         m = re.fullmatch(r"(\d+)(?:[x*](\d+))?", part)
-        _check(m is not None and int(m.group(1)) >= 1,
+        _check(m is not None and int(m.group(1)) >= 1 and int(m.group(2) or 1) >= 1,
                f"moe.experts string {s!r} is not of the form '32x10+64x2' (count x layers)")
         counts += [int(m.group(1))] * int(m.group(2) or 1)
     return counts
@@ -169,12 +219,17 @@ def _parse_expert_string(s: str) -> list[int]:
 def _check_pyramid(d: dict) -> None:
     _check(set(d) <= {"levels", "boundaries"} and "levels" in d,
            f"moe.experts pyramid dict takes 'levels' and 'boundaries', got keys {sorted(d)}")
-    levels, bounds = list(d["levels"]), list(d.get("boundaries", []))
+    levels, bounds = d["levels"], d.get("boundaries", [])
+    _check(isinstance(levels, (list, tuple)) and isinstance(bounds, (list, tuple)),
+           "moe.experts pyramid levels and boundaries must be lists")
     _check(len(levels) == len(bounds) + 1,
            f"moe.experts pyramid needs len(levels) == len(boundaries) + 1, got {len(levels)} and {len(bounds)}")
-    _check(all(isinstance(c, int) and c >= 1 for c in levels), f"pyramid levels must be positive ints, got {levels}")
-    _check(all(0 < b < 1 for b in bounds) and bounds == sorted(bounds),
-           f"pyramid boundaries must be increasing fractions in (0, 1), got {bounds}")
+    for i, c in enumerate(levels):
+        _int(f"moe.experts.levels[{i}]", c, 1)
+    for i, b in enumerate(bounds):
+        _float(f"moe.experts.boundaries[{i}]", b)
+    _check(all(0 < b < 1 for b in bounds) and list(bounds) == sorted(bounds),
+           f"pyramid boundaries must be increasing fractions in (0, 1), got {list(bounds)}")
 
 
 def _pyramid_counts(d: dict, n: int) -> list[int]:
@@ -200,11 +255,16 @@ class StudentPlan:
         _check(self.layers is not None or self.depth is not None or isinstance(self.keep, tuple),
                "student needs `layers` (block count), `depth` (fraction) or an explicit `keep` list")
         _check(self.layers is None or self.depth is None, "give student.layers or student.depth, not both")
-        _check(self.layers is None or (isinstance(self.layers, int) and self.layers >= 1),
-               f"student.layers must be an int >= 1, got {self.layers!r}")
-        _check(self.depth is None or 0 < self.depth <= 1, f"student.depth must be in (0, 1], got {self.depth!r}")
-        _check(self.keep == "auto" or (isinstance(self.keep, tuple) and all(isinstance(i, int) for i in self.keep)),
-               f"student.keep must be 'auto' or a list of block indices, got {self.keep!r}")
+        if self.layers is not None:
+            _int("student.layers", self.layers, 1)
+        if self.depth is not None:
+            _float("student.depth", self.depth)
+            _check(0 < self.depth <= 1, f"student.depth must be in (0, 1], got {self.depth!r}")
+        if isinstance(self.keep, tuple):
+            for i, b in enumerate(self.keep):
+                _int(f"student.keep[{i}]", b, 0)
+        else:
+            _check(self.keep == "auto", f"student.keep must be 'auto' or a list of block indices, got {self.keep!r}")
 
     def num_layers(self, num_blocks: int) -> int:
         """How many blocks the student keeps out of the teacher's `num_blocks`."""
@@ -224,7 +284,12 @@ class ParallelPlan:
 
     world = nodes * devices_per_node = tp * dp. Each MoE layer has an expert-parallel degree
     (`ep`: "auto", one int, or one value per MoE layer) and expert-data-parallel degree
-    world / (ep * tp_experts). `hierarchical_a2a`: True, False or "auto" (cost model per layer).
+    world / ep. `hierarchical_a2a`: true, false or "auto" (cost model per layer).
+    `coordinated_a2a`: with tp > 1, each TP rank dispatches only its 1/tp share of the (replicated)
+    tokens and the expert outputs are all-gathered over the TP group (the paper's
+    parallelism-coordinated communication); false sends every token from every TP rank.
+    Checks that need no model (tp and every explicit ep divide the world, TP groups inside nodes)
+    run here; `moefx.parallel.validate_parallel` adds the ones that need the expert counts.
     """
 
     nodes: int = 1
@@ -232,39 +297,72 @@ class ParallelPlan:
     tp: int = 1
     ep: Any = "auto"
     hierarchical_a2a: Any = "auto"
+    coordinated_a2a: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.ep, list):
             object.__setattr__(self, "ep", tuple(self.ep))
         for name in ("nodes", "devices_per_node", "tp"):
-            v = getattr(self, name)
-            _check(isinstance(v, int) and v >= 1, f"parallel.{name} must be an int >= 1, got {v!r}")
-        _check(self.ep == "auto" or (isinstance(self.ep, int) and self.ep >= 1)
-               or (isinstance(self.ep, tuple) and all(isinstance(x, int) and x >= 1 for x in self.ep)),
-               f"parallel.ep must be 'auto', an int >= 1 or a list of them, got {self.ep!r}")
-        _check(self.hierarchical_a2a in (True, False, "auto"),
-               f"parallel.hierarchical_a2a must be true, false or 'auto', got {self.hierarchical_a2a!r}")
+            _int(f"parallel.{name}", getattr(self, name), 1)
+        ep = self.ep
+        if isinstance(ep, tuple):
+            _check(len(ep) > 0, "parallel.ep list is empty: give one degree per MoE layer (or 'auto')")
+            for i, e in enumerate(ep):
+                _int(f"parallel.ep[{i}]", e, 1)
+        else:
+            _check(ep == "auto" if isinstance(ep, str) else isinstance(ep, int) and not isinstance(ep, bool),
+                   f"parallel.ep must be 'auto', an int >= 1 or a list of them, got {ep!r}")
+            if ep != "auto":
+                _int("parallel.ep", ep, 1)
+        _choice("parallel.hierarchical_a2a", self.hierarchical_a2a, (True, False, "auto"))
+        _bool("parallel.coordinated_a2a", self.coordinated_a2a)
+        errors = self.world_errors()
+        _check(not errors, "\n".join(errors))
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.devices_per_node
 
+    def world_errors(self) -> list[str]:
+        """Every degree of this section that does not fit its own world (no model needed)."""
+        world, g, tp = self.world_size, self.devices_per_node, self.tp
+        errors = []
+        if world % tp:
+            errors.append(f"parallel: tp * dp != world_size: tp = {tp} does not divide world_size = nodes * "
+                          f"devices_per_node = {self.nodes} * {g} = {world}")
+        elif g % tp and tp % g:
+            errors.append(f"parallel: tp = {tp} straddles nodes of {g} devices (TP groups are consecutive ranks): "
+                          f"choose a tp that divides devices_per_node {g} or is a multiple of it")
+        eps = self.ep if isinstance(self.ep, tuple) else (() if self.ep == "auto" else (self.ep,))
+        for i, e in enumerate(eps):
+            where = f"MoE layer {i}: " if isinstance(self.ep, tuple) else ""
+            if e > world or world % e:
+                errors.append(f"parallel: {where}ep * edp != world_size: ep = {e} does not divide world_size {world}")
+            elif self.hierarchical_a2a is True and e > 1 and e % g and g % e:
+                errors.append(f"parallel: {where}hierarchical_a2a = true needs EP groups of whole nodes, but ep = "
+                              f"{e} is neither a multiple nor a divisor of devices_per_node {g}")
+        return errors
+
 
 @dataclass(frozen=True)
 class LoweringPlan:
-    """Which implementation the gate / dispatch / combine nodes get: "auto", "triton" or "torch"."""
+    """Implementations chosen by the lowering pass.
+
+    gating: the route / dispatch / combine nodes: "auto" (Triton on CUDA, else PyTorch), "triton"
+    or "torch".
+    """
 
     gating: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.gating in _GATING_IMPLS, f"lowering.gating must be one of {_GATING_IMPLS}, got {self.gating!r}")
+        _choice("lowering.gating", self.gating, _GATING_IMPLS)
 
 
 @dataclass(frozen=True)
 class Plan:
     """The whole plan. Sections left out are not run (no `moe` -> no PR-MoE rewrite).
 
-    disable: names of passes to switch off (e.g. ["lower_gating"]).
+    disable: names of passes to switch off (from PASS_NAMES, e.g. ["lower_gating"]).
     """
 
     moe: MoEPlan | None = None
@@ -273,10 +371,25 @@ class Plan:
     lowering: LoweringPlan = field(default_factory=LoweringPlan)
     disable: tuple = ()
 
+    def __post_init__(self) -> None:
+        if isinstance(self.disable, list):
+            object.__setattr__(self, "disable", tuple(self.disable))
+        hint = f": write disable = [{self.disable!r}]" if isinstance(self.disable, str) else ""
+        _check(isinstance(self.disable, tuple),
+               f"disable must be a list of pass names, got {self.disable!r} ({_kind(self.disable)}){hint}")
+        for name in self.disable:
+            _check(isinstance(name, str) and name in PASS_NAMES,
+                   f"disable names an unknown pass {name!r}; the passes are {list(PASS_NAMES)}")
+        for name, typ in (("moe", MoEPlan), ("student", StudentPlan), ("parallel", ParallelPlan)):
+            v = getattr(self, name)
+            _check(v is None or isinstance(v, typ), f"Plan.{name} must be a {typ.__name__} or None, got {_kind(v)}")
+        _check(isinstance(self.lowering, LoweringPlan),
+               f"Plan.lowering must be a LoweringPlan, got {_kind(self.lowering)}")
+
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         """Build a Plan from a nested dict (as read from TOML/JSON); unknown keys are errors."""
-        _check(isinstance(d, dict), f"a plan must be a dict, got {type(d).__name__}")
+        _check(isinstance(d, dict), f"a plan must be a dict, got {_kind(d)}")
         sections = {"moe": MoEPlan, "student": StudentPlan, "parallel": ParallelPlan, "lowering": LoweringPlan}
         unknown = set(d) - set(sections) - {"disable"}
         _check(not unknown, f"unknown plan section(s) {sorted(unknown)}; known: {sorted(sections) + ['disable']}")
@@ -285,21 +398,26 @@ class Plan:
             if name in d and d[name] is not None:
                 kwargs[name] = _build(typ, d[name], name)
         if "disable" in d:
-            kwargs["disable"] = tuple(d["disable"])
+            kwargs["disable"] = d["disable"]
         return cls(**kwargs)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Plan":
-        """Read a plan from a .toml or .json file."""
+        """Read a plan from a .toml or .json file; a syntax error names the file, line and column."""
         p = Path(path)
         _check(p.exists(), f"plan file {str(p)!r} does not exist")
-        if p.suffix == ".json":
-            data = json.loads(p.read_text())
-        elif p.suffix == ".toml":
-            data = tomllib.loads(p.read_text())
-        else:
-            raise PlanError(f"plan file {str(p)!r} must end in .toml or .json")
-        return cls.from_dict(data)
+        _check(p.suffix in (".toml", ".json"), f"plan file {str(p)!r} must end in .toml or .json")
+        text = p.read_text()
+        try:
+            data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{p}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise PlanError(f"{p}: not valid TOML: {_toml_message(e)}") from None
+        try:
+            return cls.from_dict(data)
+        except PlanError as e:
+            raise PlanError(f"{p}: {e}") from None
 
     @classmethod
     def default(cls) -> "Plan":
@@ -314,23 +432,25 @@ class Plan:
             v = getattr(self, f.name)
             if v is None:
                 continue
-            out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else list(v)
+            out[f.name] = _plain(dataclasses.asdict(v)) if dataclasses.is_dataclass(v) else list(v)
         return out
+
+
+def _plain(d: dict) -> dict:
+    """Tuples as lists, so the dict is JSON/TOML-shaped."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _toml_message(e: Exception) -> str:
+    """tomllib's message already ends with '(at line L, column C)'; keep it on one line."""
+    return str(e).replace("\n", " ")
 
 
 def _build(typ, section: Any, name: str):
     if isinstance(section, typ):
         return section
-    _check(isinstance(section, dict), f"plan section [{name}] must be a table/dict, got {type(section).__name__}")
+    _check(isinstance(section, dict), f"plan section [{name}] must be a table/dict, got {_kind(section)}")
     known = {f.name for f in dataclasses.fields(typ)}
     unknown = set(section) - known
     _check(not unknown, f"unknown key(s) {sorted(unknown)} in [{name}]; known: {sorted(known)}")
-    try:
-        return typ(**section)
-    except TypeError as e:  # wrong types that slipped past the checks
-        raise PlanError(f"[{name}]: {e}") from None
-
-
-def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
-    """DeepSpeed's expert capacity: ceil(k * S / E * capacity_factor), at least min_capacity."""
-    return max(math.ceil((num_tokens / num_experts) * (capacity_factor * top_k)), min_capacity)
+    return typ(**section)

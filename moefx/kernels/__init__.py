@@ -1,5 +1,5 @@
 """Triton kernels (import the submodules explicitly: `moefx.kernels.gating` needs triton).
 
-gating      fused gate -> routing table, dispatch, combine, as torch.library custom ops
-gating_ref  their plain PyTorch references
+gating  fused gate -> routing table, dispatch, combine, route_dot launchers; their PyTorch
+        references are `moefx.nn.table`, the custom ops a graph calls `moefx.nn.gating_ops`.
 """

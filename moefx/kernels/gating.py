@@ -17,24 +17,16 @@ Kernels (every program handles a block of many rows):
   accumulating in float32.
 - route_dot: `_route_dot_kernel`, out[s, j] = <a[s], b[row(s, j)]> (gradient of a weight).
 
-Custom ops (namespace "moefx"), each with a fake (meta) implementation and an autograd formula
-written with the same ops, so graphs containing them export, trace, compile and differentiate
-twice: `gate_table`, `dispatch_tokens`, `combine_tokens`, `route_dot`. The dispatch with a
-per-choice scale and the weighted combine are adjoint to each other:
-
-    d dispatch(x, scale) / dx     = combine(g, scale)      d / dscale = route_dot(x, g)
-    d combine(y, w) / dy          = dispatch(g, w)         d / dw     = route_dot(g, y)
-
-The public `gate_table` / `dispatch` / `combine` call the implementations directly in plain
-eager inference (no autograd, no tracing: see `_eager`), since a custom op's Python dispatch
-costs about as much as these kernels; otherwise they go through the custom ops.
-
-On CUDA tensors (or any tensors with TRITON_INTERPRET=1) the ops run the Triton kernels; on CPU
-without the interpreter they run the references in `gating_ref`. Whether to interpret is read
-at launch time, so setting TRITON_INTERPRET=1 after this module was imported still works.
+The launchers (`gate_table_triton`, `dispatch_triton`, `combine_triton`, `route_dot_triton`) take
+and return the tensors of the table conventions in `moefx.nn.table`, whose functions are their
+PyTorch references; the custom ops the graph calls (`moefx.nn.gating_ops`) run them when a node's
+implementation is "triton". CUDA tensors run compiled kernels; with TRITON_INTERPRET=1 (read at
+launch time, so setting it after import works) any tensors run in Triton's CPU interpreter.
+`LAUNCHES` counts the launches per kernel (tests use it to prove the Triton path ran).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 from typing import Optional
@@ -43,9 +35,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from ..nn.routing import Routing, expert_capacity
-from . import gating_ref as ref
 
 # --------------------------------------------------------------------------------------------
 # Kernels (plain functions; `_kernel` turns them into JIT or interpreted Triton functions)
@@ -236,6 +225,7 @@ def _route_dot_kernel(a_ptr, b_ptr, expert_ptr, slot_ptr, out_ptr, S, D, C,
 # --------------------------------------------------------------------------------------------
 
 _BUILT: dict = {}
+LAUNCHES: collections.Counter = collections.Counter()
 
 
 def _interpreting() -> bool:
@@ -293,6 +283,7 @@ def _interpretable_language():
 
 def _launch(fn, grid, *args, **kwargs):
     """Run kernel `fn` on `grid` (compiled, or interpreted when TRITON_INTERPRET=1)."""
+    LAUNCHES[fn.__name__] += 1
     if _interpreting():
         with _interpretable_language():
             _kernel(fn)[grid](*args, **kwargs)
@@ -300,7 +291,8 @@ def _launch(fn, grid, *args, **kwargs):
         _kernel(fn)[grid](*args, **kwargs)
 
 
-def _use_triton(t: Tensor) -> bool:
+def can_run(t: Tensor) -> bool:
+    """Whether the kernels can run on `t`'s device here (CUDA, or any device when interpreting)."""
     return t.device.type == "cuda" or _interpreting()
 
 
@@ -322,7 +314,7 @@ def _acc_f64(*tensors: Optional[Tensor]) -> bool:
     return any(t is not None and t.dtype == torch.float64 for t in tensors)
 
 
-def _gate_table_triton(logits: Tensor, k: int, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
+def gate_table_triton(logits: Tensor, k: int, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
     S, E = logits.shape
     dev = logits.device
     expert = torch.empty(S, k, dtype=torch.int64, device=dev)
@@ -343,7 +335,7 @@ def _gate_table_triton(logits: Tensor, k: int, capacity: int) -> tuple[Tensor, T
     return expert, slot, counts
 
 
-def _dispatch_triton(tokens: Tensor, expert: Tensor, slot: Tensor, counts: Tensor, scale: Optional[Tensor],
+def dispatch_triton(tokens: Tensor, expert: Tensor, slot: Tensor, counts: Tensor, scale: Optional[Tensor],
                      E: int, C: int) -> Tensor:
     S, D = tokens.shape
     k = slot.shape[1]
@@ -360,7 +352,7 @@ def _dispatch_triton(tokens: Tensor, expert: Tensor, slot: Tensor, counts: Tenso
     return out
 
 
-def _combine_triton(expert_out: Tensor, expert: Tensor, slot: Tensor, weight: Optional[Tensor]) -> Tensor:
+def combine_triton(expert_out: Tensor, expert: Tensor, slot: Tensor, weight: Optional[Tensor]) -> Tensor:
     E, C, D = expert_out.shape
     S, k = slot.shape
     out = torch.empty(S, D, dtype=expert_out.dtype, device=expert_out.device)
@@ -374,7 +366,7 @@ def _combine_triton(expert_out: Tensor, expert: Tensor, slot: Tensor, weight: Op
     return out
 
 
-def _route_dot_triton(a: Tensor, b: Tensor, expert: Tensor, slot: Tensor) -> Tensor:
+def route_dot_triton(a: Tensor, b: Tensor, expert: Tensor, slot: Tensor) -> Tensor:
     E, C, D = b.shape
     S, k = slot.shape
     out = torch.empty(S, k, dtype=_dot_dtype(a, b), device=a.device)
@@ -391,199 +383,3 @@ def _route_dot_triton(a: Tensor, b: Tensor, expert: Tensor, slot: Tensor) -> Ten
 
 def _dot_dtype(a: Tensor, b: Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# Custom ops
-#
-# Table conventions: kept slots of expert e are 0 .. counts[e] - 1 (as every table `route`
-# makes), which lets dispatch zero exactly the empty suffix of each expert's buffer.
-# --------------------------------------------------------------------------------------------
-
-
-def _gate_table_impl(logits, top_k, capacity):
-    if _use_triton(logits):
-        return _gate_table_triton(logits, top_k, capacity)
-    return ref.gate_table_ref(logits, top_k, capacity)
-
-
-def _dispatch_impl(tokens, expert, slot, counts, scale, num_experts, capacity):
-    if _use_triton(tokens):
-        return _dispatch_triton(tokens, expert, slot, counts, scale, num_experts, capacity)
-    return ref.dispatch_ref(tokens, expert, slot, scale, num_experts, capacity)
-
-
-def _combine_impl(expert_out, expert, slot, weight):
-    if _use_triton(expert_out):
-        return _combine_triton(expert_out, expert, slot, weight)
-    return ref.combine_ref(expert_out, expert, slot, weight)
-
-
-def _route_dot_impl(a, b, expert, slot):
-    if _use_triton(a):
-        return _route_dot_triton(a, b, expert, slot)
-    return ref.route_dot_ref(a, b, expert, slot)
-
-
-@torch.library.custom_op("moefx::gate_table", mutates_args=())
-def gate_table_op(logits: Tensor, top_k: int, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(expert [S, k] int64, slot [S, k] int64, counts [E] int64) of logits [S, E]; capacity -1 = no limit."""
-    return _gate_table_impl(logits, top_k, capacity)
-
-
-@gate_table_op.register_fake
-def _(logits, top_k, capacity):
-    S, E = logits.shape
-    return (logits.new_empty(S, top_k, dtype=torch.int64), logits.new_empty(S, top_k, dtype=torch.int64),
-            logits.new_empty(E, dtype=torch.int64))
-
-
-@torch.library.custom_op("moefx::dispatch_tokens", mutates_args=())
-def dispatch_op(tokens: Tensor, expert: Tensor, slot: Tensor, counts: Tensor, scale: Optional[Tensor],
-                num_experts: int, capacity: int) -> Tensor:
-    """[E, C, d] buffer: row (expert[s, j], slot[s, j]) = scale[s, j] * tokens[s] (scale None: 1), zeros elsewhere."""
-    return _dispatch_impl(tokens, expert, slot, counts, scale, num_experts, capacity)
-
-
-@dispatch_op.register_fake
-def _(tokens, expert, slot, counts, scale, num_experts, capacity):
-    return tokens.new_empty(num_experts, capacity, tokens.shape[-1])
-
-
-def _dispatch_setup(ctx, inputs, output):
-    tokens, expert, slot, counts, scale, num_experts, capacity = inputs
-    ctx.save_for_backward(tokens if scale is not None else None, expert, slot, counts, scale)
-
-
-def _dispatch_backward(ctx, grad):
-    tokens, expert, slot, counts, scale = ctx.saved_tensors
-    g_tokens = g_scale = None
-    if ctx.needs_input_grad[0]:
-        g_tokens = combine_op(grad, expert, slot, counts, scale)
-    if scale is not None and ctx.needs_input_grad[4]:
-        g_scale = route_dot_op(tokens, grad, expert, slot, counts).to(scale.dtype)
-    return g_tokens, None, None, None, g_scale, None, None
-
-
-dispatch_op.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
-
-
-@torch.library.custom_op("moefx::combine_tokens", mutates_args=())
-def combine_op(expert_out: Tensor, expert: Tensor, slot: Tensor, counts: Tensor, weight: Optional[Tensor]) -> Tensor:
-    """[S, d]: out[s] = sum over kept j of weight[s, j] * expert_out[expert[s, j], slot[s, j]] (float32 accumulation).
-
-    counts is only used by the backward (a dispatch)."""
-    return _combine_impl(expert_out, expert, slot, weight)
-
-
-@combine_op.register_fake
-def _(expert_out, expert, slot, counts, weight):
-    return expert_out.new_empty(slot.shape[0], expert_out.shape[-1])
-
-
-def _combine_setup(ctx, inputs, output):
-    expert_out, expert, slot, counts, weight = inputs
-    ctx.num_experts, ctx.capacity = expert_out.shape[0], expert_out.shape[1]
-    ctx.save_for_backward(expert_out if weight is not None else None, expert, slot, counts, weight)
-
-
-def _combine_backward(ctx, grad):
-    expert_out, expert, slot, counts, weight = ctx.saved_tensors
-    g_out = g_weight = None
-    if ctx.needs_input_grad[0]:
-        g_out = dispatch_op(grad, expert, slot, counts, weight, ctx.num_experts, ctx.capacity)
-    if weight is not None and ctx.needs_input_grad[4]:
-        g_weight = route_dot_op(grad, expert_out, expert, slot, counts).to(weight.dtype)
-    return g_out, None, None, None, g_weight
-
-
-combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
-
-
-@torch.library.custom_op("moefx::route_dot", mutates_args=())
-def route_dot_op(a: Tensor, b: Tensor, expert: Tensor, slot: Tensor, counts: Tensor) -> Tensor:
-    """[S, k]: out[s, j] = <a[s], b[expert[s, j], slot[s, j]]>, 0 when dropped (float32 or wider).
-
-    counts is only used by the backward (a dispatch)."""
-    return _route_dot_impl(a, b, expert, slot)
-
-
-@route_dot_op.register_fake
-def _(a, b, expert, slot, counts):
-    return a.new_empty(slot.shape, dtype=_dot_dtype(a, b))
-
-
-def _route_dot_setup(ctx, inputs, output):
-    a, b, expert, slot, counts = inputs
-    ctx.num_experts, ctx.capacity = b.shape[0], b.shape[1]
-    ctx.save_for_backward(a, b, expert, slot, counts)
-
-
-def _route_dot_backward(ctx, grad):
-    a, b, expert, slot, counts = ctx.saved_tensors
-    g_a = g_b = None
-    if ctx.needs_input_grad[0]:
-        g_a = combine_op(b, expert, slot, counts, grad).to(a.dtype)
-    if ctx.needs_input_grad[1]:
-        g_b = dispatch_op(a, expert, slot, counts, grad, ctx.num_experts, ctx.capacity).to(b.dtype)
-    return g_a, g_b, None, None, None
-
-
-route_dot_op.register_autograd(_route_dot_backward, setup_context=_route_dot_setup)
-
-
-def _eager(*tensors: Optional[Tensor]) -> bool:
-    """True when the ops may be bypassed: plain tensors, no autograd, no tracing or dispatch mode.
-
-    The custom ops exist for graph capture (fake tensors, export, compile) and autograd; in plain
-    eager inference their Python dispatch costs tens of microseconds per call, comparable to the
-    kernels themselves, so the public functions call the implementations directly then.
-    """
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
-        return False
-    if torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
-            return False
-    return True
-
-
-# --------------------------------------------------------------------------------------------
-# The API moefx.nn.routing calls when impl resolves to "triton"
-# --------------------------------------------------------------------------------------------
-
-
-def gate_table(logits: Tensor, top_k: int, capacity_factor: float, min_capacity: int, drop_tokens: bool,
-               ep_group=None) -> tuple[Tensor, Tensor, int, Tensor]:
-    """(expert [S, k], slot [S, k], capacity, counts [E]) with DeepSpeed's semantics (see routing)."""
-    S, E = logits.shape
-    table = _gate_table_impl if _eager(logits) else gate_table_op
-    if drop_tokens:
-        capacity = expert_capacity(S, E, top_k, capacity_factor, min_capacity)
-        expert, slot, counts = table(logits, top_k, capacity)
-        return expert, slot, capacity, counts
-    expert, slot, counts = table(logits, top_k, -1)
-    cap_t = counts.max() if S > 0 else counts.new_zeros(())
-    if ep_group is not None:
-        import torch.distributed as dist
-
-        cap_t = cap_t.clone()
-        dist.all_reduce(cap_t, op=dist.ReduceOp.MAX, group=ep_group)
-    capacity = cap_t.item()  # data-dependent: an unbacked SymInt under torch.export
-    torch._check(capacity >= 0)
-    return expert, slot, capacity, counts
-
-
-def dispatch(tokens: Tensor, routing: Routing, num_experts: int) -> Tensor:
-    """tokens [S, d] -> [E, C, d] by the routing table (zeros in empty slots)."""
-    args = (tokens, routing.expert, routing.slot, routing.counts, None, num_experts, routing.capacity)
-    return _dispatch_impl(*args) if _eager(tokens) else dispatch_op(*args)
-
-
-def combine(expert_out: Tensor, routing: Routing) -> Tensor:
-    """expert_out [E, C, d] -> [S, d], weighted by routing.weight (float32 accumulation)."""
-    if _eager(expert_out, routing.weight):
-        return _combine_impl(expert_out, routing.expert, routing.slot, routing.weight)
-    return combine_op(expert_out, routing.expert, routing.slot, routing.counts, routing.weight)

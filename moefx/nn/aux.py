@@ -4,28 +4,36 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .routing import z_loss
+
 
 class AuxLossSink(nn.Module):
-    """Holds the l_aux of one MoE layer from the latest forward.
+    """Holds the weighted auxiliary loss of one MoE layer from the latest forward:
+    coef * l_aux (DeepSpeed's load-balancing loss) + z_coef * z-loss(router logits).
 
     A rewritten graph calls it as a `call_module` node right after routing; it is marked impure
-    so dead-code elimination keeps it. `coef` is the plan's aux_loss_coef.
+    so dead-code elimination keeps it. `coef` is the plan's aux_loss_coef, `z_coef` its z_loss_coef.
     """
 
     _is_impure = True
 
-    def __init__(self, coef: float):
+    def __init__(self, coef: float, z_coef: float = 0.0):
         super().__init__()
         self.coef = float(coef)
+        self.z_coef = float(z_coef)
         self.value: torch.Tensor | None = None
 
-    def forward(self, l_aux: torch.Tensor) -> None:
-        self.value = l_aux
+    def forward(self, l_aux: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+        value = l_aux * self.coef
+        if self.z_coef and logits is not None:
+            value = value + z_loss(logits) * self.z_coef
+        self.value = value
         return None
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of aux_loss_coef * l_aux over all MoE layers of `model`, from its latest forward.
+    """Sum of the weighted auxiliary losses (aux_loss_coef * l_aux + z_loss_coef * z-loss) over all
+    MoE layers of `model`, from its latest forward.
 
     Takes any module containing moefx MoE layers; returns a scalar tensor (0 when there are
     none or no forward has run), differentiable with respect to the router weights.
@@ -33,8 +41,7 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     total = None
     for sink in model.modules():
         if isinstance(sink, AuxLossSink) and sink.value is not None:
-            term = sink.value * sink.coef
-            total = term if total is None else total + term
+            total = sink.value if total is None else total + sink.value
     if total is None:
         return torch.zeros(())
     return total

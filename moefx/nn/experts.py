@@ -22,7 +22,7 @@ class StackedExperts(nn.Module):
 
     def __init__(self, up_weights: list[Tensor], up_biases: list[Tensor | None], down_weight: Tensor,
                  down_bias: Tensor | None, middle: fx.GraphModule, activation: str = "custom",
-                 first_expert: int = 0, bias_scale: float = 1.0):
+                 first_expert: int = 0, bias_scale: float = 1.0, elementwise: bool = True):
         super().__init__()
         self.up_weight = nn.ParameterList([nn.Parameter(w) for w in up_weights])
         self.up_has_bias = [b is not None for b in up_biases]
@@ -33,6 +33,23 @@ class StackedExperts(nn.Module):
         self.activation = activation
         self.first_expert = first_expert  # global index of expert 0 of this module (after partition)
         self.bias_scale = bias_scale  # 0 on all but one rank when the inner dim is sliced
+        self.elementwise = elementwise  # the middle treats each element of f on its own
+
+    @property
+    def sliceable(self) -> bool:
+        """Whether the inner dimension f can be split exactly (expert slicing, tensor parallelism)."""
+        return self.elementwise
+
+    @staticmethod
+    def inner_dim(param: str) -> int | None:
+        """The dimension of parameter `param` that indexes f (None: the down bias, which has none)."""
+        if param.startswith("up_weight."):
+            return 2
+        if param.startswith("up_bias.") or param == "down_weight":
+            return 1
+        if param == "down_bias":
+            return None
+        raise KeyError(f"StackedExperts has no parameter {param!r}")
 
     @property
     def num_experts(self) -> int:
@@ -73,7 +90,8 @@ class StackedExperts(nn.Module):
                               [None if b is None else b.detach()[start:stop].clone() for b in self._biases()],
                               self.down_weight.detach()[start:stop].clone(),
                               None if self.down_bias is None else self.down_bias.detach()[start:stop].clone(),
-                              self.middle, self.activation, self.first_expert + start, self.bias_scale)
+                              self.middle, self.activation, self.first_expert + start, self.bias_scale,
+                              self.elementwise)
 
     def slice_inner(self, index: int, parts: int) -> "StackedExperts":
         """Expert slicing: part `index` of `parts` of every expert's inner dimension f.
@@ -82,6 +100,9 @@ class StackedExperts(nn.Module):
         down bias is kept at full scale on part 0 and zeroed elsewhere, so summing the parts'
         outputs (an all-reduce) gives the full expert output.
         """
+        if not self.elementwise:
+            raise ValueError("this FFN's middle is not elementwise over f (a norm / softmax over it): it cannot be "
+                             "sliced exactly")
         if self.f % parts:
             raise ValueError(f"inner size f = {self.f} is not divisible by {parts} expert slices")
         lo, hi = index * self.f // parts, (index + 1) * self.f // parts
@@ -90,7 +111,7 @@ class StackedExperts(nn.Module):
                               self.down_weight.detach()[:, lo:hi, :].clone(),
                               None if self.down_bias is None else self.down_bias.detach().clone(),
                               self.middle, self.activation, self.first_expert,
-                              self.bias_scale if index == 0 else 0.0)
+                              self.bias_scale if index == 0 else 0.0, self.elementwise)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, d={self.d}, f={self.f}, ups={len(self.up_weight)}, "
@@ -115,6 +136,13 @@ class GenericExperts(nn.Module):
         self.activation = activation
         self.first_expert = first_expert
         self.bias_scale = 1.0
+
+    sliceable = False
+
+    @staticmethod
+    def inner_dim(param: str) -> None:
+        """Generic experts are never sliced."""
+        return None
 
     @property
     def num_experts(self) -> int:

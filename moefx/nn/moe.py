@@ -41,7 +41,7 @@ class Gate(nn.Module):
     """Routing decision of one MoE layer: logits [S, E] -> Routing (moefx.route).
 
     Uses capacity_factor in training and eval_capacity_factor in eval, like DeepSpeed. `impl` is
-    set by the lower_gating pass; `ep_group` by the partition pass (dropless capacity agreement).
+    set by the lower_gating pass.
     """
 
     def __init__(self, num_experts: int, top_k: int, capacity_factor: float, eval_capacity_factor: float,
@@ -58,7 +58,6 @@ class Gate(nn.Module):
         self.use_rts = use_rts
         self.noisy_gate = noisy_gate
         self.impl = impl
-        self.ep_group = None
 
     def forward(self, logits: Tensor) -> Routing:
         return route(logits, top_k=self.top_k,
@@ -66,7 +65,7 @@ class Gate(nn.Module):
                      min_capacity=self.min_capacity, drop_tokens=self.drop_tokens, unit_top1=self.unit_top1,
                      use_rts=self.use_rts and self.training,
                      noisy_gate=self.noisy_gate if self.training and self.noisy_gate == "rsample" else None,
-                     ep_group=self.ep_group, impl=self.impl)
+                     impl=self.impl)
 
     def with_options(self, **attrs) -> "Gate":
         """A copy of this gate with some settings changed (passes use it: the input graph keeps its own)."""
@@ -108,8 +107,9 @@ class MoELayer(nn.Module):
 
     def forward(self, tokens: Tensor, mlp_out: Tensor | None = None) -> Tensor:
         """Eager equivalent of the graph nodes: tokens [S, d] (+ dense MLP output) -> [S, d]."""
-        routing = self.gate(self.router(tokens))
-        self.aux(routing.aux_loss)
+        logits = self.router(tokens)
+        routing = self.gate(logits)
+        self.aux(routing.aux_loss, logits)
         out = combine(self.experts(dispatch(tokens, routing, self.num_experts, impl=self.gate.impl)), routing,
                       impl=self.gate.impl)
         if self.coef is None:

@@ -1,12 +1,13 @@
 """PR-MoE rewrite: replace selected FFN regions by (residual) MoE layers made of graph nodes.
 
-Runs first, on a captured dense graph. Needs: FFNs recognisable by `moefx.analysis.find_ffns`.
-Produces, for every block i with (i + 1) % every == 0, the nodes
+Runs first (stage "convert"), on a captured dense graph. Requires: FFNs recognisable by
+`moefx.analysis.find_ffns`. Provides: MoE layers. Produces, for every block i with
+(i + 1) % every == 0, the nodes
 
     tokens  = aten.reshape(X, [-1, d])              role router
     logits  = moe{L}.router(tokens)                 Linear(d, E, bias=False) in fp32
     routing = moe{L}.gate(logits)                   moefx.route -> Routing (mapping table)
-    aux     = routing[5]; moe{L}.aux(aux)           load-balancing loss sink
+    aux     = routing[5]; moe{L}.aux(aux, logits)   load-balancing (+ z-) loss sink
     buf     = moefx.dispatch(tokens, routing, E)    [E, C, d]
     y_buf   = moe{L}.experts(buf)                   batched experts (bmm)
     moe_out = moefx.combine(y_buf, routing)         [S, d]
@@ -14,8 +15,9 @@ Produces, for every block i with (i + 1) % every == 0, the nodes
     coef    = softmax(moe{L}.coef(tokens))          Linear(d, 2)
     out     = moe_out * coef[:, 0:1] + reshape(mlp_out, [-1, d]) * coef[:, 1:2]
 
-and rewires the FFN's users to `out` (reshaped like X). Without `residual` the dense FFN nodes
-are removed. Every created node carries moefx_pass="pr_moe", its role and layer.
+and rewires the FFN's users to `out` (reshaped like X). Without `residual` every node of the dense
+FFN region is removed (dropout and casts included, which dead-code elimination would keep), so
+its weights leave the model. Every created node carries moefx_pass="pr_moe", its role and layer.
 
 Function preservation with init="upcycle": every expert is a copy of the dense FFN, so with
 dropless routing each token's expert output equals the dense output. Top-1 weights are
@@ -23,11 +25,16 @@ p / p.detach() (value 1, gradient of p: `MoEPlan.combine_weight = "unit"`), top-
 renormalised to sum to 1, and the residual mix has c0 + c1 = 1 for any coef weights: the
 converted model computes the dense function. `init_noise` > 0 perturbs the copies (breaks
 expert symmetry) and preservation then holds only approximately.
-Does not handle: FFNs whose middle contains matrix parameters (not recognised as FFNs).
+
+Values: every new tensor is built from a recipe (`moefx.recipes`), recorded in
+`gm.meta["moefx_recipes"]`, so a rank can build exactly its own piece later. On the meta device
+the tensors are left empty. Experts are `StackedExperts` (stacked up/down matrices, the FFN's
+token-wise middle copied from the graph) or, for FFNs with inner matrices or parameters in the
+middle (and with `generic_experts`), `GenericExperts` (the FFN subgraph vmapped over stacked
+parameters, each expert with its own trainable copy).
 """
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
@@ -41,42 +48,67 @@ from ..nn.aux import AuxLossSink
 from ..nn.experts import GenericExperts, StackedExperts
 from ..nn.moe import Gate, MoELayer, Router
 from ..nn.routing import combine, dispatch
-from .infra import NodeBuilder, copy_graph_module
+from ..recipes import KEY as RECIPES, StackExperts, Uniform
+from .base import Pass, PassContext
+from .conditions import FFNS, MOE_LAYERS
+from .graph import NodeBuilder, copy_graph_module, drop_unused_attributes
 
 NAME = "pr_moe"
 
 
-def pr_moe(gm: fx.GraphModule, plan) -> fx.GraphModule:
-    """Rewrite the FFNs that `plan.moe` selects into MoE layers. Returns a new GraphModule."""
-    moe = plan.moe
-    if moe is None:
-        return gm
-    ffns = find_ffns(gm)
-    if not ffns:
-        raise AnalysisError("no position-wise FFN (linear d->f, token-wise ops, linear f->d) was found in the "
-                            "graph; moefx.find_ffns(gm) shows what the analysis sees")
-    layer_experts = moe.layer_experts(len(ffns))
-    new = copy_graph_module(gm)
-    by_name = {n.name: n for n in new.graph.nodes}
-    for ffn in ffns:
-        for name in ffn.nodes:
-            by_name[name].meta[M.BLOCK] = ffn.block
-            by_name[name].meta[M.ROLE] = "ffn"
-    for layer, (block, num_experts) in enumerate(layer_experts.items()):
-        _rewrite(new, by_name, ffns[block], num_experts, layer, moe)
-    new.graph.eliminate_dead_code()
-    new.delete_all_unused_submodules()
-    new.meta["moefx_counters"] = {**new.meta.get("moefx_counters", {}), NAME: len(layer_experts)}
-    new.meta["moefx_num_blocks"] = len(ffns)
-    new.recompile()
-    return new
+class PrMoE(Pass):
+    """Rewrite the FFNs that `plan.moe` selects into MoE layers (see the module docstring)."""
+
+    name = NAME
+    stage = "convert"
+    requires = (FFNS,)
+    provides = (MOE_LAYERS,)
+
+    def applies(self, ctx: PassContext) -> bool:
+        return ctx.plan.moe is not None
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        moe = ctx.plan.moe
+        ffns = find_ffns(gm)
+        layer_experts = moe.layer_experts(len(ffns))
+        new = copy_graph_module(gm)
+        by_name = {n.name: n for n in new.graph.nodes}
+        for ffn in ffns:
+            for name in ffn.nodes:
+                by_name[name].meta[M.BLOCK] = ffn.block
+                by_name[name].meta[M.ROLE] = "ffn"
+        recipes = dict(new.meta.get(RECIPES, {}))
+        for layer, (block, num_experts) in enumerate(layer_experts.items()):
+            _rewrite(new, by_name, ffns[block], num_experts, layer, moe, recipes)
+        new.graph.eliminate_dead_code()
+        new.delete_all_unused_submodules()
+        drop_unused_attributes(new)
+        new.meta[RECIPES] = recipes
+        new.meta["moefx_counters"] = {**new.meta.get("moefx_counters", {}), NAME: len(layer_experts)}
+        new.meta["moefx_num_blocks"] = len(ffns)
+        return new
+
+    def ensures(self, before, after, ctx) -> None:
+        super().ensures(before, after, ctx)
+        moe = ctx.plan.moe
+        layers = [m for m in after.modules() if isinstance(m, MoELayer)]
+        want = len(moe.layer_experts(after.meta["moefx_num_blocks"]))
+        if len(layers) != want:
+            raise AssertionError(f"pr_moe made {len(layers)} MoE layers, the plan asks for {want}")
+        for role in ("route", "dispatch", "experts", "combine"):
+            n = sum(1 for node in after.graph.nodes if node.meta.get(M.ROLE) == role)
+            if n != want:
+                raise AssertionError(f"pr_moe made {n} {role!r} nodes for {want} MoE layers")
 
 
-def _rewrite(gm: fx.GraphModule, by_name: dict, ffn: FFN, num_experts: int, layer: int, moe) -> None:
+PR_MOE = PrMoE()
+
+
+def _rewrite(gm: fx.GraphModule, by_name: dict, ffn: FFN, num_experts: int, layer: int, moe, recipes: dict) -> None:
     x, out = by_name[ffn.input], by_name[ffn.output]
     d = ffn.d
-    mod = _make_layer(gm, by_name, ffn, num_experts, layer, moe)
     prefix = f"moe{layer}"
+    mod = _make_layer(gm, by_name, ffn, num_experts, layer, moe, recipes, prefix)
     gm.add_submodule(prefix, mod)
 
     b = NodeBuilder(gm.graph, out, NAME, layer, ffn.block)
@@ -84,9 +116,10 @@ def _rewrite(gm: fx.GraphModule, by_name: dict, ffn: FFN, num_experts: int, laye
     logits = b("call_module", f"{prefix}.router", (tokens,), role="router")
     routing = b("call_module", f"{prefix}.gate", (logits,), role="route")
     aux = b("call_function", operator.getitem, (routing, 5), role="aux")
-    b("call_module", f"{prefix}.aux", (aux,), role="aux")
+    b("call_module", f"{prefix}.aux", (aux, logits), role="aux")
     buf = b("call_function", dispatch, (tokens, routing, num_experts), {"impl": "auto"}, role="dispatch")
     y_buf = b("call_module", f"{prefix}.experts", (buf,), role="experts")
+    y_buf.meta[M.PATH] = "buffer"
     moe_out = b("call_function", combine, (y_buf, routing), {"impl": "auto"}, role="combine")
     result = moe_out
     if moe.residual:
@@ -108,75 +141,85 @@ def _rewrite(gm: fx.GraphModule, by_name: dict, ffn: FFN, num_experts: int, laye
     created = set(b.created)
     out.replace_all_uses_with(result, delete_user_cb=lambda user: user not in created)
     if not moe.residual:
-        region = {by_name[name] for name in ffn.nodes}
-        for node in list(gm.graph.nodes):
-            if is_side_effect(node) and any(a in region for a in node.all_input_nodes):
-                gm.graph.erase_node(node)
+        _erase_region(gm, [by_name[name] for name in ffn.nodes])
 
 
-def _make_layer(gm: fx.GraphModule, by_name: dict, ffn: FFN, E: int, layer: int, moe) -> MoELayer:
+def _erase_region(gm: fx.GraphModule, region: list[fx.Node]) -> None:
+    """Erase a replaced FFN region: its nodes (impure ones like dropout included) and the side-effect
+    nodes (export's metadata asserts) that read them."""
+    members = set(region)
+    for node in list(gm.graph.nodes):
+        if is_side_effect(node) and any(a in members for a in node.all_input_nodes):
+            gm.graph.erase_node(node)
+    for node in reversed(region):
+        if node.users:
+            raise AssertionError(f"pr_moe: {node.name} of the replaced FFN is still read by "
+                                 f"{[u.name for u in node.users]}")
+        gm.graph.erase_node(node)
+
+
+def _make_layer(gm: fx.GraphModule, by_name: dict, ffn: FFN, E: int, layer: int, moe, recipes: dict,
+                prefix: str) -> MoELayer:
     ups = [linear_info(by_name[u]) for u in ffn.ups]
     down = linear_info(by_name[ffn.down])
-    dense_up = [_matrix(gm, u) for u in ups]
-    dense_down = _matrix(gm, down)
-    device, dtype = dense_down[0].device, dense_down[0].dtype
-    gen = torch.Generator().manual_seed(moe.seed * 100_003 + layer)
+    ref = attr_value(gm, down.weight.target)
+    device, dtype = ref.device, ref.dtype
+    meta = device.type == "meta"
 
-    def stack(t: torch.Tensor | None, noisy: bool) -> torch.Tensor | None:
-        """E copies of a dense weight (upcycle, optionally noisy) or fresh values (random init)."""
-        if t is None:
-            return None
-        if device.type == "meta":
-            return torch.empty((E, *t.shape), device=device, dtype=dtype)
-        base = t.detach().unsqueeze(0).expand(E, *t.shape).clone()
-        if moe.init == "random":
-            std = float(t.detach().float().std()) if t.dim() > 1 else 0.0
-            base = (torch.randn(base.shape, generator=gen) * std).to(device, dtype) if t.dim() > 1 \
-                else torch.zeros_like(base)
-        elif noisy and moe.init_noise > 0:
-            scale = moe.init_noise * float(t.detach().float().std())
-            base = base + (torch.randn(base.shape, generator=gen) * scale).to(device, dtype)
-        return base
+    def read(name: str, narrow: dict) -> torch.Tensor:
+        t = attr_value(gm, name).detach()
+        for d, (lo, hi) in narrow.items():
+            t = t.narrow(d, lo, hi - lo)
+        return t
+
+    def stacked(local: str, source: str, transpose: bool, tag: str) -> torch.Tensor:
+        dense = attr_value(gm, source)
+        recipe = StackExperts(source, E, transpose=transpose, init=moe.init, noise=moe.init_noise,
+                              key=(moe.seed, layer, tag))
+        recipes[f"{prefix}.experts.{local}"] = recipe
+        if meta:
+            return torch.empty(recipe.shape(tuple(dense.shape)), device="meta", dtype=dense.dtype)
+        return recipe.build(read, tuple(dense.shape))
 
     if ffn.stackable and not moe.generic_experts:
-        experts = StackedExperts([stack(w, True) for w, _ in dense_up], [stack(b, False) for _, b in dense_up],
-                                 stack(dense_down[0], True), stack(dense_down[1], False),
-                                 _extract_middle(gm, by_name, ffn, ups, down), ffn.activation)
+        up_w = [stacked(f"up_weight.{i}", u.weight.target, u.transposed, f"up{i}") for i, u in enumerate(ups)]
+        up_b, j = [], 0
+        for i, u in enumerate(ups):
+            up_b.append(stacked(f"up_bias.{j}", u.bias.target, False, f"up_bias{i}") if u.bias is not None else None)
+            j += u.bias is not None
+        down_w = stacked("down_weight", down.weight.target, down.transposed, "down")
+        down_b = stacked("down_bias", down.bias.target, False, "down_bias") if down.bias is not None else None
+        experts = StackedExperts(up_w, up_b, down_w, down_b, _extract_middle(gm, by_name, ffn, ups, down),
+                                 ffn.activation, elementwise=ffn.elementwise)
     else:
-        template, dense = _extract_region(gm, by_name, ffn)
-        experts = GenericExperts(template, {k: stack(t, t.dim() > 1) for k, t in dense.items()}, ffn.d, ffn.f,
-                                 ffn.activation)
-    router = Router(_init_uniform((E, ffn.d), ffn.d, gen, device, torch.float32), jitter=moe.noisy_gate == "jitter")
+        template, sources = _extract_region(gm, by_name, ffn)
+        params = {k: stacked(f"expert_params.{k}", src, False, k) for k, src in sources.items()}
+        experts = GenericExperts(template, params, ffn.d, ffn.f, ffn.activation)
+
+    def uniform(local: str, shape: tuple, out_dtype) -> torch.Tensor:
+        recipe = Uniform(shape, ffn.d, key=(moe.seed, layer, local))
+        recipes[f"{prefix}.{local}"] = recipe
+        if meta:
+            return torch.empty(shape, device="meta", dtype=out_dtype)
+        return recipe.build(dtype=out_dtype, device=device)
+
+    router = Router(uniform("router.weight", (E, ffn.d), torch.float32), jitter=moe.noisy_gate == "jitter")
     gate = Gate(E, moe.top_k, moe.capacity_factor, moe.eval_capacity_factor, moe.min_capacity, moe.drop_tokens,
                 moe.unit_top1, moe.use_rts, moe.noisy_gate)
     coef = None
     if moe.residual:
         coef = nn.Linear(ffn.d, 2, device="meta", dtype=dtype)
-        coef.weight = nn.Parameter(_init_uniform((2, ffn.d), ffn.d, gen, device, dtype))
-        coef.bias = nn.Parameter(_init_uniform((2,), ffn.d, gen, device, dtype))
-    return MoELayer(router, gate, experts, coef, AuxLossSink(moe.aux_loss_coef), ffn.block)
-
-
-def _init_uniform(shape, fan_in: int, gen, device, dtype) -> torch.Tensor:
-    """nn.Linear's default init (uniform +-1/sqrt(fan_in)) drawn from a seeded generator; empty on meta."""
-    if torch.device(device).type == "meta":
-        return torch.empty(shape, device="meta", dtype=dtype)
-    bound = 1 / math.sqrt(fan_in)
-    return torch.empty(shape, dtype=dtype).uniform_(-bound, bound, generator=gen).to(device)
-
-
-def _matrix(gm: fx.GraphModule, info) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The linear's weight as [in, out] (x @ M) and its bias, from the module's parameters."""
-    w = attr_value(gm, info.weight.target)
-    m = w.detach().t() if info.transposed else w.detach()
-    bias = attr_value(gm, info.bias.target).detach() if info.bias is not None else None
-    return m, bias
+        coef.weight = nn.Parameter(uniform("coef.weight", (2, ffn.d), dtype))
+        coef.bias = nn.Parameter(uniform("coef.bias", (2,), dtype))
+    return MoELayer(router, gate, experts, coef, AuxLossSink(moe.aux_loss_coef, moe.z_loss_coef), ffn.block)
 
 
 def _extract_middle(gm: fx.GraphModule, by_name: dict, ffn: FFN, ups, down) -> fx.GraphModule:
     """The FFN's token-wise ops between ups and down as a GraphModule taking the up outputs.
 
     Views are dropped (they only reshape leading dims), so it runs on [E, C, f] as well as [S, f].
+    Constants it reads (buffers, never parameters: FFNs with parameters there use generic experts)
+    are copied into it.
     """
     graph = fx.Graph()
     root = nn.Module()
@@ -203,26 +246,30 @@ def _extract_middle(gm: fx.GraphModule, by_name: dict, ffn: FFN, ups, down) -> f
         env[node] = graph.node_copy(node, arg)
     graph.output(env[strip_views(down.x)])
     return fx.GraphModule(root, graph, class_name="FFNMiddle")
-pr_moe.name = NAME
 
 
-def _extract_region(gm: fx.GraphModule, by_name: dict, ffn: FFN) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
-    """The whole FFN region as a GraphModule [C, d] -> [C, d] (the generic experts' template) and its
-    parameters by flat name. Views become reshapes to [-1, last dim] so any leading shape works; the
-    template's own parameters are meta placeholders (GenericExperts supplies the values)."""
+def _extract_region(gm: fx.GraphModule, by_name: dict, ffn: FFN) -> tuple[fx.GraphModule, dict[str, str]]:
+    """The whole FFN region as a GraphModule [C, d] -> [C, d] (the generic experts' template) and,
+    for each of its parameters (flat name), the dense tensor it copies. Views become reshapes to
+    [-1, last dim] so any leading shape works; the template's own parameters are meta placeholders
+    (GenericExperts supplies the values). Buffers the region reads stay constants of the template."""
     graph = fx.Graph()
     root = nn.Module()
     env: dict[fx.Node, fx.Node] = {by_name[ffn.input]: graph.placeholder("x")}
-    params: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
 
     def arg(a: fx.Node) -> fx.Node:
         if a in env:
             return env[a]
         if a.op == "get_attr":
             name = a.target.replace(".", "_")
-            if name not in params:
-                params[name] = attr_value(gm, a.target).detach()
-                root.register_buffer(name, torch.empty_like(params[name], device="meta"), persistent=False)
+            value = attr_value(gm, a.target)
+            if isinstance(value, nn.Parameter):
+                if name not in sources:
+                    sources[name] = a.target
+                    root.register_buffer(name, torch.empty_like(value, device="meta"), persistent=False)
+            elif not hasattr(root, name):
+                root.register_buffer(name, value.detach().clone())
             env[a] = graph.get_attr(name)
             return env[a]
         raise AnalysisError(f"FFN of block {ffn.block} reads {a.name}, which is outside the FFN region")
@@ -234,4 +281,4 @@ def _extract_region(gm: fx.GraphModule, by_name: dict, ffn: FFN) -> tuple[fx.Gra
         else:
             env[node] = graph.node_copy(node, arg)
     graph.output(graph.call_function(aten.reshape.default, (env[by_name[ffn.output]], [-1, ffn.d])))
-    return fx.GraphModule(root, graph, class_name="FFNTemplate"), params
+    return fx.GraphModule(root, graph, class_name="FFNTemplate"), sources

@@ -1,8 +1,8 @@
 """Shrink (Mixture-of-Students): drop whole Transformer blocks from a teacher graph.
 
-Runs after pr_moe and before lower_gating (`convert` adds it when the plan has a [student]
-section); it also runs on a dense captured graph. Needs blocks recognisable by
-`moefx.analysis.find_blocks`. Produces the student: the same graph with the removed blocks cut
+Runs after pr_moe and before lower_gating (stage "convert", when the plan has a [student]
+section); it also runs on a dense captured graph, and `moefx.shrink(teacher, plan)` runs it on
+its own. Requires: blocks recognisable by `moefx.analysis.find_blocks`. Produces the student: the same graph with the removed blocks cut
 out of the residual stream, i.e. every use of a removed block's output reads the block's input
 instead (consecutive removed blocks chain back to the first one's input), then
 
@@ -50,7 +50,9 @@ from ..analysis.blocks import ORIGIN_KEY, Block, find_blocks, stacks
 from ..errors import AnalysisError, PassError, PlanError
 from ..nn.aux import AuxLossSink
 from ..plan import Plan, StudentPlan
-from .infra import copy_graph_module
+from .base import Pass, PassContext
+from .conditions import BLOCKS
+from .graph import copy_graph_module, drop_unused_attributes
 
 NAME = "shrink"
 KEEP_KEY = "moefx_student_keep"
@@ -84,7 +86,7 @@ def shrink(gm: fx.GraphModule, plan) -> fx.GraphModule:
     _erase_unreachable(graph, live_before, _ancestors(output))
     graph.eliminate_dead_code()
     new.delete_all_unused_submodules()
-    _delete_unused_attributes(new)
+    drop_unused_attributes(new)
     _copy_weights(new)
     _check_removed(new, removed)
 
@@ -98,8 +100,27 @@ def shrink(gm: fx.GraphModule, plan) -> fx.GraphModule:
     return new
 
 
-shrink.name = NAME
-shrink_pass = shrink
+class Shrink(Pass):
+    """The shrink pass of the pipeline (see the module docstring); `moefx.shrink` is its function form."""
+
+    name = NAME
+    stage = "convert"
+    requires = (BLOCKS,)
+
+    def applies(self, ctx: PassContext) -> bool:
+        return ctx.plan.student is not None
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        return shrink(gm, ctx.plan.student)
+
+    def ensures(self, before, after, ctx) -> None:
+        kept = after.meta[KEEP_KEY]
+        if len(find_blocks(after)) != len(kept):
+            raise AssertionError(f"shrink kept {len(kept)} blocks but the student graph has "
+                                 f"{len(find_blocks(after))}")
+
+
+SHRINK = Shrink()
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,17 +280,6 @@ def _erase_unreachable(graph: fx.Graph, live_before: set, live_after: set) -> No
         if n.users:
             raise PassError(f"shrink: {n.name} feeds {[u.name for u in n.users]} after the removed blocks were cut out")
         graph.erase_node(n)
-
-
-def _delete_unused_attributes(gm: fx.GraphModule) -> None:
-    """Root-level parameters / buffers no get_attr reads any more (submodules are handled by fx)."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in list(gm._parameters):
-        if name not in used:
-            del gm._parameters[name]
-    for name in list(gm._buffers):
-        if name not in used:
-            del gm._buffers[name]
 
 
 def _check_removed(gm: fx.GraphModule, removed: list[Block]) -> None:

@@ -1,22 +1,22 @@
-"""Runtime layer under the partition pass: parallel degrees and process groups (`mesh`),
-autograd-capable flat / hierarchical all-to-all (`all_to_all`), the flat-vs-hierarchical cost
-model (`cost`) and torchrun launching (`launch`).
+"""The runtime: runs the rank graphs the passes produce (it never rewrites them).
 
-Only `mesh` and `cost` import without torch.distributed being usable; the others import torch.
+mesh        the job's DeviceMesh and its named groups (`build_mesh`)
+grads       gradient reduction and the global gradient norm, from placement records
+all_to_all  eager flat / hierarchical all-to-all on ProcessGroups (scripts, benchmarks)
+checkpoint  sharded, reshardable DCP checkpoints
+launch      torchrun launching and the worker-side helpers (`init_from_env`, `worker`)
+run_model   the worker program `moefx launch` runs
+
+Import the submodules explicitly; importing this package loads none of them.
 """
-from .all_to_all import (HierarchicalSplits, exchange_counts, flat_all_to_all, hierarchical_all_to_all,
-                         hierarchical_all_to_all_inverse, hierarchical_splits, permute_chunks)
-from .cost import a2a_cost_exprs, choose_hierarchical, crossover_bytes, flat_a2a_time, hierarchical_a2a_time
-from .launch import Launch, LaunchFailed, LaunchResult, free_port, init_from_env, launch, start, torchrun_argv, worker
-from .mesh import (LayerGroups, LayerParallel, ProcessGroups, ResolvedParallel, build_groups, rank_layout,
-                   validate_parallel)
 
-__all__ = [
-    "validate_parallel", "ResolvedParallel", "LayerParallel", "rank_layout", "build_groups", "ProcessGroups",
-    "LayerGroups",
-    "exchange_counts", "flat_all_to_all", "hierarchical_all_to_all", "hierarchical_all_to_all_inverse",
-    "hierarchical_splits", "HierarchicalSplits", "permute_chunks",
-    "choose_hierarchical", "crossover_bytes", "flat_a2a_time", "hierarchical_a2a_time", "a2a_cost_exprs",
-    "launch", "start", "Launch", "LaunchResult", "LaunchFailed", "torchrun_argv", "init_from_env", "worker",
-    "free_port",
-]
+_LAZY = {"init_from_env": "launch", "launch": "launch", "start": "launch", "build_mesh": "mesh"}
+
+
+def __getattr__(name: str):
+    """`moefx.runtime.init_from_env`, `.launch`, `.start`, `.build_mesh`, imported on first use."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,18 +19,21 @@ The result is bit-identical to `flat_all_to_all`: rank (n', g') ends with the ch
 (n, g) in order n-major, i.e. global source order. Step 3 needs the chunk sizes of the node's
 other ranks, so one small intra-node all-to-all of counts comes first (`hierarchical_splits`;
 compute it once and pass it to both directions), or `HierarchicalSplits.from_matrix` builds the
-same from a full count matrix without communication. The combine direction is
+same from a full count matrix without communication. These are the eager forms of what a rank
+graph does with `moefx.nn.collectives.all_to_all` nodes (the layout steps are shared:
+`moefx.nn.ep_layout`); they take ProcessGroup objects, for scripts and benchmarks. The combine direction is
 `hierarchical_all_to_all_inverse` (reverse route, no count exchange); calling
 `hierarchical_all_to_all` with the splits swapped also works (forward route) and is equally exact.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
+
+from ..nn.ep_layout import HierarchicalSplits, permute_chunks, unpermute_chunks
 
 __all__ = ["exchange_counts", "flat_all_to_all", "HierarchicalSplits", "hierarchical_splits",
            "hierarchical_all_to_all", "hierarchical_all_to_all_inverse", "permute_chunks", "unpermute_chunks"]
@@ -87,74 +90,6 @@ def flat_all_to_all(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Se
     return _wait(fc.all_to_all_single_autograd(x.contiguous(), recv, send, group))
 
 
-def permute_chunks(x: torch.Tensor, sizes: Sequence[int], order: Sequence[int]) -> torch.Tensor:
-    """Split rows of `x` into chunks of `sizes` and concatenate them in `order` (a layout transform).
-
-    Pure indexing, so exact and differentiable; zero-size chunks are fine.
-    """
-    if list(order) == list(range(len(sizes))):
-        return x
-    starts = [0]
-    for s in sizes:
-        starts.append(starts[-1] + s)
-    idx = torch.cat([torch.arange(starts[i], starts[i] + sizes[i], dtype=torch.long) for i in order]) \
-        if len(order) else torch.empty(0, dtype=torch.long)
-    return x.index_select(0, idx.to(x.device))
-
-
-@dataclass(frozen=True)
-class HierarchicalSplits:
-    """Every split one rank needs for both directions of a hierarchical all-to-all.
-
-    send / recv: the flat splits (length N * G, global order within the group).
-    mid: mid[g][n'] = rows that local rank g of this node sends to (n', my local index), i.e. the
-        chunks that pass through this rank (filled by the intra-node count exchange).
-    """
-
-    nodes: int
-    devices_per_node: int
-    send: tuple[int, ...]
-    recv: tuple[int, ...]
-    mid: tuple[tuple[int, ...], ...]
-
-    @classmethod
-    def from_matrix(cls, counts, rank: int, nodes: int, devices_per_node: int) -> "HierarchicalSplits":
-        """Build without communication from the full count matrix (counts[s][d] = rows group rank s
-        sends to d, e.g. after an all_gather of every rank's send counts); `rank` is the group rank."""
-        M = counts.tolist() if isinstance(counts, torch.Tensor) else [list(r) for r in counts]
-        N, G = nodes, devices_per_node
-        n, g_me = divmod(rank, G)
-        mid = tuple(tuple(int(M[n * G + g][m * G + g_me]) for m in range(N)) for g in range(G))
-        return cls(N, G, tuple(int(v) for v in M[rank]), tuple(int(M[s][rank]) for s in range(N * G)), mid)
-
-    # Chunk sizes at each stage, derived from the above (N = nodes, G = devices_per_node).
-    def by_local_then_node(self) -> tuple[list[int], list[int]]:
-        """Step 1: sizes of my send chunks in destination order, and the order (g', n')."""
-        N, G = self.nodes, self.devices_per_node
-        return list(self.send), [n * G + g for g in range(G) for n in range(N)]
-
-    def intra_send(self) -> list[int]:
-        N, G = self.nodes, self.devices_per_node
-        return [sum(self.send[n * G + g] for n in range(N)) for g in range(G)]
-
-    def intra_recv(self) -> list[int]:
-        return [sum(row) for row in self.mid]
-
-    def mid_sizes_order(self) -> tuple[list[int], list[int]]:
-        """Step 3: received chunks come as (g, n'); reorder to (n', g)."""
-        N, G = self.nodes, self.devices_per_node
-        sizes = [self.mid[g][n] for g in range(G) for n in range(N)]
-        return sizes, [g * N + n for n in range(N) for g in range(G)]
-
-    def inter_send(self) -> list[int]:
-        N, G = self.nodes, self.devices_per_node
-        return [sum(self.mid[g][n] for g in range(G)) for n in range(N)]
-
-    def inter_recv(self) -> list[int]:
-        N, G = self.nodes, self.devices_per_node
-        return [sum(self.recv[n * G + g] for g in range(G)) for n in range(N)]
-
-
 def _check_shape(send, recv, nodes, devices_per_node, intra_group, inter_group):
     p = nodes * devices_per_node
     if len(send) != p or len(recv) != p:
@@ -168,16 +103,18 @@ def _check_shape(send, recv, nodes, devices_per_node, intra_group, inter_group):
 
 
 def hierarchical_splits(send_splits: Sequence[int], recv_splits: Sequence[int], intra_group, nodes: int,
-                        devices_per_node: int) -> HierarchicalSplits:
+                        devices_per_node: int, device=None) -> HierarchicalSplits:
     """Exchange, inside the node, the counts a hierarchical all-to-all routes through each rank.
 
-    Collective over `intra_group` (one even all-to-all of N * G ints)."""
+    Collective over `intra_group` (one even all-to-all of N * G ints, on `device`: the tokens'
+    device, since NCCL communicates CUDA tensors only)."""
     N, G = nodes, devices_per_node
     send, recv = _as_list(send_splits, "send_splits"), _as_list(recv_splits, "recv_splits")
     # Row g' of what I send: my counts to (n', g') for every n'.
-    mine = torch.tensor([[send[n * G + g] for n in range(N)] for g in range(G)], dtype=torch.long)
+    mine = torch.tensor([[send[n * G + g] for n in range(N)] for g in range(G)], dtype=torch.long, device=device)
     got = exchange_counts(mine, intra_group) if G > 1 else mine
     return HierarchicalSplits(N, G, tuple(send), tuple(recv), tuple(tuple(r) for r in got.tolist()))
+
 
 
 def hierarchical_all_to_all(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], intra_group,
@@ -195,7 +132,7 @@ def hierarchical_all_to_all(x: torch.Tensor, send_splits: Sequence[int], recv_sp
     if sum(send) != x.shape[0]:
         raise ValueError(f"hierarchical_all_to_all: send_splits sum to {sum(send)} but x has {x.shape[0]} rows")
     if splits is None:
-        splits = hierarchical_splits(send, recv, intra_group, nodes, devices_per_node)
+        splits = hierarchical_splits(send, recv, intra_group, nodes, devices_per_node, device=x.device)
     elif list(splits.send) != send or list(splits.recv) != recv:
         raise ValueError("hierarchical_all_to_all: `splits` was computed for other send/recv splits")
     h = splits
@@ -223,11 +160,3 @@ def hierarchical_all_to_all_inverse(y: torch.Tensor, splits: HierarchicalSplits,
     z = flat_all_to_all(z, h.intra_recv(), h.intra_send(), intra_group) if h.devices_per_node > 1 else z  # undo 2
     sizes, order = h.by_local_then_node()
     return unpermute_chunks(z, sizes, order)                                          # undo 1
-
-
-def unpermute_chunks(x: torch.Tensor, sizes: Sequence[int], order: Sequence[int]) -> torch.Tensor:
-    """Undo `permute_chunks(., sizes, order)`: `x` holds the chunks in `order`; restore their original order."""
-    inverse = [0] * len(order)
-    for pos, i in enumerate(order):
-        inverse[i] = pos
-    return permute_chunks(x, [sizes[i] for i in order], inverse)

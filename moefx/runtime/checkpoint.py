@@ -1,4 +1,5 @@
-"""Sharded checkpoints of partitioned models with torch.distributed.checkpoint (DCP), reshardable.
+"""Sharded checkpoints of partitioned models with torch.distributed.checkpoint (DCP), reshardable
+and verified.
 
 Every rank of a `moefx.distribute`d model calls `save_sharded(local, path)`; the checkpoint holds
 the GLOBAL tensors of the converted (unpartitioned) model, each written as the pieces the ranks
@@ -14,39 +15,31 @@ without any process group (`load_full`)::
 
     load_full(moefx.convert(model, plan, inputs), "ckpt/step100")   # single process, no group
 
-Global names and pieces (`pieces`, read from what partition records):
-- expert weights of MoE layer L: one global stacked tensor `moe{L}.experts.<param>` ([E, ...]);
-  a rank holds rows [first_expert, first_expert + n) of it and, with expert slicing, column range
-  `slice_of(rank)` of the expert inner dimension f (up weights dim 2, up biases dim 1, down weight
-  dim 1; the down bias is whole on every slice and slice 0's copy is the one that counts);
-- tensor-parallel shards `tp_shard_<target>[_chunkN]` (`meta["moefx_shards"]`): range [lo, hi)
-  of `dim` of their original target; a fused qkv projection gives one rank several shards;
-- everything else is replicated.
+Where each local tensor sits in its global tensor comes from its placement record
+(`moefx.placement`, written by the partition passes). A global tensor the rank holds whole is
+given to DCP as a plain tensor; one it holds pieces of as a `DTensor` whose local tensor is a
+`LocalShardsWrapper` (torch's multi-shard local tensor) listing each piece with its global
+offsets. DCP writes one chunk per (name, offsets) and reshards on load by intersecting the saved
+chunks with the requested ones. Why not DTensor placements alone: one rank may hold several
+non-adjacent ranges of one tensor (the q, k and v rows of a fused projection), which
+Shard/Replicate placements cannot express. The DTensor sits on a 1-D world mesh built with
+`_init_backend=False` (DCP only asks whether the rank is on it), so checkpointing creates no
+process group. Replicas (EDP copies of an expert piece, DP copies of a TP shard, every copy of a
+replicated tensor) are chunks with the same (name, offsets); DCP's save planner keeps the lowest
+rank's copy. `extra` tensors (optimizer state, sharded like their parameters) travel the same way.
 
-A global tensor the rank holds whole is given to DCP as a plain tensor; one it holds pieces of
-as a `DTensor` whose local tensor is a `LocalShardsWrapper` (torch's multi-shard local tensor,
-the form torchrec gives DCP) listing each piece with its global offsets. DCP writes one chunk per
-(name, offsets) and reshards on load by intersecting the saved chunks with the requested ones.
-Why not DTensor placements alone: one rank may hold several non-adjacent ranges of one tensor
-(the q, k and v rows of a fused projection), which Shard/Replicate placements cannot express, and
-taking offsets from partition's own records keeps the checkpoint right whatever layout partition
-chooses. Why not ShardedTensor: deprecated, and its construction is collective. The DTensor sits
-on a 1-D world mesh built with `_init_backend=False` (DCP only asks whether the rank is on it;
-its collectives use the default group), so checkpointing creates no process group. All of this
-works on gloo / CPU.
-
-Replicas (EDP copies of an expert piece, DP copies of a TP shard, every copy of a replicated
-tensor, the down bias of slices > 0) are chunks with the same (name, offsets); DCP's save planner
-de-duplicates them and, with `dedup_save_to_lowest_rank=True`, keeps the lowest rank's copy.
-Writes are atomic: DCP writes into `.<name>.moefx-tmp` next to `path`, which then replaces
-`path` by rename (an existing checkpoint is moved aside first and deleted after).
-
-Not saved: optimizer state, RNG state, the unused full-size originals that partition leaves
-next to TP shards.
+Integrity: the side-car `moefx.json` holds a SHA-256 of every stored chunk (the byte range DCP
+recorded for it) and of every file. `load_*` verify them first: overwritten bytes or swapped
+shard files are a `CheckpointError` naming the piece; a damaged `.metadata` too. A model with
+NaN / inf values is never saved (CheckpointError naming the rank and tensor). Publishing is
+atomic: DCP writes into a hidden folder beside `path`, which then becomes what `path` names by
+one atomic symlink swap (`moefx.fileio.publish_folder`), so `path` names a complete checkpoint at
+every instant.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -59,26 +52,24 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..errors import MoefxError
+from ..errors import CheckpointError
+from ..fileio import publish_folder, resolve_folder, write_atomic
+from ..placement import placements, whole
 
 __all__ = ["save_sharded", "load_sharded", "load_full", "sharded_state_dict", "Piece", "pieces",
-           "checkpoint_tensors", "CheckpointError", "FORMAT"]
+           "checkpoint_tensors", "read_info", "CheckpointError", "FORMAT"]
 
-FORMAT = "moefx-dcp-1"
+FORMAT = "moefx-dcp-2"
 _SIDE_CAR = "moefx.json"
-
-
-class CheckpointError(MoefxError, ValueError):
-    """A checkpoint does not fit the model it is loaded into (names, shapes, coverage)."""
 
 
 @dataclass(frozen=True)
 class Piece:
     """Where one local tensor sits in its global tensor.
 
-    local_name: its state_dict key in the rank's GraphModule; global_name: the key of the global
-    tensor in the unpartitioned converted GraphModule; offsets: the global index of its first
-    element (it covers offsets + local shape).
+    local_name: its key in the rank's state; global_name: the key of the global tensor in the
+    unpartitioned converted GraphModule; offsets: the global index of its first element (it
+    covers offsets + local shape).
     """
 
     local_name: str
@@ -91,82 +82,18 @@ class Piece:
         return not any(self.offsets)
 
 
-# StackedExperts parameter -> its expert inner (f) dimension, sliced by expert slicing.
-def _inner_dim(param: str) -> int | None:
-    if param.startswith("up_weight."):
-        return 2
-    if param.startswith("up_bias."):
-        return 1
-    if param == "down_weight":
-        return 1
-    if param == "down_bias":
-        return None
-    raise CheckpointError(f"unknown expert parameter {param!r}: moefx checkpoints know StackedExperts' "
-                          "up_weight.N, up_bias.N, down_weight and down_bias")
-
-
 def _state(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(gm.state_dict(keep_vars=True))
 
 
 def pieces(local: torch.nn.Module) -> list[Piece]:
-    """Every state_dict entry of a distributed GraphModule as a Piece of its global tensor.
-
-    Read from partition's records: `meta["moefx_shards"]` (TP shards: target, dim, lo, hi; a fused
-    projection gives several shards of one target), `meta["moefx_parallel"]` + `meta["moefx_rank"]`
-    (which experts / expert slice this rank holds). The full-size originals that partition leaves
-    next to their TP shards are left out. Without partition metadata every entry is whole.
-    """
-    from ..nn.moe import moe_layers
-
-    state = _state(local)
-    meta = getattr(local, "meta", {}) or {}
-    resolved = meta.get("moefx_parallel")
-    if resolved is None:
-        return [Piece(n, n, tuple(t.shape), (0,) * t.dim()) for n, t in state.items()]
-    rank = meta["moefx_rank"]
-    shards = meta.get("moefx_shards", {})
-    shadowed = {target for target, *_ in shards.values()} - set(shards)
-    expert_prefix = {f"moe{layer}.experts.": (index, mod) for index, (layer, mod) in enumerate(moe_layers(local))}
-
-    out: list[Piece] = []
-    for name, t in state.items():
-        if name in shadowed:
-            continue
-        offsets = [0] * t.dim()
-        shape = list(t.shape)
-        if name in shards:
-            target, dim, lo, hi = shards[name][:4]
-            if len(shards[name]) > 4:
-                shape = list(shards[name][4])
-            elif target in state:
-                shape = list(state[target].shape)
-            elif sum(1 for v in shards.values() if v[0] == target) == 1:
-                shape[dim] = (hi - lo) * resolved.tp
-            else:
-                raise CheckpointError(f"{name}: cannot tell the global shape of {target} (its full-size "
-                                      "original is gone and it has several shards on this rank)")
-            offsets[dim] = lo
-            out.append(Piece(name, target, tuple(shape), tuple(offsets)))
-            continue
-        prefix = next((p for p in expert_prefix if name.startswith(p)), None)
-        if prefix is None:
-            out.append(Piece(name, name, tuple(shape), tuple(offsets)))
-            continue
-        index, mod = expert_prefix[prefix]
-        lp = resolved.layers[index]
-        mine = lp.experts_of(rank)
-        if t.shape[0] != len(mine) or mod.experts.first_expert != mine.start:
-            raise CheckpointError(f"{name}: rank {rank} holds experts [{mod.experts.first_expert}, "
-                                  f"{mod.experts.first_expert + t.shape[0]}) but the plan gives it "
-                                  f"[{mine.start}, {mine.stop})")
-        shape[0], offsets[0] = lp.experts, mine.start
-        inner = _inner_dim(name[len(prefix):])
-        if lp.expert_slicing > 1 and inner is not None:
-            offsets[inner] = lp.slice_of(rank) * shape[inner]
-            shape[inner] *= lp.expert_slicing
-        # the down bias is whole on every slice; slice 0's copy counts (same offsets: de-duplicated)
-        out.append(Piece(name, name, tuple(shape), tuple(offsets)))
+    """Every state_dict entry of a (distributed) GraphModule as a Piece of its global tensor, from its
+    placement record (an entry without one is whole)."""
+    recs = placements(local)
+    out = []
+    for name, t in _state(local).items():
+        rec = recs.get(name) or whole(name, tuple(t.shape))
+        out.append(Piece(name, rec.global_name, tuple(rec.global_shape), tuple(rec.offsets)))
     return out
 
 
@@ -174,8 +101,7 @@ _MESHES: dict[tuple, Any] = {}
 
 
 def _world_mesh(device_type: str, world: int, rank: int):
-    """A 1-D DeviceMesh over the world that creates no process group (DCP only asks whether this
-    rank is on it; the pieces' positions come from their LocalShardsWrapper)."""
+    """A 1-D DeviceMesh over the world that creates no process group."""
     from torch.distributed.device_mesh import DeviceMesh
 
     key = (device_type, world, rank)
@@ -185,53 +111,160 @@ def _world_mesh(device_type: str, world: int, rank: int):
     return _MESHES[key]
 
 
-def sharded_state_dict(local: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What DCP sees for a distributed GraphModule: global name -> plain tensor (the rank holds it
-    whole) or DTensor over a LocalShardsWrapper of this rank's pieces with their global offsets.
-    The values share storage with `local`'s tensors, so loading into them loads the model."""
+def _dcp_state(tensors: dict[str, tuple[torch.Tensor, Piece]]) -> dict[str, torch.Tensor]:
+    """Global name -> plain tensor (held whole) or DTensor over a LocalShardsWrapper of this rank's
+    pieces. Values share storage with the given tensors, so loading into them loads in place."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor._shards_wrapper import LocalShardsWrapper
 
-    state = _state(local)
-    by_global: dict[str, list[Piece]] = {}
-    for piece in pieces(local):
-        by_global.setdefault(piece.global_name, []).append(piece)
+    by_global: dict[str, list[tuple[torch.Tensor, Piece]]] = {}
+    for t, piece in tensors.values():
+        by_global.setdefault(piece.global_name, []).append((t, piece))
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     out: dict[str, torch.Tensor] = {}
-    for name, ps in by_global.items():
-        ps.sort(key=lambda p: p.offsets)
-        tensors = [state[p.local_name].detach() for p in ps]
-        if len(ps) == 1 and tuple(tensors[0].shape) == ps[0].global_shape:
-            out[name] = tensors[0]
+    for name, items in by_global.items():
+        items.sort(key=lambda it: it[1].offsets)
+        ts = [t.detach() for t, _ in items]
+        ps = [p for _, p in items]
+        if len(ps) == 1 and tuple(ts[0].shape) == ps[0].global_shape:
+            out[name] = ts[0]
             continue
-        wrapper = LocalShardsWrapper(tensors, [p.offsets for p in ps])
+        wrapper = LocalShardsWrapper(ts, [p.offsets for p in ps])
         shape = torch.Size(ps[0].global_shape)
-        out[name] = DTensor.from_local(wrapper, _world_mesh(tensors[0].device.type, world, rank), [Shard(0)],
+        out[name] = DTensor.from_local(wrapper, _world_mesh(ts[0].device.type, world, rank), [Shard(0)],
                                        run_check=False, shape=shape, stride=torch.empty(shape, device="meta").stride())
     return out
 
 
-# ----------------------------------------------------------------------------------- save
+def _gather(local: torch.nn.Module, extra: dict | None) -> dict[str, tuple[torch.Tensor, Piece]]:
+    """local name -> (tensor, piece) for the model and the extra tensors ({name: (tensor, Placement)})."""
+    state = _state(local)
+    out = {p.local_name: (state[p.local_name], p) for p in pieces(local)}
+    for name, (t, rec) in (extra or {}).items():
+        rec = rec or whole(name, tuple(t.shape))
+        out[f"extra:{name}"] = (t, Piece(f"extra:{name}", rec.global_name, tuple(rec.global_shape),
+                                         tuple(rec.offsets)))
+    return out
+
+
+def sharded_state_dict(local: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What DCP sees for a (distributed) GraphModule (see the module docstring)."""
+    return _dcp_state(_gather(local, None))
+
+
+# ----------------------------------------------------------------------------------- errors
 
 @contextlib.contextmanager
-def _quiet_no_dist():
-    """DCP warns that it "assumes the intent" of a single process; here that is the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
-        yield
+def _dcp_errors(what: str, path: Path):
+    """DCP raises CheckpointException (a BaseException) and, for a damaged .metadata, pickle/EOF errors:
+    turn them into CheckpointError, keeping KeyboardInterrupt / SystemExit as they are."""
+    from torch.distributed.checkpoint.api import CheckpointException
 
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+            yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except CheckpointError:
+        raise
+    except CheckpointException as e:
+        failures = getattr(e, "failures", {}) or {}
+        first = next(iter(failures.items()), None)
+        why = f"rank {first[0]}: {type(first[1]).__name__}: {first[1]}" if first else str(e)
+        raise CheckpointError(f"{what} {str(path)!r} failed ({why})") from None
+    except Exception as e:
+        raise CheckpointError(f"{what} {str(path)!r} failed: {type(e).__name__}: {e}") from None
+
+
+def _agree(error: str | None) -> None:
+    """Raise CheckpointError on every rank when any rank has an error (the first one, naming its rank)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if error:
+            raise CheckpointError(error)
+        return
+    box = [None] * dist.get_world_size()
+    dist.all_gather_object(box, error)
+    bad = [(r, e) for r, e in enumerate(box) if e]
+    if bad:
+        raise CheckpointError(bad[0][1] if bad[0][1].startswith("rank ") else f"rank {bad[0][0]}: {bad[0][1]}")
+
+
+# ----------------------------------------------------------------------------------- checksums
+
+def _sha(data) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _piece_key(fqn: str, offsets) -> str:
+    return f"{fqn}@{','.join(str(int(o)) for o in offsets)}"
+
+
+def _checksums(folder: Path) -> dict:
+    """SHA-256 of every stored chunk (its byte range in its file) and of every data file."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(folder).read_metadata()
+    chunks: dict[str, str] = {}
+    cache: dict[str, bytes] = {}
+    for index, info in md.storage_data.items():
+        data = cache.get(info.relative_path)
+        if data is None:
+            data = cache[info.relative_path] = (folder / info.relative_path).read_bytes()
+        chunks[_piece_key(index.fqn, index.offset or ())] = _sha(data[info.offset:info.offset + info.length])
+    files = {p.name: _sha(p.read_bytes()) for p in sorted(folder.iterdir())
+             if p.is_file() and p.name != _SIDE_CAR}
+    return {"chunks": chunks, "files": files}
+
+
+def _verify_checksums(folder: Path, side: dict) -> str | None:
+    """None when every stored chunk and file matches the side-car's checksums, else what differs."""
+    want = side.get("checksums")
+    if want is None:
+        return f"checkpoint {str(folder)!r} has no checksums in {_SIDE_CAR} (written by an older moefx?)"
+    try:
+        got = _checksums(folder)
+    except Exception as e:  # a damaged or truncated .metadata
+        return f"checkpoint {str(folder)!r} cannot be read: {type(e).__name__}: {e} (its .metadata is damaged)"
+    bad_chunks = sorted(k for k, v in want["chunks"].items() if got["chunks"].get(k) != v)
+    bad_files = sorted(k for k, v in want["files"].items() if got["files"].get(k) != v)
+    if bad_chunks or bad_files:
+        what = []
+        if bad_chunks:
+            what.append("pieces " + ", ".join(bad_chunks[:6]) + (" ..." if len(bad_chunks) > 6 else ""))
+        if bad_files:
+            what.append("files " + ", ".join(bad_files))
+        return (f"checkpoint {str(folder)!r} is damaged: the stored bytes of {'; '.join(what)} do not match the "
+                "checksums written with it (overwritten or swapped shard files); restore it from a copy or re-save")
+    return None
+
+
+# ----------------------------------------------------------------------------------- save
 
 def _tmp_path(path: Path) -> Path:
     return path.parent / f".{path.name}.moefx-tmp"
 
 
-def save_sharded(local: fx.GraphModule, path: str | os.PathLike) -> Path:
-    """Write this rank's pieces of `local` (a `moefx.distribute` result) into the DCP checkpoint
-    folder `path`; collective: every rank calls it with the same path (on a shared file system).
+def _nonfinite(tensors: dict[str, tuple[torch.Tensor, Piece]]) -> str | None:
+    for name, (t, _) in tensors.items():
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t.detach()).all()):
+            return f"{name} has NaN or inf values: a non-finite model is not checkpointed"
+    return None
 
-    Without an initialised process group it saves a single-process model whole (DCP no-dist mode).
-    Returns the checkpoint folder. The folder appears atomically (written aside, then renamed).
+
+def save_sharded(local: fx.GraphModule, path: str | os.PathLike, *, extra: dict | None = None,
+                 info: dict | None = None) -> Path:
+    """Write this rank's pieces of `local` (a `moefx.distribute` result, or a single-process model)
+    into the DCP checkpoint folder `path`; collective: every rank calls it with the same path (on a
+    shared file system).
+
+    extra: more tensors, {name: (tensor, Placement or None)} (e.g. optimizer state sharded like its
+    parameter); info: JSON-able metadata stored in the side-car (step, data cursor, ...).
+    Returns the checkpoint folder. Raises CheckpointError (on every rank) when a tensor is not
+    finite or a rank cannot write.
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -241,81 +274,72 @@ def save_sharded(local: fx.GraphModule, path: str | os.PathLike) -> Path:
     tmp = _tmp_path(path)
     distributed = dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
-    state = sharded_state_dict(local)
+    tensors = _gather(local, extra)
+    _agree(_nonfinite(tensors))
+    state = _dcp_state(tensors)
+    error = None
     if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)          # left over from a crashed save
-        tmp.mkdir(parents=True)
-    if distributed:
-        dist.barrier()
-    with _quiet_no_dist():
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)          # left over from a crashed save
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = f"cannot create {tmp}: {e}"
+    _agree(error)
+    with _dcp_errors("saving", path):
         dcp.save(state, storage_writer=FileSystemWriter(tmp),
                  planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True), no_dist=not distributed)
     if distributed:
-        dist.barrier()                  # every rank's files are written (and the metadata, by rank 0)
+        dist.barrier()
     error = None
     if rank == 0:
         try:
             resolved = getattr(local, "meta", {}).get("moefx_parallel")
             side = {"format": FORMAT, "world": dist.get_world_size() if distributed else 1,
                     "parallel": resolved.describe() if resolved is not None else None,
-                    "tensors": {k: list(v.shape) for k, v in state.items()}}
-            (tmp / _SIDE_CAR).write_text(json.dumps(side, indent=1))
-            _swap_in(tmp, path)
+                    "tensors": {k: list(v.shape) for k, v in state.items()},
+                    "info": info or {}, "checksums": _checksums(tmp)}
+            write_atomic(tmp / _SIDE_CAR, json.dumps(side, indent=1))
+            publish_folder(tmp, path)
         except OSError as e:
-            error = f"{type(e).__name__}: {e}"
-    if distributed:                     # every rank returns only once the folder is in place (or fails)
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise CheckpointError(f"saving {str(path)!r}: rank 0 could not put the checkpoint in place: {error}")
+            error = f"rank 0 could not put the checkpoint in place: {type(e).__name__}: {e}"
+    _agree(error)
     return path
 
 
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Rename tmp to path; an existing path is moved aside first and removed after."""
-    old = path.parent / f".{path.name}.moefx-old"
-    if old.exists():
-        shutil.rmtree(old)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # ----------------------------------------------------------------------------------- load
+
+def read_info(path: str | os.PathLike) -> dict:
+    """The side-car of a checkpoint (format, world, tensor shapes, `info`, checksums)."""
+    folder = resolve_folder(path)
+    if not (folder / ".metadata").exists():
+        raise CheckpointError(f"{str(path)!r} is not a DCP checkpoint folder (no .metadata); "
+                              "write one with moefx.runtime.checkpoint.save_sharded")
+    try:
+        side = json.loads((folder / _SIDE_CAR).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{str(path)!r}: cannot read its {_SIDE_CAR} ({type(e).__name__}: {e})") from None
+    if side.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} has format {side.get('format')!r}; this moefx reads {FORMAT!r}")
+    return side
+
 
 def checkpoint_tensors(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], list]]:
     """Global name -> (global shape, saved chunks as [(offsets, sizes), ...]) of a DCP checkpoint."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    path = Path(path)
-    if not (path / ".metadata").exists():
+    folder = resolve_folder(path)
+    if not (folder / ".metadata").exists():
         raise CheckpointError(f"{str(path)!r} is not a DCP checkpoint folder (no .metadata); "
                               "write one with moefx.runtime.checkpoint.save_sharded")
-    md = FileSystemReader(path).read_metadata()
+    with _dcp_errors("reading", Path(path)):
+        md = FileSystemReader(folder).read_metadata()
     return {k: (tuple(v.size), [(tuple(c.offsets), tuple(c.sizes)) for c in v.chunks])
             for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
 
-def _verify(state: dict[str, torch.Tensor], path: Path, strict: bool) -> None:
+def _verify_fit(state: dict[str, torch.Tensor], path: Path, strict: bool) -> None:
     saved = checkpoint_tensors(path)
     problems = []
     missing = sorted(set(state) - set(saved))
@@ -340,14 +364,29 @@ def _verify(state: dict[str, torch.Tensor], path: Path, strict: bool) -> None:
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model:\n  " + "\n  ".join(problems))
 
 
-def _copy_back(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Make sure the loaded values are in the model's tensors. DCP loads in place into the views
-    `sharded_state_dict` made, so this copies nothing unless DCP had to replace a tensor."""
+def _check_integrity(path: Path, verify: bool) -> dict:
+    """Read the side-car and (verify=True) check every checksum; rank 0 reads, every rank agrees."""
+    import torch.distributed as dist
+
+    side, error = None, None
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        side = read_info(path)
+        if verify and rank == 0:
+            error = _verify_checksums(resolve_folder(path), side)
+    except CheckpointError as e:
+        error = str(e)
+    _agree(error)
+    return side
+
+
+def _copy_back(tensors: dict[str, tuple[torch.Tensor, Piece]], state: dict[str, torch.Tensor]) -> None:
+    """Make sure the loaded values are in the given tensors (DCP loads in place into the views
+    `_dcp_state` made, so this copies nothing unless DCP had to replace a tensor)."""
     from torch.distributed.tensor import DTensor
 
-    own = _state(model)
     with torch.no_grad():
-        for piece in pieces(model):
+        for dst, piece in tensors.values():
             value = state[piece.global_name]
             if isinstance(value, DTensor):
                 wrapper = value.to_local()
@@ -355,38 +394,50 @@ def _copy_back(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
                            if tuple(off) == piece.offsets)
             else:
                 src = value
-            dst = own[piece.local_name]
             if src.data_ptr() != dst.data_ptr():
                 dst.copy_(src)
 
 
-def load_sharded(local: fx.GraphModule, path: str | os.PathLike, *, strict: bool = True) -> None:
-    """Load a checkpoint into this rank's pieces of `local` (a `moefx.distribute` result), at any
-    world size / plan: DCP reads, for every piece, the parts of the saved pieces that overlap it.
-    Collective: every rank calls it. strict: the checkpoint may not hold tensors the model lacks.
+def load_sharded(local: fx.GraphModule, path: str | os.PathLike, *, extra: dict | None = None,
+                 strict: bool = True, verify: bool = True) -> dict:
+    """Load a checkpoint into this rank's pieces of `local` (and of the `extra` tensors), at any world
+    size / plan: DCP reads, for every piece, the parts of the saved pieces that overlap it.
+    Collective: every rank calls it. strict: the checkpoint may not hold tensors the model (and
+    extra) lacks; verify: check the checksums first. Returns the side-car's `info`.
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
-    state = sharded_state_dict(local)
-    _verify(state, path, strict)
-    with _quiet_no_dist():
-        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
-    _copy_back(local, state)
+    side = _check_integrity(path, verify)
+    tensors = _gather(local, extra)
+    state = _dcp_state(tensors)
+    _verify_fit(state, path, strict)
+    with _dcp_errors("loading", path):
+        dcp.load(state, checkpoint_id=resolve_folder(path), no_dist=not dist.is_initialized())
+    _copy_back(tensors, state)
+    return side.get("info", {})
 
 
-def load_full(gm: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
+def load_full(gm: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True, verify: bool = True) -> dict:
     """Load a (sharded) checkpoint whole into a single-process, unpartitioned model (the converted
-    GraphModule), without any process group (DCP no-dist mode)."""
+    GraphModule), without any process group (DCP no-dist mode). Returns the side-car's `info`."""
     import torch.distributed.checkpoint as dcp
 
     if getattr(gm, "meta", {}).get("moefx_parallel") is not None:
         raise CheckpointError("load_full takes an unpartitioned model; this one was partitioned by "
                               "moefx.distribute: use load_sharded (under its process group)")
     path = Path(path)
-    state = {name: t.detach() for name, t in _state(gm).items()}
-    _verify(state, path, strict)
-    with _quiet_no_dist():
-        dcp.load(state, checkpoint_id=path, no_dist=True)
-    _copy_back(gm, state)
+    side = read_info(path)
+    if verify:
+        error = _verify_checksums(resolve_folder(path), side)
+        if error:
+            raise CheckpointError(error)
+    tensors = _gather(gm, None)
+    state = {p.global_name: t.detach() for t, p in tensors.values()}
+    _verify_fit(state, path, strict)
+    with _dcp_errors("loading", path):
+        dcp.load(state, checkpoint_id=resolve_folder(path), no_dist=True)
+    _copy_back(tensors, state)
+    return side.get("info", {})
+

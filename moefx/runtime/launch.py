@@ -297,6 +297,7 @@ def worker(fn: Callable) -> Callable:
             raise
         import torch.distributed as dist
         if dist.is_initialized():
+            dist.barrier()                  # no rank tears its groups down while a peer still uses them
             dist.destroy_process_group()
         return out
 

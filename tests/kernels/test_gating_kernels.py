@@ -1,9 +1,12 @@
-"""Triton gating kernels (moefx.kernels.gating) against their PyTorch references.
+"""Triton gating kernels (moefx.kernels.gating, through the custom ops of moefx.nn.gating_ops)
+against their PyTorch references (moefx.nn.table).
 
 Without a GPU the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 is set for this
 module only (moefx reads it at launch time, so it does not leak into other tests). Sizes are
 small because every interpreted program costs milliseconds. With CUDA the same tests run the
-compiled kernels on the GPU.
+compiled kernels on the GPU. Every test that asks for the Triton path also checks that Triton
+kernels were launched (`moefx.kernels.gating.LAUNCHES`), so a silent fall back to the reference
+cannot pass.
 """
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from moefx.kernels import gating as G  # noqa: E402
-from moefx.kernels import gating_ref as R  # noqa: E402
+from moefx.kernels import gating as K  # noqa: E402
+from moefx.nn import gating_ops as G  # noqa: E402
+from moefx.nn import table as R  # noqa: E402
 from moefx.nn.routing import combine, dispatch, route  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,6 +33,19 @@ def _interpret():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         yield
+
+
+@pytest.fixture(autouse=True)
+def _triton_ran(request):
+    """Tests marked `kernels` must launch Triton kernels (not fall back to the PyTorch reference)."""
+    before = sum(K.LAUNCHES.values())
+    yield
+    if request.node.get_closest_marker("kernels") is not None:
+        assert sum(K.LAUNCHES.values()) > before, "no Triton kernel was launched: the test ran the reference"
+
+
+kernels = pytest.mark.kernels
+T = "triton"
 
 
 def _logits(S, E, kind="randn", seed=0):
@@ -64,10 +81,11 @@ GATE_CASES = [
 
 
 @pytest.mark.parametrize("S,E,k,capacity,kind", GATE_CASES)
+@kernels
 def test_gate_table_matches_reference(S, E, k, capacity, kind):
     logits = _logits(S, E, kind, seed=S)
-    expert, slot, counts = G.gate_table_op(logits, k, capacity)
-    want = R.gate_table_ref(logits, k, capacity)
+    expert, slot, counts = G.gate_table_op(logits, k, capacity, T)
+    want = R.gate_table(logits, k, capacity)
     assert torch.equal(expert, want[0])
     assert torch.equal(slot, want[1])
     assert torch.equal(counts, want[2])
@@ -77,6 +95,7 @@ def test_gate_table_matches_reference(S, E, k, capacity, kind):
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("drop,cf", [(True, 1.0), (True, 0.5), (False, 1.0)])
+@kernels
 def test_route_triton_equals_route_torch(k, drop, cf):
     logits = _logits(203, 8, "skewed", seed=k)
     a = route(logits, top_k=k, capacity_factor=cf, min_capacity=4, drop_tokens=drop, impl="torch")
@@ -87,7 +106,7 @@ def test_route_triton_equals_route_torch(k, drop, cf):
 
 
 def test_empty_and_zero_sized():
-    expert, slot, counts = G.gate_table_op(torch.zeros(0, 4, device=DEV), 2, -1)
+    expert, slot, counts = G.gate_table_op(torch.zeros(0, 4, device=DEV), 2, -1, T)
     assert expert.shape == (0, 2) and counts.tolist() == [0] * 4
     r = route(torch.zeros(0, 4, device=DEV), top_k=2, drop_tokens=False, impl="triton")
     assert r.capacity == 0
@@ -101,7 +120,7 @@ def test_empty_and_zero_sized():
 
 
 def _table(S, E, k, capacity, kind="skewed", seed=0):
-    return R.gate_table_ref(_logits(S, E, kind, seed), k, capacity)  # expert, slot, counts
+    return R.gate_table(_logits(S, E, kind, seed), k, capacity)  # expert, slot, counts
 
 
 MOVE_CASES = [
@@ -116,42 +135,46 @@ MOVE_CASES = [
 
 @pytest.mark.parametrize("S,E,k,C,d", MOVE_CASES)
 @pytest.mark.parametrize("scaled", [False, True])
+@kernels
 def test_dispatch_matches_reference(S, E, k, C, d, scaled):
     expert, slot, counts = _table(S, E, k, C, seed=d)
     x = torch.randn(S, d, device=DEV)
     scale = torch.rand(S, k, device=DEV) if scaled else None
-    out = G.dispatch_op(x, expert, slot, counts, scale, E, C)
+    out = G.dispatch_op(x, expert, slot, counts, scale, E, C, T)
     assert out.shape == (E, C, d)
-    torch.testing.assert_close(out, R.dispatch_ref(x, expert, slot, scale, E, C), rtol=0, atol=0)
+    torch.testing.assert_close(out, R.dispatch(x, expert, slot, E, C, scale), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("S,E,k,C,d", MOVE_CASES)
 @pytest.mark.parametrize("weighted", [False, True])
+@kernels
 def test_combine_matches_reference(S, E, k, C, d, weighted):
     expert, slot, counts = _table(S, E, k, C, seed=d)
     y = torch.randn(E, C, d, device=DEV)
     w = torch.rand(S, k, device=DEV) if weighted else None
-    torch.testing.assert_close(G.combine_op(y, expert, slot, counts, w), R.combine_ref(y, expert, slot, w))
+    torch.testing.assert_close(G.combine_op(y, expert, slot, counts, w, T), R.combine(y, expert, slot, w))
 
 
 @pytest.mark.parametrize("S,E,k,C,d", MOVE_CASES)
+@kernels
 def test_route_dot_matches_reference(S, E, k, C, d):
     expert, slot, counts = _table(S, E, k, C, seed=d)
     a = torch.randn(S, d, device=DEV)
     b = torch.randn(E, C, d, device=DEV)
-    torch.testing.assert_close(G.route_dot_op(a, b, expert, slot, counts), R.route_dot_ref(a, b, expert, slot))
+    torch.testing.assert_close(G.route_dot_op(a, b, expert, slot, counts, T), R.route_dot(a, b, expert, slot))
 
 
+@kernels
 def test_half_precision_accumulates_in_float32():
     S, E, k, C, d = 40, 4, 2, 20, 24
     expert, slot, counts = _table(S, E, k, C)
     y = torch.randn(E, C, d, device=DEV).half()
     w = torch.rand(S, k, device=DEV)
-    out = G.combine_op(y, expert, slot, counts, w)
+    out = G.combine_op(y, expert, slot, counts, w, T)
     assert out.dtype == torch.float16
-    torch.testing.assert_close(out, R.combine_ref(y, expert, slot, w))
+    torch.testing.assert_close(out, R.combine(y, expert, slot, w))
     x = torch.randn(S, d, device=DEV).half()
-    assert torch.equal(G.dispatch_op(x, expert, slot, counts, None, E, C), R.dispatch_ref(x, expert, slot, None, E, C))
+    assert torch.equal(G.dispatch_op(x, expert, slot, counts, None, E, C, T), R.dispatch(x, expert, slot, E, C))
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,21 +194,24 @@ def _tiny(k=2, C=3):
     return S, E, C, d, expert, slot, counts, x, s, y
 
 
+@kernels
 def test_gradcheck_dispatch_combine_route_dot():
     S, E, C, d, expert, slot, n, x, s, y = _tiny()
     gc = dict(eps=1e-6, atol=1e-6, fast_mode=True)
-    assert torch.autograd.gradcheck(lambda t, sc: G.dispatch_op(t, expert, slot, n, sc, E, C), (x, s), **gc)
-    assert torch.autograd.gradcheck(lambda t: G.dispatch_op(t, expert, slot, n, None, E, C), (x,), **gc)
-    assert torch.autograd.gradcheck(lambda t, w: G.combine_op(t, expert, slot, n, w), (y, s), **gc)
-    assert torch.autograd.gradcheck(lambda a, b: G.route_dot_op(a, b, expert, slot, n), (x, y), **gc)
+    assert torch.autograd.gradcheck(lambda t, sc: G.dispatch_op(t, expert, slot, n, sc, E, C, T), (x, s), **gc)
+    assert torch.autograd.gradcheck(lambda t: G.dispatch_op(t, expert, slot, n, None, E, C, T), (x,), **gc)
+    assert torch.autograd.gradcheck(lambda t, w: G.combine_op(t, expert, slot, n, w, T), (y, s), **gc)
+    assert torch.autograd.gradcheck(lambda a, b: G.route_dot_op(a, b, expert, slot, n, T), (x, y), **gc)
 
 
+@kernels
 def test_gradgradcheck_combine():
     S, E, C, d, expert, slot, n, x, s, y = _tiny(k=1, C=4)
-    assert torch.autograd.gradgradcheck(lambda t, w: G.combine_op(t, expert, slot, n, w), (y, s),
+    assert torch.autograd.gradgradcheck(lambda t, w: G.combine_op(t, expert, slot, n, w, T), (y, s),
                                         eps=1e-6, atol=1e-6, fast_mode=True)
 
 
+@kernels
 def test_moe_forward_backward_matches_torch_path():
     """route -> dispatch -> experts -> combine, gradients w.r.t. tokens, router and experts."""
     torch.manual_seed(0)
@@ -210,17 +236,19 @@ def test_moe_forward_backward_matches_torch_path():
 # --------------------------------------------------------------------------------------------
 
 
+@kernels
 def test_opcheck():
     S, E, C, d, expert, slot, n, x, s, y = _tiny()
     f32 = dict(dtype=torch.float32)
     xf, sf, yf = (t.detach().to(**f32).requires_grad_(True) for t in (x, s, y))
-    torch.library.opcheck(G.gate_table_op, (_logits(37, 5), 2, 9))
-    torch.library.opcheck(G.gate_table_op, (_logits(37, 5), 3, -1))
-    torch.library.opcheck(G.dispatch_op, (xf, expert, slot, n, sf, E, C))
-    torch.library.opcheck(G.dispatch_op, (xf, expert, slot, n, None, E, C))
-    torch.library.opcheck(G.combine_op, (yf, expert, slot, n, sf))
-    torch.library.opcheck(G.combine_op, (yf, expert, slot, n, None))
-    torch.library.opcheck(G.route_dot_op, (xf, yf, expert, slot, n))
+    for impl in ("torch", T):
+        torch.library.opcheck(G.gate_table_op, (_logits(37, 5), 2, 9, impl))
+        torch.library.opcheck(G.gate_table_op, (_logits(37, 5), 3, -1, impl))
+        torch.library.opcheck(G.dispatch_op, (xf, expert, slot, n, sf, E, C, impl))
+        torch.library.opcheck(G.dispatch_op, (xf, expert, slot, n, None, E, C, impl))
+        torch.library.opcheck(G.combine_op, (yf, expert, slot, n, sf, impl))
+        torch.library.opcheck(G.combine_op, (yf, expert, slot, n, None, impl))
+        torch.library.opcheck(G.route_dot_op, (xf, yf, expert, slot, n, impl))
 
 
 class _MoE(torch.nn.Module):
@@ -237,6 +265,7 @@ class _MoE(torch.nn.Module):
 
 
 @pytest.mark.parametrize("drop", [True, False])
+@kernels
 def test_export_with_dynamic_tokens(drop):
     torch.manual_seed(0)
     m = _MoE(drop=drop).to(DEV)
@@ -249,6 +278,7 @@ def test_export_with_dynamic_tokens(drop):
         torch.testing.assert_close(got, want)
 
 
+@kernels
 def test_torch_compile_forward_backward():
     torch.manual_seed(0)
     m = _MoE(drop=True).to(DEV)
@@ -264,17 +294,19 @@ def test_torch_compile_forward_backward():
         torch.testing.assert_close(a, p.grad)
 
 
+@kernels
 def test_eager_fast_path_equals_the_custom_ops():
     logits = _logits(150, 8, "skewed")
     x = torch.randn(150, 12, device=DEV)
     r = route(logits, top_k=2, capacity_factor=0.7, impl="triton")
     assert G._eager(x) and not G._eager(x.requires_grad_(True))
     x.requires_grad_(False)
-    e, s, n = G.gate_table_op(logits, 2, r.capacity)
+    e, s, n = G.gate_table_op(logits, 2, r.capacity, T)
     assert torch.equal(e, r.expert) and torch.equal(s, r.slot) and torch.equal(n, r.counts)
-    buf = G.dispatch(x, r, 8)
-    assert torch.equal(buf, G.dispatch_op(x, r.expert, r.slot, r.counts, None, 8, r.capacity))
-    assert torch.equal(G.combine(buf, r), G.combine_op(buf, r.expert, r.slot, r.counts, r.weight))
+    buf = G.dispatch(x, r.expert, r.slot, r.counts, 8, r.capacity, T)
+    assert torch.equal(buf, G.dispatch_op(x, r.expert, r.slot, r.counts, None, 8, r.capacity, T))
+    assert torch.equal(G.combine(buf, r.expert, r.slot, r.counts, r.weight, T),
+                       G.combine_op(buf, r.expert, r.slot, r.counts, r.weight, T))
 
 
 def test_interpreter_is_scoped_to_this_module():

@@ -68,34 +68,22 @@ def _save_world(rank, world, path):
         for p in mine:
             if (p.global_name, p.offsets) in lower:
                 state[p.local_name].add_(1000.0)
-    save_sharded(local, path)
+    save_sharded(local, path, info={"step": 7})
     assert os.path.isdir(path) and not os.path.exists(os.path.join(os.path.dirname(path), ".ckpt.moefx-tmp"))
 
 
 def _expected_local(ref_state, local):
-    """The slice of the global (reference) tensor each local tensor must hold, from partition's
-    records (not from the checkpoint code's Piece list)."""
-    resolved, rank = local.meta["moefx_parallel"], local.meta["moefx_rank"]
-    shards = local.meta["moefx_shards"]
-    layers = sorted(int(n[3:]) for n, _ in local.named_children() if n.startswith("moe"))
+    """The slice of the global (reference) tensor each local tensor must hold, by its placement record
+    (the forward comparison below checks that the records themselves are right)."""
+    from moefx.placement import placements
+
     out = {}
-    for name in local.state_dict():
-        if name in {t for t, *_ in shards.values()}:
-            continue                                    # full-size original left next to its shards
-        if name in shards:
-            target, dim, lo, hi = shards[name][:4]
-            out[name] = ref_state[target].narrow(dim, lo, hi - lo)
-        elif name.startswith("moe") and ".experts." in name:
-            lp = resolved.layers[layers.index(int(name.split(".")[0][3:]))]
-            mine = lp.experts_of(rank)
-            t = ref_state[name][mine.start:mine.stop]
-            inner = {"up_weight": 2, "up_bias": 1, "down_weight": 1}.get(name.split(".")[2])
-            if lp.expert_slicing > 1 and inner is not None:
-                part = t.shape[inner] // lp.expert_slicing
-                t = t.narrow(inner, lp.slice_of(rank) * part, part)
-            out[name] = t
-        else:
-            out[name] = ref_state[name]
+    for name, t in local.state_dict().items():
+        rec = placements(local)[name]
+        want = ref_state[rec.global_name]
+        for dim in rec.shard_dims:
+            want = want.narrow(dim, rec.offsets[dim], t.shape[dim])
+        out[name] = want
     return out
 
 
@@ -129,14 +117,15 @@ def test_save_at_4_load_at_2_and_1(tmp_path):
     os.makedirs(path)                 # an older checkpoint at the same path gets replaced
     open(os.path.join(path, "stale"), "w").close()
     run_world(_save_world, 4, path, timeout=120)
-    assert not os.path.exists(os.path.join(path, "stale"))
+    assert not os.path.exists(os.path.join(path, "stale")) and os.path.islink(path)
     side = json.load(open(os.path.join(path, "moefx.json")))
-    assert side["format"] == FORMAT and side["world"] == 4
+    assert side["format"] == FORMAT and side["world"] == 4 and side["info"] == {"step": 7}
+    assert sorted(os.listdir(tmp_path)) == [".ckpt.v-" + os.readlink(path)[len(".ckpt.v-"):], "ckpt"]
 
     # one writer per piece: rank 0 writes replicated tensors; expert pieces of layer 1 (ep 2 x edp 2)
     # come from ranks 0 and 1 only; sliced layer 0 from all four ranks, its down bias from slice 0 ranks
     from torch.distributed.checkpoint import FileSystemReader
-    md = FileSystemReader(path).read_metadata()
+    md = FileSystemReader(os.path.realpath(path)).read_metadata()
     writers: dict[str, set] = {}
     for index, info in md.storage_data.items():
         writers.setdefault(index.fqn, set()).add(int(info.relative_path.split("_")[2]))
@@ -176,3 +165,90 @@ def test_load_full_errors_name_the_problem(tmp_path):
         load_full(other, path)
     with pytest.raises(CheckpointError, match="not a DCP checkpoint"):
         load_full(fresh, tmp_path / "nothing")
+
+
+def _damaged(tmp_path, name):
+    """A saved whole-model checkpoint and a fresh model to load it into."""
+    from moefx.runtime.checkpoint import save_sharded
+
+    gm, _ = _converted({"moe": MOE}, perturb=True)
+    path = tmp_path / name
+    save_sharded(gm, path)
+    fresh, _ = _converted({"moe": MOE}, perturb=False)
+    return path, os.path.realpath(path), fresh
+
+
+def test_overwritten_bytes_are_a_checkpoint_error_naming_the_piece(tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from moefx.runtime.checkpoint import CheckpointError, load_full
+
+    path, folder, fresh = _damaged(tmp_path, "bytes")
+    md = FileSystemReader(folder).read_metadata()
+    index, info = next((i, v) for i, v in md.storage_data.items() if i.fqn == "moe1.experts.down_weight")
+    with open(os.path.join(folder, info.relative_path), "r+b") as fh:
+        fh.seek(info.offset + info.length // 2)
+        fh.write(b"\x7f\xff\xff\xff" * 4)         # NaN bytes in the middle of one piece
+    with pytest.raises(CheckpointError, match=r"damaged: the stored bytes of pieces moe1.experts.down_weight@0,0,0"):
+        load_full(fresh, path)
+
+
+def test_swapped_shard_files_are_a_checkpoint_error(tmp_path):
+    from moefx.runtime.checkpoint import CheckpointError, load_full, save_sharded
+
+    path, folder, fresh = _damaged(tmp_path, "swap")
+    other_gm, _ = _converted({"moe": MOE}, perturb=False)
+    other = tmp_path / "other"
+    save_sharded(other_gm, other)
+    data = [f for f in os.listdir(folder) if f.endswith(".distcp")]
+    assert data
+    for f in data:                               # the same file names, another checkpoint's bytes
+        os.replace(os.path.join(os.path.realpath(other), f), os.path.join(folder, f))
+    with pytest.raises(CheckpointError, match=r"damaged: .*files __0_0.distcp"):
+        load_full(fresh, path)
+
+
+def test_truncated_metadata_is_a_checkpoint_error(tmp_path):
+    from moefx.runtime.checkpoint import CheckpointError, load_full
+
+    path, folder, fresh = _damaged(tmp_path, "meta")
+    meta = os.path.join(folder, ".metadata")
+    with open(meta, "r+b") as fh:
+        fh.truncate(os.path.getsize(meta) // 2)
+    with pytest.raises(CheckpointError, match=r"\.metadata"):
+        load_full(fresh, path)
+    with pytest.raises(CheckpointError, match=r"cannot be read|failed"):
+        load_full(fresh, path, verify=False)
+
+
+def test_a_nan_model_is_never_checkpointed(tmp_path):
+    from moefx.runtime.checkpoint import CheckpointError, save_sharded
+
+    gm, _ = _converted({"moe": MOE}, perturb=False)
+    with torch.no_grad():
+        gm.moe1.router.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="moe1.router.weight has NaN or inf values: a non-finite model is not "
+                                              "checkpointed"):
+        save_sharded(gm, tmp_path / "nan")
+    assert not os.path.exists(tmp_path / "nan")
+
+
+def test_the_path_names_a_complete_checkpoint_at_every_instant(tmp_path):
+    """The swap is one rename of a symlink: before it the old folder, after it the new one."""
+    from moefx.fileio import publish_folder
+    from moefx.runtime.checkpoint import load_full, read_info, save_sharded
+
+    path, folder, fresh = _damaged(tmp_path, "swapping")
+    first = os.path.realpath(path)
+    gm, _ = _converted({"moe": MOE}, perturb=False)
+    save_sharded(gm, path, info={"n": 2})
+    assert os.path.realpath(path) != first and not os.path.exists(first)   # the old version is gone after
+    assert read_info(path)["info"] == {"n": 2}
+    # a crash after the new folder is complete but before the swap leaves the previous one in place
+    staged = tmp_path / "staged"
+    os.makedirs(staged)
+    before = os.path.realpath(path)
+    load_full(fresh, path)
+    assert os.path.realpath(path) == before
+    publish_folder(staged, tmp_path / "fresh_target")
+    assert os.path.islink(tmp_path / "fresh_target")

@@ -13,11 +13,21 @@ inter-node volume, but moves most data twice (intra-node, then inter-node: up to
 adds two layout copies. So it wins for small messages on many nodes, never on one node (or one
 device per node), and loses for large messages. `a2a_cost_exprs()` gives the formulas as sympy
 expressions (for docs); `crossover_bytes` the V below which hierarchical is faster.
+
+The constants below describe a GPU cluster (NVLink inside nodes, 100 Gb/s between them). A
+`CostProfile` holds the same quantities *measured* on the groups a job really has (`moefx
+calibrate`, `moefx.runtime.calibrate`), plus the fixed cost of one collective call (`launch`,
+which dominates on loopback and small messages: hierarchical makes two calls and two layout
+copies where flat makes one); the hierarchical_a2a pass decides with the profile when there is one.
 """
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
 __all__ = ["ALPHA", "BETA_INTRA", "BETA_INTER", "BETA_MEM", "flat_a2a_time", "hierarchical_a2a_time",
-           "choose_hierarchical", "crossover_bytes", "a2a_cost_exprs"]
+           "choose_hierarchical", "crossover_bytes", "a2a_cost_exprs", "CostProfile"]
 
 ALPHA = 10e-6        # s per message (inter-node launch + network latency)
 BETA_INTRA = 150e9   # bytes / s per device inside a node (NVLink class)
@@ -88,3 +98,62 @@ def a2a_cost_exprs():
     t_hier = (G - 1 + N - 1) * a + V * (G - 1) / (G * bi) + V * (N - 1) / (N * be) + 2 * V / bm
     syms = {"N": N, "G": G, "V": V, "alpha": a, "beta_intra": bi, "beta_inter": be, "beta_mem": bm}
     return t_flat, t_hier, syms
+
+
+@dataclass(frozen=True)
+class CostProfile:
+    """Measured costs of one machine's groups (seconds, bytes per second per device).
+
+    launch: fixed cost of one all-to-all call; alpha_intra / alpha_inter: cost per peer message
+    inside / across nodes; beta_intra / beta_inter: bandwidth inside / across nodes; beta_mem: a
+    local copy (layout transform); source: where the numbers come from (for reports).
+    """
+
+    launch: float = 0.0
+    alpha_intra: float = ALPHA
+    alpha_inter: float = ALPHA
+    beta_intra: float = BETA_INTRA
+    beta_inter: float = BETA_INTER
+    beta_mem: float = BETA_MEM
+    source: str = "defaults (GPU cluster constants)"
+
+    def flat_time(self, bytes_per_rank: float, nodes: int, devices_per_node: int) -> float:
+        """Seconds of one flat all-to-all over nodes x devices_per_node ranks."""
+        _check(bytes_per_rank, nodes, devices_per_node)
+        N, G, V = nodes, devices_per_node, float(bytes_per_rank)
+        p = N * G
+        return (self.launch + (G - 1) * self.alpha_intra + (p - G) * self.alpha_inter
+                + V * (G - 1) / (p * self.beta_intra) + V * (p - G) / (p * self.beta_inter))
+
+    def hierarchical_time(self, bytes_per_rank: float, nodes: int, devices_per_node: int) -> float:
+        """Seconds of one hierarchical all-to-all (two calls, two layout copies)."""
+        _check(bytes_per_rank, nodes, devices_per_node)
+        N, G, V = nodes, devices_per_node, float(bytes_per_rank)
+        return (2 * self.launch + (G - 1) * self.alpha_intra + (N - 1) * self.alpha_inter
+                + V * (G - 1) / (G * self.beta_intra) + V * (N - 1) / (N * self.beta_inter) + 2 * V / self.beta_mem)
+
+    def choose_hierarchical(self, bytes_per_rank: float, nodes: int, devices_per_node: int) -> bool:
+        """True when the hierarchical all-to-all is predicted faster (never on one node or one device per node)."""
+        if nodes == 1 or devices_per_node == 1:
+            return False
+        return self.hierarchical_time(bytes_per_rank, nodes, devices_per_node) < \
+            self.flat_time(bytes_per_rank, nodes, devices_per_node)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the profile as JSON (atomically)."""
+        from .fileio import write_atomic
+
+        write_atomic(path, json.dumps(asdict(self), indent=1) + "\n")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CostProfile":
+        """Read a profile written by `save` / `moefx calibrate`."""
+        from .errors import PlanError
+
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**data)
+        except (OSError, ValueError, TypeError) as e:
+            raise PlanError(f"cannot read the cost profile {str(path)!r} ({type(e).__name__}: {e}); write one "
+                            "with `moefx calibrate`") from None

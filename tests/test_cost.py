@@ -1,7 +1,7 @@
 """Flat vs hierarchical all-to-all cost model: the obvious regimes, and sympy == plain python."""
 import pytest
 
-from moefx.runtime.cost import (a2a_cost_exprs, choose_hierarchical, crossover_bytes, flat_a2a_time,
+from moefx.cost import (a2a_cost_exprs, choose_hierarchical, crossover_bytes, flat_a2a_time,
                                 hierarchical_a2a_time)
 
 

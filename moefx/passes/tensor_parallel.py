@@ -1,0 +1,290 @@
+"""Tensor parallelism: split dense FFNs and attention Megatron-style over the TP group.
+
+Runs after expert_parallel in stage "distribute", when the plan's tp > 1. Requires nothing of
+the earlier passes (a dense model splits too). Needs `ctx.rank` and the resolved degrees.
+
+- Every dense FFN whose middle is elementwise over its inner size f (dense blocks and the PR-MoE
+  residual MLPs; GELU, ReLU, SwiGLU, ...): ups column-parallel after `tp_copy` (identity
+  forward, all-reduce backward), down row-parallel followed by `tp_reduce` (all-reduce forward)
+  and then the down bias. FFNs with inner matrices or a norm / softmax over f cannot be split
+  exactly: they stay replicated, with a warning (listed in meta["moefx_tp_replicated"]).
+- Every sdpa attention whose head layout `moefx.analysis.attention` understands is split by
+  heads: q/k/v projections column-parallel (a fused qkv projection chunk by chunk), the
+  head-sized constants of its views / expands / splits divided by tp, a per-head mask sliced
+  (T5's position bias, after a `tp_copy` so its parameters get every head's gradient), the
+  output projection row-parallel. Attention it does not understand, or whose query / key-value
+  head counts tp does not divide, stays replicated, with a warning.
+
+Every shard is a new parameter `tp_shard_<target>[_chunkN]` with a placement record (global
+tensor, offsets, sharded over "tp", copies over "dp"); the full-size originals are removed, so a
+rank holds only its shards.
+"""
+from __future__ import annotations
+
+import warnings
+
+from torch import fx, nn
+
+from .. import meta as M
+from ..analysis.attention import find_attention, reaches
+from ..analysis.ffn import find_ffns
+from ..analysis.linear import attr_value, aten, linear_info, packet, val
+from ..nn import collectives as C
+from ..placement import KEY as PLACEMENTS, Placement, complete
+from .base import Pass, PassContext
+from .graph import NodeBuilder, copy_graph_module, drop_unused_attributes
+
+NAME = "tensor_parallel"
+
+
+class TensorParallel(Pass):
+    """Split dense FFNs and attention over the TP group (see the module docstring)."""
+
+    name = NAME
+    stage = "distribute"
+
+    def applies(self, ctx: PassContext) -> bool:
+        return ctx.plan.parallel is not None and ctx.plan.parallel.tp > 1
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        new = copy_graph_module(gm)
+        split = _Split(new, ctx)
+        split.run()
+        new.meta["moefx_collectives"] = split.counts
+        new.meta["moefx_tp_replicated"] = split.skipped
+        new.meta["moefx_rank"] = ctx.rank
+        new.meta["moefx_parallel"] = ctx.resolved
+        drop_unused_attributes(new)
+        new.graph.eliminate_dead_code()
+        new.meta[PLACEMENTS] = complete(new, split.placements, ctx.resolved)
+        return new
+
+    def ensures(self, before, after, ctx) -> None:
+        state = dict(after.named_parameters())
+        for name, p in after.meta[PLACEMENTS].items():
+            if p.sharded_over == "tp" and name not in state:
+                raise AssertionError(f"TP shard {name} has a placement record but no parameter")
+        for target in {p.global_name for n, p in after.meta[PLACEMENTS].items() if p.sharded_over == "tp"}:
+            if target in state:
+                raise AssertionError(f"the full-size original {target} of a TP shard is still in the rank's model")
+
+
+TENSOR_PARALLEL = TensorParallel()
+
+
+class _Split:
+    """The rewrite of one graph (per-call state of the pass)."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext):
+        self.gm, self.ctx = gm, ctx
+        self.tp = ctx.resolved.tp
+        self.r = ctx.resolved.tp_rank(ctx.rank)
+        self.dp = ctx.resolved.dp
+        self.counts: dict[str, int] = dict(gm.meta.get("moefx_collectives", {}))
+        self.placements: dict[str, Placement] = dict(gm.meta.get(PLACEMENTS, {}))
+        self.skipped: list[str] = []
+
+    def _count(self, n: int) -> None:
+        self.counts["tp"] = self.counts.get("tp", 0) + n
+
+    def run(self) -> None:
+        gm = self.gm
+        by_name = {n.name: n for n in gm.graph.nodes}
+        attentions = find_attention(gm)  # before any rewrite: the analysis reads shape metadata
+        for ffn in find_ffns(gm):
+            if not ffn.elementwise:
+                self.skipped.append(f"FFN of block {ffn.block}: its middle is not elementwise over f (inner "
+                                    "matrices, or a norm / softmax over f)")
+                continue
+            if ffn.f % self.tp:
+                self.skipped.append(f"FFN of block {ffn.block}: inner size {ffn.f} is not divisible by tp = {self.tp}")
+                continue
+            self._ffn(by_name, ffn)
+        for att in attentions:
+            if not att.supported:
+                self.skipped.append(f"attention {att.sdpa.name}: {att.reason}")
+                continue
+            kv_heads = val(att.sdpa.args[1]).shape[-3]
+            if att.heads % self.tp or kv_heads % self.tp:
+                self.skipped.append(f"attention {att.sdpa.name}: {att.heads} query / {kv_heads} key-value heads are "
+                                    f"not divisible by tp = {self.tp}")
+                continue
+            self._count(self._attention(att))
+        if self.skipped:
+            warnings.warn("tensor parallelism keeps these layers replicated: " + "; ".join(self.skipped),
+                          stacklevel=4)
+
+    # -- FFNs -------------------------------------------------------------------------------------
+    def _ffn(self, by_name: dict, ffn) -> None:
+        gm = self.gm
+        region = {by_name[n] for n in ffn.nodes}
+        ups = [linear_info(by_name[up]) for up in ffn.ups]
+        down = linear_info(by_name[ffn.down])
+        x = by_name[ffn.input]
+        cp = self._copy_to_tp(x, ffn.block)
+        x.replace_all_uses_with(cp, delete_user_cb=lambda u: u in region)
+        for info in ups:
+            self._column(info, chunks=1)
+        part = ffn.f // self.tp
+        for node in [by_name[m] for m in ffn.middle] + [u for u in down.node.users if u in region]:
+            if packet(node) in (aten.view, aten.reshape, aten._unsafe_view):
+                node.args = (node.args[0], _scale_last(node.args[1], ffn.f, part), *node.args[2:])
+        self._row(down, ffn.block)
+        self._count(2)  # tp_copy (backward all-reduce) + tp_reduce
+
+    # -- collectives ------------------------------------------------------------------------------
+    def _copy_to_tp(self, x: fx.Node, block) -> fx.Node:
+        b = NodeBuilder(self.gm.graph, x, NAME, block=block)
+        cp = b.fn(C.TP_COPY, x, "tp", role="collective", group="tp")
+        if "val" in x.meta:
+            cp.meta["val"] = x.meta["val"]
+        return cp
+
+    def _column(self, info, chunks: int) -> None:
+        """Column-parallel: keep this TP rank's part of each of `chunks` equal chunks of the output."""
+        tp, r = self.tp, self.r
+        width = info.out_features // chunks
+        if width % tp:
+            raise ValueError(f"{info.node.name}: output width {width} is not divisible by tp = {tp}")
+        ranges = [(c * width + r * width // tp, c * width + (r + 1) * width // tp) for c in range(chunks)]
+        self._shard(info.weight, 0 if info.transposed else 1, ranges)
+        if info.bias is not None:
+            self._shard(info.bias, 0, ranges)
+
+    def _row(self, info, block) -> None:
+        """Row-parallel: this rank's rows of the input dim, all-reduce, then the (unsplit) bias.
+
+        `info` is the linear's LinearInfo, taken before the graph was rewritten."""
+        gm, tp, r = self.gm, self.tp, self.r
+        node = info.node
+        lo, hi = r * info.in_features // tp, (r + 1) * info.in_features // tp
+        self._shard(info.weight, 1 if info.transposed else 0, [(lo, hi)])
+        bias = info.bias
+        if bias is not None:
+            if packet(node) is aten.addmm:
+                with gm.graph.inserting_after(node):
+                    mm = gm.graph.call_function(aten.mm.default, (node.args[1], node.args[2]))
+                mm.meta = dict(node.meta)
+                node.replace_all_uses_with(mm)
+                gm.graph.erase_node(node)
+                node = mm
+            else:
+                node.args = node.args[:2]
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "bias"}
+        b = NodeBuilder(gm.graph, node, NAME, block=block)
+        red = b.fn(C.TP_REDUCE, node, "tp", role="collective", group="tp")
+        out = b.fn(aten.add.Tensor, red, bias, role="collective") if bias is not None else red
+        node.replace_all_uses_with(out, delete_user_cb=lambda u: u is not red)
+
+    # -- attention --------------------------------------------------------------------------------
+    def _attention(self, att) -> int:
+        """Split heads over the TP group: q/k/v column-parallel, output projection row-parallel.
+        Returns the number of TP collectives inserted."""
+        gm, tp, r = self.gm, self.tp, self.r
+        infos = {p: linear_info(p) for p in att.projections}
+        out_info = linear_info(att.out_proj)
+        for p, info in infos.items():
+            splits = [n for n in att.flags if packet(n) in (aten.split, aten.split_with_sizes)
+                      and att.flags[n.args[0]][_dim(n)] and reaches(n, {p})]
+            chunks = len(_outputs(splits[0])) if splits else 1
+            self._column(info, chunks)
+        for n in list(att.flags):
+            p = packet(n)
+            if p in (aten.view, aten.reshape, aten._unsafe_view, aten.expand):
+                n.args = (n.args[0], _scale_flagged(n, n.args[1], att.flags[n], tp), *n.args[2:])
+            elif p is aten.split and att.flags[n.args[0]][_dim(n)]:
+                n.args = (n.args[0], n.args[1] // tp, *n.args[2:])
+            elif p is aten.split_with_sizes and att.flags[n.args[0]][_dim(n)]:
+                n.args = (n.args[0], [s // tp for s in n.args[1]], *n.args[2:])
+        extra = 0
+        mask = att.sdpa.args[3] if len(att.sdpa.args) > 3 else att.sdpa.kwargs.get("attn_mask")
+        mv = val(mask) if isinstance(mask, fx.Node) else None
+        if mv is not None and mv.dim() == 4 and mv.shape[1] == att.heads and att.heads > 1:
+            # A per-head mask (T5's position bias) keeps this rank's heads; tp_copy first so the
+            # parameters it is computed from get the gradient of every head back.
+            lo, hi = r * att.heads // tp, (r + 1) * att.heads // tp
+            with gm.graph.inserting_before(att.sdpa):
+                full = gm.graph.call_function(C.TP_COPY, (mask, "tp"))
+                sliced = gm.graph.call_function(aten.slice.Tensor, (full, 1, lo, hi))
+            M.tag(full, NAME, "collective").meta[M.GROUP] = "tp"
+            M.tag(sliced, NAME, "layout")
+            extra = 1
+            if len(att.sdpa.args) > 3:
+                att.sdpa.args = (*att.sdpa.args[:3], sliced, *att.sdpa.args[4:])
+            else:
+                att.sdpa.kwargs = {**att.sdpa.kwargs, "attn_mask": sliced}
+        for x in {info.x for info in infos.values()}:
+            cp = self._copy_to_tp(x, None)
+            for p in infos:
+                if p.args[1 if packet(p) is aten.addmm else 0] is x:
+                    p.replace_input_with(x, cp)
+        self._row(out_info, None)
+        return 1 + len({info.x for info in infos.values()}) + extra
+
+    # -- parameters -------------------------------------------------------------------------------
+    def _shard(self, attr_node: fx.Node, dim: int, ranges: list[tuple[int, int]]) -> None:
+        """Point a get_attr node at this rank's part of a parameter: ranges [lo, hi) of `dim`.
+
+        One range: a new parameter. Several (a fused projection's chunks): one parameter per range,
+        concatenated in the graph. Each gets a placement record."""
+        gm = self.gm
+        old = attr_value(gm, attr_node.target)
+        base = "tp_shard_" + attr_node.target.replace(".", "_")
+        targets = []
+        for i, (lo, hi) in enumerate(ranges):
+            target = base if len(ranges) == 1 else f"{base}_chunk{i}"
+            if not hasattr(gm, target):
+                shard = nn.Parameter(old.detach().narrow(dim, lo, hi - lo).clone(), requires_grad=old.requires_grad)
+                gm.register_parameter(target, shard)
+                offsets = [0] * old.dim()
+                offsets[dim] = lo
+                self.placements[target] = Placement(attr_node.target, tuple(old.shape), tuple(offsets), (dim,),
+                                                    sharded_over="tp", replicated_over="dp", grad_divisor=self.dp,
+                                                    copies=self.dp)
+                self.placements.pop(attr_node.target, None)
+            targets.append(target)
+        if len(targets) == 1:
+            attr_node.target = targets[0]
+            return
+        parts, cursor = [], attr_node
+        for t in targets:
+            with gm.graph.inserting_after(cursor):
+                cursor = gm.graph.get_attr(t)
+            parts.append(cursor)
+        with gm.graph.inserting_after(cursor):
+            joined = gm.graph.call_function(aten.cat.default, (parts, dim))
+        M.tag(joined, NAME, "layout")
+        attr_node.replace_all_uses_with(joined)
+        gm.graph.erase_node(attr_node)
+
+
+def _dim(split: fx.Node) -> int:
+    d = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    return d % val(split.args[0]).dim()
+
+
+def _outputs(split: fx.Node) -> list:
+    """The outputs of a split node (its getitem users), one per chunk."""
+    v = split.meta.get("val")
+    return list(v) if isinstance(v, (list, tuple)) else [u for u in split.users]
+
+
+def _scale_flagged(node: fx.Node, shape, flags: tuple[bool, ...], tp: int):
+    """A view/expand shape with every head-scaled literal size divided by tp."""
+    if not isinstance(shape, (list, tuple)):
+        return shape
+    out = list(shape)
+    offset = len(flags) - len(out)
+    for i, s in enumerate(out):
+        if flags[i + offset] and isinstance(s, int) and s > 0:
+            out[i] = s // tp
+        elif flags[i + offset] and isinstance(s, fx.Node):
+            raise ValueError(f"{node.name}: a head-scaled size is a symbolic expression ({s.name})")
+    return type(shape)(out)
+
+
+def _scale_last(shape, full: int, part: int):
+    """A view's shape argument with a last entry of `full` replaced by `part`."""
+    if isinstance(shape, (list, tuple)) and shape and isinstance(shape[-1], int) and shape[-1] == full:
+        return type(shape)([*shape[:-1], part])
+    return shape
