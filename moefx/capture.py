@@ -1,38 +1,57 @@
 """Capture: a model and example inputs -> an ATen-level torch.fx GraphModule.
 
-The primary path is `torch.export.export(strict=False)` with every dimension of every tensor input
-marked `Dim.AUTO` (export keeps it dynamic unless the model forces a value), unlifted with
-`ep.module()` and re-wrapped as a plain `fx.GraphModule`, so the result runs for any batch size and
-sequence length the model allows and supports `.train()` / `.eval()`. Every node carries
-`meta["val"]` (a fake tensor), which the analysis reads.
+The path is `torch.export.export(strict=False)`, unlifted with `ep.module()` and re-wrapped as a
+plain `fx.GraphModule` (so `.train()` / `.eval()` work). Every node carries `meta["val"]` (a fake
+tensor), which the analysis reads.
 
-Hugging Face models are captured with `use_cache=False` (set on their config for the duration).
-The model is captured in eval mode: dropout is recorded as a no-op.
-A GraphModule already produced by `capture` / `torch.export` is accepted as-is; any other
-GraphModule (e.g. from `symbolic_trace`) is re-captured with `torch.export`, which needs
-example inputs.
+Dynamic dimensions: by default only the batch and sequence dimensions are dynamic, by input kind
+(integer [B, T] inputs: token ids, masks -> B and T; [B, T, d] -> B and T; images [B, C, H, W]
+and everything else -> B), because marking every dimension dynamic makes export of vision
+models with shape-dependent padding take minutes. Pass `dynamic_shapes` (torch.export's form)
+to choose yourself. Export specialises sizes 0 and 1, so an example whose dynamic dimension has
+size 1 (a batch-1 prompt) is repeated to size 2 for the capture: the graph then accepts any size.
+A call that breaks a remaining guard raises `InputError` naming the input and dimension.
+
+Mode: `train=False` (the default) captures in eval mode (dropout recorded as a no-op, with a
+warning when the model was in train mode); `train=True` captures in train mode, so dropout runs in
+the graph. Hugging Face models are captured with `use_cache=False` (set on their config for the
+duration). A GraphModule already produced by `capture` / `torch.export` is accepted as-is; any
+other GraphModule (e.g. from `symbolic_trace`) is re-captured, which needs example inputs.
+The captured graph checks on every call that its inputs live on its parameters' device.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+import re
+import time
 import traceback
+import warnings
 
 import torch
 from torch import fx, nn
 from torch.export import Dim
 
-from .errors import CaptureError
+from .errors import CaptureError, MoefxError
+
+__all__ = ["capture", "is_captured", "mark_captured", "InputError", "default_dynamic_dims"]
 
 _CAPTURED = "_moefx_captured"
 
 
+class InputError(MoefxError, ValueError):
+    """Inputs a captured graph cannot take (a dimension fixed at capture, another device)."""
+
+
 def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None,
-            *, dynamic: bool = True) -> fx.GraphModule:
+            *, dynamic_shapes=None, train: bool = False) -> fx.GraphModule:
     """Capture `model(*example_inputs, **example_kwargs)` into an ATen GraphModule.
 
-    Takes a module (HF, torch, hand-written) or a GraphModule. Returns a GraphModule whose nodes
-    carry shape metadata. Raises CaptureError naming the failing op/line and what to try.
+    Takes a module (HF, torch, hand-written) or a GraphModule. dynamic_shapes: torch.export's
+    dynamic_shapes (default: batch / sequence dims by input kind, see the module docstring);
+    train: capture in train mode (dropout active). Returns a GraphModule whose nodes carry shape
+    metadata; `gm.meta["moefx_capture_seconds"]` is how long export took. Raises CaptureError
+    naming the failing op/line and what to try.
     """
     if is_captured(model):
         return model
@@ -42,19 +61,32 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict |
     if not example_inputs and not example_kwargs:
         raise CaptureError(f"capturing {type(model).__name__} needs example inputs: pass example_inputs=(x,) "
                            "with tensors of the shapes the model takes")
-    dynamic_shapes = _dynamic_shapes(model, example_inputs, example_kwargs) if dynamic else None
+    _check_devices_match(model, example_inputs, example_kwargs)
+    if dynamic_shapes is None:
+        example_inputs, example_kwargs, dynamic_shapes = _default_shapes(model, example_inputs, example_kwargs)
     was_training = model.training
+    if was_training and not train:
+        warnings.warn(f"{type(model).__name__} is in train mode but is captured in eval mode: dropout is left out "
+                      "of the graph; pass train=True to keep it", stacklevel=3)
+    t0 = time.perf_counter()
     try:
-        with _hf_no_cache(model):
-            model.eval()
+        with _hf_no_cache(model), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*0/1 specialized.*")
+            model.train(train)
             ep = torch.export.export(model, example_inputs, example_kwargs or None,
                                      dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # torch.export raises many types; turn them into one clear message
         raise CaptureError(_explain(model, e)) from e
     finally:
         model.train(was_training)
+    seconds = time.perf_counter() - t0
     gm = ep.module()
     out = fx.GraphModule(gm, gm.graph, class_name=type(model).__name__ + "Graph")
+    if hasattr(out, "_guards_fn"):
+        out._guards_fn = _NamedGuards(out._guards_fn)
+    out.train(train)
+    out.meta = {"moefx_capture_seconds": seconds, "moefx_train_capture": train}
+    out.register_forward_pre_hook(_device_check)
     setattr(out, _CAPTURED, True)
     return out
 
@@ -76,21 +108,123 @@ def mark_captured(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
-    """Dim.AUTO on every dim of every tensor input, keyed by forward()'s parameter names."""
-    def spec(x):
+# ----------------------------------------------------------------------------------- shapes
+
+
+def default_dynamic_dims(x: torch.Tensor) -> tuple[int, ...]:
+    """The dims of an example input kept dynamic by default: batch and sequence by input kind."""
+    if x.dim() == 0:
+        return ()
+    if x.dim() in (2, 3) and (not x.is_floating_point() or x.dim() == 3):
+        return (0, 1)            # [B, T] token ids / masks, [B, T, d] embeddings
+    return (0,)                  # images [B, C, H, W], [B, d] features, ...
+
+
+def _default_shapes(model: nn.Module, args: tuple, kwargs: dict):
+    """(args, kwargs, dynamic_shapes): batch / sequence dims Dim.AUTO, size-1 examples repeated to 2."""
+
+    def one(x):
         if isinstance(x, torch.Tensor):
-            return {i: Dim.AUTO for i in range(x.dim())} if x.dim() > 0 else None
+            dims = default_dynamic_dims(x)
+            for d in dims:
+                if x.shape[d] < 2 and x.device.type != "meta":
+                    x = x.repeat_interleave(2 // max(x.shape[d], 1), dim=d) if x.shape[d] == 1 else x
+            return x, ({d: Dim.AUTO for d in dims} if dims else None)
         if isinstance(x, (list, tuple)):
-            return type(x)(spec(v) for v in x)
+            pairs = [one(v) for v in x]
+            return type(x)(p[0] for p in pairs), type(x)(p[1] for p in pairs)
         if isinstance(x, dict):
-            return {k: spec(v) for k, v in x.items()}
-        return None
+            pairs = {k: one(v) for k, v in x.items()}
+            return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+        return x, None
 
     if not kwargs:
-        return tuple(spec(a) for a in args)
+        pairs = [one(a) for a in args]
+        return tuple(p[0] for p in pairs), kwargs, tuple(p[1] for p in pairs)
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    return {name: spec(v) for name, v in bound.arguments.items()}
+    new_args, new_kwargs, spec = [], {}, {}
+    for name, value in bound.arguments.items():
+        v, s = one(value)
+        spec[name] = s
+        if name in kwargs:
+            new_kwargs[name] = v
+        else:
+            new_args.append(v)
+    return tuple(new_args), new_kwargs, spec
+
+
+class _NamedGuards(nn.Module):
+    """The exported module's input guards, with a failure reported as an InputError naming the input."""
+
+    def __init__(self, guards: nn.Module):
+        super().__init__()
+        self.guards = guards
+
+    def forward(self, *args, **kwargs):
+        try:
+            return self.guards(*args, **kwargs)
+        except AssertionError as e:
+            raise InputError(_guard_message(str(e))) from None
+
+
+def _guard_message(text: str) -> str:
+    m = re.search(r"(\w+)\.size\(\)\[(\d+)\]\s*(==|<=|>=|<|>)\s*(\d+)", text)
+    if m:
+        name, dim, op, value = m.groups()
+        return (f"input {name!r}: dimension {dim} must be {op} {value} for this graph (it was fixed when the model "
+                f"was captured: {text.strip()}); capture with an example of another size or pass dynamic_shapes "
+                "to moefx.capture / moefx.convert")
+    return f"the inputs break a shape guard of the captured graph ({text.strip()}); recapture with other examples"
+
+
+# ----------------------------------------------------------------------------------- devices
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for p in model.parameters():
+        return p.device
+    return None
+
+
+def _check_devices_match(model: nn.Module, args, kwargs) -> None:
+    device = _model_device(model)
+    if device is None:
+        return
+    for t in _tensors((args, kwargs)):
+        if t.device.type != device.type:
+            raise CaptureError(f"{type(model).__name__}'s parameters are on {device} but an example input is on "
+                               f"{t.device}: move the inputs (or the model) to one device before converting")
+
+
+def _device_check(module: nn.Module, args) -> None:
+    """Forward pre-hook of a captured graph: inputs on the parameters' device, and real tensors for a
+    real model (meta inputs would give garbage), real parameters for real inputs."""
+    device = _model_device(module)
+    if device is None or torch.compiler.is_compiling():
+        return
+    for t in _tensors(args):
+        if t.device.type == device.type:
+            continue
+        if device.type == "meta":
+            raise InputError("this model's parameters are on the meta device (it was converted without weights): "
+                             "it cannot run on real inputs; materialise it (moefx.runtime.materialize / moefx "
+                             "launch) or convert a model with weights")
+        raise InputError(f"the model's parameters are on {device} but an input is on {t.device}: move the inputs "
+                         f"to {device} (or the model to {t.device})")
+
+
+# ----------------------------------------------------------------------------------- HF and errors
 
 
 @contextlib.contextmanager

@@ -148,7 +148,13 @@ def cmd_distill(args) -> int:
     train, val = train.clamp_max(vocab - 1), val.clamp_max(vocab - 1)  # byte ids into the model's vocabulary
     batches = lm_batches(train, args.batch, args.seq, args.steps, seed=args.seed)
     evals = fixed_eval_batches(val, args.batch, args.seq, 4)
-    kd_stop = args.kd_stop if args.kd_stop >= 0 else None
+    if args.kd_stop is None:
+        kd_stop = round(0.6 * args.steps)          # staged KD: on for the first 60% of the steps
+    else:
+        kd_stop = args.kd_stop if args.kd_stop >= 0 else None
+        if kd_stop is not None and kd_stop > args.steps:
+            raise MoefxError(f"--kd-stop {kd_stop} is past --steps {args.steps}: use a step <= {args.steps}, "
+                             "or --kd-stop -1 to keep KD on for the whole run")
     result = distill(teacher, student, batches, steps=args.steps, kd_stop=kd_stop, kd_alpha=args.kd_alpha,
                      temperature=args.temperature, lr=args.lr, eval_batches=evals, progress=True,
                      checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, seed=args.seed)
@@ -165,9 +171,17 @@ def cmd_distill(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Sub-command parsers show every option's default in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moefx", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     def model_args(sp, default=None):
         sp.add_argument("model", nargs="?" if default else None, default=default,
@@ -192,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("distill", help="shrink a PR-MoE teacher into a MoS student and train it with staged KD")
     model_args(ds, default="gpt2-tiny")
     ds.add_argument("--steps", type=int, default=100)
-    ds.add_argument("--kd-stop", type=int, default=60, help="step at which KD switches off (-1: never)")
+    ds.add_argument("--kd-stop", type=int, default=None,
+                    help="step at which KD switches off (-1: never; default: 60%% of --steps)")
     ds.add_argument("--kd-alpha", type=float, default=1.0)
     ds.add_argument("--temperature", type=float, default=1.0)
     ds.add_argument("--lr", type=float, default=3e-4)

@@ -131,5 +131,18 @@ class Uniform:
         return value.to(device=device, dtype=dtype)
 
 
-Recipe = StackExperts | Uniform
+
+
+@dataclass(frozen=True)
+class Copy:
+    """A copy of the dense tensor `source` (constants a pass moves into a new module)."""
+
+    source: str
+
+    def build(self, read: Reader, *, dtype=None, device=None) -> Tensor:
+        value = read(self.source, {})
+        return value.detach().clone().to(device=device, dtype=dtype or value.dtype)
+
+
+Recipe = StackExperts | Uniform | Copy
 KEY = "moefx_recipes"

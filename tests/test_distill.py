@@ -275,7 +275,7 @@ def test_extract_logits_variants():
     assert extract_logits((x, None)) is x
     assert extract_logits(([x],)) is x
     assert extract_logits({"logits": x, "loss": None}) is x
-    transformers = pytest.importorskip("transformers.modeling_outputs")
+    import transformers.modeling_outputs as transformers
     assert extract_logits(transformers.CausalLMOutput(logits=x)) is x
     with pytest.raises(DistillError, match="logits"):
         extract_logits(None)

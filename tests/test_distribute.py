@@ -160,3 +160,62 @@ def test_world8_2x4_hierarchical_and_expert_slicing():
                                   {"nodes": 2, "devices_per_node": 4, "ep": 8}),
     }
     run_world(_run_cases, 8, "gpt2-tiny", cases, timeout=600)
+
+
+class _TokenStack(torch.nn.Module):
+    """Pre-norm residual MLP blocks on [B, T, d] inputs (no attention): a batch may be empty."""
+
+    def __init__(self, d=8, f=16, blocks=2):
+        super().__init__()
+        self.ln = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(blocks))
+        self.up = torch.nn.ModuleList(torch.nn.Linear(d, f) for _ in range(blocks))
+        self.down = torch.nn.ModuleList(torch.nn.Linear(f, d) for _ in range(blocks))
+
+    def forward(self, x):
+        for ln, up, down in zip(self.ln, self.up, self.down):
+            x = x + down(torch.nn.functional.gelu(up(ln(x))))
+        return x
+
+
+def _empty_rank_trains(rank, world, plan_dict):
+    import moefx
+    from moefx.placement import placements
+
+    torch.manual_seed(0)
+    model = _TokenStack()
+    example = torch.randn(2, 4, 8)
+    plan = moefx.Plan.from_dict(plan_dict)
+    ref = moefx.convert(model, plan, (example,))
+    local = moefx.distribute(ref, plan)
+    batches = [torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(7)), torch.randn(0, 4, 8)]
+    opt = torch.optim.SGD(local.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        out = local(batches[rank])
+        assert out.shape == batches[rank].shape
+        (out.pow(2).sum() + moefx.aux_loss(local)).backward()      # rank 1: no tokens, still every collective
+        moefx.reduce_gradients(local)
+        opt.step()
+        ref_opt.zero_grad()
+        total = 0.0
+        for b in batches:
+            total = total + ref(b).pow(2).sum() + moefx.aux_loss(ref)
+        (total / 2).backward()
+        ref_opt.step()
+    ref_params = dict(ref.named_parameters())
+    for name, p in local.named_parameters():
+        rec = placements(local)[name]
+        want = ref_params[rec.global_name].detach()
+        for dim in rec.shard_dims:
+            want = want.narrow(dim, rec.offsets[dim], p.shape[dim])
+        torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")
+
+
+@pytest.mark.parametrize("moe", [{"top_k": 2}, {"top_k": 1, "residual": True}])
+def test_world2_a_rank_with_no_tokens_trains(moe):
+    # dropless layers exchange the routed rows, so token counts may differ between ranks, down to none;
+    # (capacity layers exchange static [E, C, d] buffers: every rank of an EP group has the same tokens)
+    plan = {"moe": {"experts": 4, "every": 1, "init_noise": 0.3, "drop_tokens": False, **moe},
+            "parallel": {"nodes": 1, "devices_per_node": 2, "ep": 2}}
+    run_world(_empty_rank_trains, 2, plan, timeout=120)

@@ -16,7 +16,6 @@ from moefx.models import (
     num_blocks,
 )
 
-pytest.importorskip("transformers")
 
 TINY = [n for n in BUILTIN_MODELS if n != "gpt2-medium-24"]
 

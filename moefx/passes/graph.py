@@ -18,6 +18,8 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
         if getattr(child, "_moefx_keep", False):  # keep moefx containers whole, not rebuilt as plain Modules
             new.add_submodule(name, child)
     new.meta = dict(getattr(gm, "meta", {}))
+    for hook in gm._forward_pre_hooks.values():   # capture's input device check
+        new.register_forward_pre_hook(hook)
     for name, value in vars(gm).items():
         if name.startswith("_moefx"):
             setattr(new, name, value)

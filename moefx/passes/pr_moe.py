@@ -48,7 +48,7 @@ from ..nn.aux import AuxLossSink
 from ..nn.experts import GenericExperts, StackedExperts
 from ..nn.moe import Gate, MoELayer, Router
 from ..nn.routing import combine, dispatch
-from ..recipes import KEY as RECIPES, StackExperts, Uniform
+from ..recipes import KEY as RECIPES, Copy, StackExperts, Uniform
 from .base import Pass, PassContext
 from .conditions import FFNS, MOE_LAYERS
 from .graph import NodeBuilder, copy_graph_module, drop_unused_attributes
@@ -189,12 +189,14 @@ def _make_layer(gm: fx.GraphModule, by_name: dict, ffn: FFN, E: int, layer: int,
             j += u.bias is not None
         down_w = stacked("down_weight", down.weight.target, down.transposed, "down")
         down_b = stacked("down_bias", down.bias.target, False, "down_bias") if down.bias is not None else None
-        experts = StackedExperts(up_w, up_b, down_w, down_b, _extract_middle(gm, by_name, ffn, ups, down),
-                                 ffn.activation, elementwise=ffn.elementwise)
+        middle, consts = _extract_middle(gm, by_name, ffn, ups, down)
+        experts = StackedExperts(up_w, up_b, down_w, down_b, middle, ffn.activation, elementwise=ffn.elementwise)
+        recipes.update({f"{prefix}.experts.middle.{k}": Copy(src) for k, src in consts.items()})
     else:
-        template, sources = _extract_region(gm, by_name, ffn)
+        template, sources, consts = _extract_region(gm, by_name, ffn)
         params = {k: stacked(f"expert_params.{k}", src, False, k) for k, src in sources.items()}
         experts = GenericExperts(template, params, ffn.d, ffn.f, ffn.activation)
+        recipes.update({f"{prefix}.experts.template.{k}": Copy(src) for k, src in consts.items()})
 
     def uniform(local: str, shape: tuple, out_dtype) -> torch.Tensor:
         recipe = Uniform(shape, ffn.d, key=(moe.seed, layer, local))
@@ -214,8 +216,9 @@ def _make_layer(gm: fx.GraphModule, by_name: dict, ffn: FFN, E: int, layer: int,
     return MoELayer(router, gate, experts, coef, AuxLossSink(moe.aux_loss_coef, moe.z_loss_coef), ffn.block)
 
 
-def _extract_middle(gm: fx.GraphModule, by_name: dict, ffn: FFN, ups, down) -> fx.GraphModule:
-    """The FFN's token-wise ops between ups and down as a GraphModule taking the up outputs.
+def _extract_middle(gm: fx.GraphModule, by_name: dict, ffn: FFN, ups, down) -> tuple[fx.GraphModule, dict]:
+    """The FFN's token-wise ops between ups and down as a GraphModule taking the up outputs, and the
+    dense tensor each of its constants copies ({buffer name: dense name}).
 
     Views are dropped (they only reshape leading dims), so it runs on [E, C, f] as well as [S, f].
     Constants it reads (buffers, never parameters: FFNs with parameters there use generic experts)
@@ -224,6 +227,7 @@ def _extract_middle(gm: fx.GraphModule, by_name: dict, ffn: FFN, ups, down) -> f
     graph = fx.Graph()
     root = nn.Module()
     env: dict[fx.Node, fx.Node] = {}
+    consts: dict[str, str] = {}
     for i, u in enumerate(ups):
         env[u.node] = graph.placeholder(f"h{i}")
 
@@ -234,6 +238,7 @@ def _extract_middle(gm: fx.GraphModule, by_name: dict, ffn: FFN, ups, down) -> f
             name = a.target.replace(".", "_")
             if not hasattr(root, name):
                 root.register_buffer(name, attr_value(gm, a.target).detach().clone())
+                consts[name] = a.target
             env[a] = graph.get_attr(name)
             return env[a]
         raise AnalysisError(f"FFN middle op reads {a.name}, which is outside the FFN region")
@@ -245,18 +250,21 @@ def _extract_middle(gm: fx.GraphModule, by_name: dict, ffn: FFN, ups, down) -> f
             continue
         env[node] = graph.node_copy(node, arg)
     graph.output(env[strip_views(down.x)])
-    return fx.GraphModule(root, graph, class_name="FFNMiddle")
+    return fx.GraphModule(root, graph, class_name="FFNMiddle"), consts
 
 
-def _extract_region(gm: fx.GraphModule, by_name: dict, ffn: FFN) -> tuple[fx.GraphModule, dict[str, str]]:
-    """The whole FFN region as a GraphModule [C, d] -> [C, d] (the generic experts' template) and,
-    for each of its parameters (flat name), the dense tensor it copies. Views become reshapes to
-    [-1, last dim] so any leading shape works; the template's own parameters are meta placeholders
-    (GenericExperts supplies the values). Buffers the region reads stay constants of the template."""
+def _extract_region(gm: fx.GraphModule, by_name: dict, ffn: FFN) -> tuple[fx.GraphModule, dict, dict]:
+    """The whole FFN region as a GraphModule [C, d] -> [C, d] (the generic experts' template), and,
+    by flat name, the dense tensor each of its parameters copies and each of its constants copies.
+    Views become reshapes to [-1, last dim] so any leading shape works; the template's own
+    parameters are meta placeholders (GenericExperts supplies the values). Buffers the region reads
+    stay constants of the template."""
     graph = fx.Graph()
     root = nn.Module()
+    root._moefx_placeholders = set()
     env: dict[fx.Node, fx.Node] = {by_name[ffn.input]: graph.placeholder("x")}
     sources: dict[str, str] = {}
+    consts: dict[str, str] = {}
 
     def arg(a: fx.Node) -> fx.Node:
         if a in env:
@@ -268,8 +276,10 @@ def _extract_region(gm: fx.GraphModule, by_name: dict, ffn: FFN) -> tuple[fx.Gra
                 if name not in sources:
                     sources[name] = a.target
                     root.register_buffer(name, torch.empty_like(value, device="meta"), persistent=False)
+                    root._moefx_placeholders.add(name)
             elif not hasattr(root, name):
                 root.register_buffer(name, value.detach().clone())
+                consts[name] = a.target
             env[a] = graph.get_attr(name)
             return env[a]
         raise AnalysisError(f"FFN of block {ffn.block} reads {a.name}, which is outside the FFN region")
@@ -281,4 +291,6 @@ def _extract_region(gm: fx.GraphModule, by_name: dict, ffn: FFN) -> tuple[fx.Gra
         else:
             env[node] = graph.node_copy(node, arg)
     graph.output(graph.call_function(aten.reshape.default, (env[by_name[ffn.output]], [-1, ffn.d])))
-    return fx.GraphModule(root, graph, class_name="FFNTemplate"), sources
+    template = fx.GraphModule(root, graph, class_name="FFNTemplate")
+    template._moefx_placeholders = root._moefx_placeholders   # meta on purpose: GenericExperts fills them
+    return template, sources, consts

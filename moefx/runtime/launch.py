@@ -2,33 +2,44 @@
 
 Launcher side: `launch(["train.py", "--steps", "10"], nnodes=1, nproc_per_node=4)` runs
 `python -m torch.distributed.run ... train.py --steps 10` and returns a `LaunchResult` (exit code,
-captured output, which ranks failed and why). `start(...)` returns a handle without waiting, so
-several "nodes" can be launched from one host (static rendezvous: one launch per node, each with
-its `node_rank`, all with the same master address and port)::
+captured output, which ranks failed and why, which rank stopped making progress). `start(...)`
+returns a handle without waiting, so several "nodes" can be launched from one host (static
+rendezvous: one launch per node, each with its `node_rank`, all with the same master address and
+port)::
 
     a = start(["w.py"], nnodes=2, nproc_per_node=1, node_rank=0, master_port=29600)
     b = start(["w.py"], nnodes=2, nproc_per_node=1, node_rank=1, master_port=29600)
     ra, rb = a.wait(60), b.wait(60)
 
-Worker side: `init_from_env()` initialises the default process group from torchrun's environment
-(gloo on CPU, nccl with CUDA) with a collective timeout; `@worker` wraps the entry function so a
-failure prints one readable line, "moefx: rank R failed: ValueError: ...", records the error for
-torchrun's summary, and exits non-zero.
+No orphans: the torchrun agent dies with the launching process (Linux parent-death signal, so
+even a SIGKILL of the launcher takes it along), workers die with the agent, and SIGINT / SIGTERM
+to the launcher (`forward_signals`, used by `launch` and `moefx launch`) are forwarded to the
+whole launch: SIGTERM, a grace period, then SIGKILL of everything that is left.
 
-Fail-fast: torchrun (max_restarts = 0) stops the remaining workers of a node as soon as one exits
-non-zero (SIGTERM, then SIGKILL after its shutdown timeout) and exits non-zero itself. Workers on
-other nodes notice at their next collective (gloo: "Connection closed by peer", reported as
-"moefx: rank R aborted after a peer failed"; nccl: at the collective timeout of `init_from_env`).
+Worker side: `init_from_env()` initialises the default process group from torchrun's environment
+(gloo on CPU, nccl with CUDA) with a collective timeout, and starts a heartbeat; `@worker` wraps
+the entry function so a failure prints one line, "moefx: rank R failed: ValueError: ...", keeps
+the traceback in the rank's log file, and exits non-zero; `progress(what)` records how far the
+rank got.
+
+Blame: a rank that waits for a dead or stuck peer fails with a collective error ("timed out",
+"connection closed by peer", ...) and is reported as "aborted after a peer failed". When no rank
+raised an error of its own, the heartbeats decide: the rank that stopped making progress (least
+progress, or a heartbeat that stopped: a stopped process) is named as the cause.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -39,13 +50,17 @@ from typing import Callable, Sequence
 from ..errors import MoefxError
 
 __all__ = ["torchrun_argv", "launch", "start", "Launch", "LaunchResult", "LaunchFailed", "init_from_env",
-           "worker", "free_port"]
+           "worker", "free_port", "forward_signals", "progress", "HEARTBEAT_ENV", "LOG_ENV"]
 
+HEARTBEAT_ENV = "MOEFX_HEARTBEAT_DIR"
+LOG_ENV = "MOEFX_LOG_DIR"
 _FAILED = re.compile(r"moefx: rank (\d+) failed: (.*)")
+_ABORTED = re.compile(r"moefx: rank (\d+) aborted after a peer failed: (.*)")
 _ROOT_RANK = re.compile(r"Root Cause.*?rank\s*:\s*(\d+)", re.S)
-# Messages a collective raises on the surviving ranks when a peer dies.
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
-              "Socket Timeout", "timed out", "Broken pipe", "NCCL communicator was aborted")
+# What a collective raises on the surviving ranks when a peer dies or stops (matched ignoring case).
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "remote worker crashing", "socket timeout",
+              "timed out", "timeout", "broken pipe", "nccl communicator was aborted", "connection refused")
+_AGENT_LINE = re.compile(r"^[WEIF]\d{4} \d\d:\d\d:\d\d")
 
 
 class LaunchFailed(MoefxError, RuntimeError):
@@ -93,12 +108,17 @@ def torchrun_argv(target_argv: Sequence[str], nnodes: int = 1, nproc_per_node: i
     return argv
 
 
+# ----------------------------------------------------------------------------------- results
+
+
 @dataclass
 class LaunchResult:
     """What one launch (one node's torchrun) did.
 
-    failures: rank -> message, from the workers' "moefx: rank R failed: ..." lines.
-    root_cause_rank: the first failing rank according to torchrun's summary (None if it printed none).
+    failures: rank -> message, from the workers' "moefx: rank R failed: ..." lines (errors of their
+    own); aborted: rank -> message of the ranks that lost a peer; root_cause_rank: the first
+    failing rank according to torchrun's summary; blame: (rank, why) from the heartbeats when no
+    rank failed on its own (a rank that hung or was stopped); log_dir: the ranks' log files.
     """
 
     returncode: int
@@ -107,7 +127,10 @@ class LaunchResult:
     argv: list = field(default_factory=list)
     timed_out: bool = False
     failures: dict = field(default_factory=dict)
+    aborted: dict = field(default_factory=dict)
     root_cause_rank: int | None = None
+    blame: tuple | None = None
+    log_dir: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -117,13 +140,29 @@ class LaunchResult:
     def failed_ranks(self) -> list[int]:
         return sorted(self.failures)
 
+    def rank_lines(self) -> list[str]:
+        """One line per rank that did not finish: what it raised, or why it stopped."""
+        lines = [f"rank {r} failed: {m}" for r, m in sorted(self.failures.items())]
+        if self.blame is not None and self.blame[0] not in self.failures:
+            lines.append(f"rank {self.blame[0]} {self.blame[1]}")
+        for r, m in sorted(self.aborted.items()):
+            if r not in self.failures and (self.blame is None or r != self.blame[0]):
+                lines.append(f"rank {r} aborted after a peer failed ({m})")
+        if not lines and self.root_cause_rank is not None:
+            lines.append(f"rank {self.root_cause_rank} failed first (torchrun)")
+        return lines
+
     def summary(self) -> str:
         if self.ok:
             return f"ok in {self.elapsed:.1f}s"
-        why = "; ".join(f"rank {r} failed: {m}" for r, m in sorted(self.failures.items())) or \
-            (f"rank {self.root_cause_rank} failed first" if self.root_cause_rank is not None else "no worker message")
+        why = "; ".join(self.rank_lines()) or "no worker message"
+        logs = f" (tracebacks in {self.log_dir})" if self.log_dir and self.failures else ""
         return (f"exit code {self.returncode}{' (timed out)' if self.timed_out else ''} after "
-                f"{self.elapsed:.1f}s: {why}")
+                f"{self.elapsed:.1f}s: {why}{logs}")
+
+    def worker_output(self) -> str:
+        """The workers' own lines: torchrun's logging and its failure report left out."""
+        return "".join(worker_lines(self.output))
 
     def check(self) -> "LaunchResult":
         """Raise LaunchFailed with a readable summary (and the output's tail) unless the launch succeeded."""
@@ -133,53 +172,138 @@ class LaunchResult:
         return self
 
 
-def _parse(output: str) -> tuple[dict, int | None]:
+def worker_lines(output: str) -> list[str]:
+    """Lines of a launch's output that the workers printed: torchrun's log lines, its OMP banner and
+    its failure report (a traceback, then the ==== block down to the root cause) are left out."""
+    out, state = [], None
+    for line in output.splitlines(keepends=True):
+        s = line.strip()
+        if state == "banner":
+            state = None if s.startswith("*****") else state
+            continue
+        if state == "report":
+            state = "root" if s.startswith("Root Cause") else state
+            continue
+        if state == "root":
+            state = None if s and set(s) == {"="} else state
+            continue
+        if _AGENT_LINE.match(line):
+            continue
+        if s.startswith("*****"):
+            state = "banner"
+        elif s.startswith("Traceback (most recent call last):"):
+            state = "report"
+        else:
+            out.append(line)
+    return out
+
+
+def _parse(output: str) -> tuple[dict, dict, int | None]:
     failures: dict[int, str] = {}
+    aborted: dict[int, str] = {}
     for m in _FAILED.finditer(output):
         failures.setdefault(int(m.group(1)), m.group(2).strip())
-    root = _ROOT_RANK.search(output)
-    return failures, (int(root.group(1)) if root else None)
+    for m in _ABORTED.finditer(output):
+        aborted.setdefault(int(m.group(1)), m.group(2).strip())
+    root = None
+    for m in _ROOT_RANK.finditer(output):
+        root = int(m.group(1))
+        break
+    return failures, aborted, root
 
 
-class Launch:
-    """A running torchrun (one node). `wait(timeout)` -> LaunchResult; on timeout the whole process
-    group of that torchrun (agent and workers) is killed."""
+# ----------------------------------------------------------------------------------- heartbeats
 
-    def __init__(self, argv: list[str], env: dict, capture: bool, cwd: str | None):
-        self.argv = argv
-        self._t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", *argv], env=env, cwd=cwd,
-            stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT if capture else None,
-            text=True, start_new_session=True)
 
-    def wait(self, timeout: float | None = None) -> LaunchResult:
-        timed_out = False
+def read_heartbeats(folder: str | os.PathLike | None) -> dict[int, dict]:
+    """rank -> {"time", "count", "what", "pid"} from a launch's heartbeat folder."""
+    out: dict[int, dict] = {}
+    if not folder or not os.path.isdir(folder):
+        return out
+    for p in Path(folder).glob("rank*.json"):
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            self.kill()
-            out, _ = self.proc.communicate()
-        out = out or ""
-        failures, root = _parse(out)
-        rc = self.proc.returncode if not timed_out else (self.proc.returncode or -signal.SIGKILL)
-        return LaunchResult(returncode=rc, output=out, elapsed=time.monotonic() - self._t0, argv=self.argv,
-                            timed_out=timed_out, failures=failures, root_cause_rank=root)
+            out[int(p.stem[4:])] = json.loads(p.read_text())
+        except (ValueError, OSError):
+            continue
+    return out
 
-    def kill(self) -> None:
-        """SIGKILL this launch: the torchrun agent and every process below it, by id.
 
-        torchrun starts each worker in a session of its own, so killing the agent's process group
-        alone would leave the workers running (and holding the output pipe open)."""
-        for pid in [self.proc.pid] + _descendants(self.proc.pid):
-            try:
-                if os.getpgid(pid) == pid:      # a session / group leader: take its group with it
-                    os.killpg(pid, signal.SIGKILL)
-                else:
-                    os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+def blame(beats: dict[int, dict], interval: float = 1.0) -> tuple[int, str] | None:
+    """The rank that stopped making progress: the one whose heartbeat stopped (a stopped or frozen
+    process), else the one with the least progress when the others got further."""
+    if len(beats) < 2:
+        return None
+    newest = max(b["time"] for b in beats.values())
+    stale = {r: newest - b["time"] for r, b in beats.items() if newest - b["time"] > 5 * interval}
+    if stale:
+        r = max(stale, key=stale.get)
+        return r, (f"stopped making progress: its heartbeat stopped {stale[r]:.0f} s before the others' "
+                   f"(last at {beats[r].get('what') or 'start'}); the other ranks timed out waiting for it")
+    counts = {r: b.get("count", 0) for r, b in beats.items()}
+    low = min(counts.values())
+    behind = [r for r, c in counts.items() if c == low]
+    if len(behind) < len(counts):
+        r = min(behind)
+        ahead = max(counts, key=counts.get)
+        return r, (f"stopped making progress at {beats[r].get('what') or 'start'!r} while rank {ahead} reached "
+                   f"{beats[ahead].get('what')!r}; the other ranks timed out waiting for it")
+    return None
+
+
+class _Heartbeat:
+    """Worker side: a daemon thread writing {time, count, what} to <folder>/rank<R>.json every second."""
+
+    def __init__(self, folder: str, rank: int, interval: float = 1.0):
+        self.path = Path(folder) / f"rank{rank}.json"
+        self.interval, self.count, self.what = interval, 0, "start"
+        self._stop = threading.Event()
+        self._write()
+        threading.Thread(target=self._run, name="moefx-heartbeat", daemon=True).start()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps({"time": time.time(), "count": self.count, "what": self.what,
+                                       "pid": os.getpid()}))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._write()
+
+    def progress(self, what: str) -> None:
+        self.count += 1
+        self.what = what
+        self._write()
+
+
+_HEARTBEAT: _Heartbeat | None = None
+
+
+def progress(what: str) -> None:
+    """Record that this worker got past `what` (a phase or step): the launcher names the rank that
+    stopped progressing when a collective times out. No-op outside a moefx launch."""
+    if _HEARTBEAT is not None:
+        _HEARTBEAT.progress(what)
+
+
+# ----------------------------------------------------------------------------------- process tree
+
+
+def _die_with_parent(sig: int) -> Callable[[], None]:
+    """A preexec_fn / worker call: ask Linux to send `sig` to this process when its parent dies."""
+
+    def set_pdeathsig() -> None:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)   # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    return set_pdeathsig
 
 
 def _descendants(pid: int) -> list[int]:
@@ -198,12 +322,100 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _env(extra: dict | None) -> dict:
+class Launch:
+    """A running torchrun (one node). `wait(timeout)` -> LaunchResult; on timeout the whole launch is
+    stopped (SIGTERM, grace, SIGKILL)."""
+
+    def __init__(self, argv: list[str], env: dict, capture: bool, cwd: str | None, folder: str | None):
+        self.argv = argv
+        self.folder = folder
+        self._t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", *argv], env=env, cwd=cwd,
+            stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT if capture else None,
+            text=True, start_new_session=True, preexec_fn=_die_with_parent(signal.SIGTERM))
+
+    @property
+    def heartbeat_dir(self) -> str | None:
+        return os.path.join(self.folder, "heartbeat") if self.folder else None
+
+    @property
+    def log_dir(self) -> str | None:
+        return os.path.join(self.folder, "logs") if self.folder else None
+
+    def wait(self, timeout: float | None = None) -> LaunchResult:
+        timed_out = False
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            self.stop()
+            out, _ = self.proc.communicate()
+        out = out or ""
+        failures, aborted, root = _parse(out)
+        rc = self.proc.returncode if not timed_out else (self.proc.returncode or -signal.SIGKILL)
+        who = blame(read_heartbeats(self.heartbeat_dir)) if rc != 0 and not failures else None
+        return LaunchResult(returncode=rc, output=out, elapsed=time.monotonic() - self._t0, argv=self.argv,
+                            timed_out=timed_out, failures=failures, aborted=aborted, root_cause_rank=root,
+                            blame=who, log_dir=self.log_dir)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the torchrun agent (it stops its workers), wait up to `grace` s, then SIGKILL what is left."""
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                time.sleep(0.1)
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL this launch: the torchrun agent and every process below it, by id.
+
+        torchrun starts each worker in a session of its own, so killing the agent's process group
+        alone would leave the workers running (and holding the output pipe open)."""
+        for pid in [self.proc.pid] + _descendants(self.proc.pid):
+            try:
+                if os.getpgid(pid) == pid:      # a session / group leader: take its group with it
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+@contextlib.contextmanager
+def forward_signals(*launches: Launch):
+    """While active, SIGINT / SIGTERM to this process stop the launches (SIGTERM to each agent, a
+    grace period, SIGKILL of what is left) and then exit with 130 / 143."""
+    def handler(signum, frame):
+        for h in launches:
+            h.stop()
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _env(extra: dict | None, folder: str | None) -> dict:
     env = dict(os.environ)
     # Workers must import moefx even when it is not installed: put its parent folder on the path.
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if folder is not None:
+        for sub, var in (("heartbeat", HEARTBEAT_ENV), ("logs", LOG_ENV)):
+            os.makedirs(os.path.join(folder, sub), exist_ok=True)
+            env[var] = os.path.join(folder, sub)
     env.update(extra or {})
     return env
 
@@ -212,8 +424,10 @@ def start(target_argv: Sequence[str], nnodes: int = 1, nproc_per_node: int = 1, 
           master_addr: str = "127.0.0.1", master_port: int | None = None, *, rdzv_backend: str = "static",
           rdzv_id: str = "moefx", max_restarts: int = 0, monitor_interval: float = 0.1,
           extra_args: Sequence[str] = (), env: dict | None = None, capture: bool = True,
-          cwd: str | None = None) -> Launch:
-    """Start `python -m torch.distributed.run` for one node without waiting (see `launch`)."""
+          cwd: str | None = None, folder: str | None = None) -> Launch:
+    """Start `python -m torch.distributed.run` for one node without waiting (see `launch`).
+
+    folder: where the ranks' heartbeats and logs go (a new temporary folder when None)."""
     if master_port is None:
         if nnodes > 1:
             raise ValueError("launch: with nnodes > 1 every node's launch needs the same explicit master_port")
@@ -221,7 +435,8 @@ def start(target_argv: Sequence[str], nnodes: int = 1, nproc_per_node: int = 1, 
     argv = torchrun_argv(target_argv, nnodes, nproc_per_node, node_rank, master_addr, master_port,
                          rdzv_backend=rdzv_backend, rdzv_id=rdzv_id, max_restarts=max_restarts,
                          monitor_interval=monitor_interval, extra_args=extra_args)
-    return Launch(argv, _env(env), capture, cwd)
+    folder = folder if folder is not None else tempfile.mkdtemp(prefix="moefx-launch-")
+    return Launch(argv, _env(env, folder), capture, cwd, folder)
 
 
 def launch(target_argv: Sequence[str], nnodes: int = 1, nproc_per_node: int = 1, node_rank: int = 0,
@@ -230,30 +445,36 @@ def launch(target_argv: Sequence[str], nnodes: int = 1, nproc_per_node: int = 1,
     """Run `target_argv` under torchrun for this node and wait (at most `timeout` seconds).
 
     master_port None picks a free port (single node only). Workers fail fast (max_restarts = 0).
-    Extra keyword arguments go to `start` (rdzv_backend, rdzv_id, env, capture, cwd, extra_args, ...).
-    Returns a LaunchResult; call `.check()` to raise on failure.
+    SIGINT / SIGTERM while waiting stop the whole launch. Extra keyword arguments go to `start`
+    (rdzv_backend, rdzv_id, env, capture, cwd, extra_args, folder, ...). Returns a LaunchResult;
+    call `.check()` to raise on failure.
     """
-    return start(target_argv, nnodes, nproc_per_node, node_rank, master_addr, master_port, **kwargs).wait(timeout)
+    handle = start(target_argv, nnodes, nproc_per_node, node_rank, master_addr, master_port, **kwargs)
+    with forward_signals(handle):
+        return handle.wait(timeout)
 
 
-# ----------------------------------------------------------------------------- worker side
+# ----------------------------------------------------------------------------------- worker side
 
 def init_from_env(backend: str | None = None, timeout: float = 120.0) -> tuple[int, int]:
     """Initialise torch.distributed from torchrun's environment; returns (rank, world_size).
 
     backend None -> "nccl" when CUDA is available (and binds LOCAL_RANK's device), else "gloo".
     `timeout` (seconds) bounds every collective, so a lost peer ends in an error instead of a hang.
+    The process dies with its torchrun agent, and writes a heartbeat when the launcher asked for one.
     Calling it again in an initialised process returns the existing rank and world size.
     """
     import torch
     import torch.distributed as dist
 
+    global _HEARTBEAT
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise MoefxError(f"init_from_env: {', '.join(missing)} not set; start this script with "
                          f"moefx.runtime.launch(...) or torchrun")
+    _die_with_parent(signal.SIGKILL)()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     kwargs = {}
@@ -261,7 +482,10 @@ def init_from_env(backend: str | None = None, timeout: float = 120.0) -> tuple[i
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
         kwargs["device_id"] = dev
+    if os.environ.get(HEARTBEAT_ENV) and _HEARTBEAT is None:
+        _HEARTBEAT = _Heartbeat(os.environ[HEARTBEAT_ENV], int(os.environ["RANK"]))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout), **kwargs)
+    progress("init_process_group")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -270,11 +494,32 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+def _peer_gone(e: BaseException) -> bool:
+    text = f"{type(e).__name__}: {e}".lower()
+    return any(s in text for s in _PEER_GONE)
+
+
+def _log_traceback(rank: str) -> str | None:
+    """Write the current exception's traceback to the rank's log file; returns its path (None: stderr)."""
+    folder = os.environ.get(LOG_ENV)
+    if folder:
+        path = os.path.join(folder, f"rank{rank}.log")
+        try:
+            with open(path, "a") as fh:
+                traceback.print_exc(file=fh)
+            return path
+        except OSError:
+            pass
+    traceback.print_exc()
+    return None
+
+
 def worker(fn: Callable) -> Callable:
-    """Decorate a worker's entry function: on an exception print the traceback and one line
-    "moefx: rank R failed: <Type>: <message>" (or "aborted after a peer failed" when the error is a
-    collective losing its peer), record it for torchrun's error summary, and exit with code 1.
-    On success the default process group is destroyed (if this process created one)."""
+    """Decorate a worker's entry function: on an exception keep the traceback in the rank's log file
+    (stderr without a launch folder), print one line "moefx: rank R failed: <Type>: <message>" (or
+    "aborted after a peer failed" when the error is a collective losing its peer), record it for
+    torchrun's error summary, and exit with code 1. On success every rank meets at a barrier and the
+    default process group is destroyed (if this process created one)."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
     @functools.wraps(fn)
@@ -288,9 +533,8 @@ def worker(fn: Callable) -> Callable:
             print(f"moefx: rank {rank} failed: SystemExit({e.code})", file=sys.stderr, flush=True)
             raise
         except BaseException as e:
-            text = str(e)
-            traceback.print_exc()
-            if any(s in text for s in _PEER_GONE):
+            _log_traceback(rank)
+            if _peer_gone(e):
                 print(f"moefx: rank {rank} aborted after a peer failed: {_describe(e)}", file=sys.stderr, flush=True)
             else:
                 print(f"moefx: rank {rank} failed: {_describe(e)}", file=sys.stderr, flush=True)

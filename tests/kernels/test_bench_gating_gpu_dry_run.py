@@ -5,8 +5,6 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -15,8 +15,6 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
 from moefx.kernels import gating as K  # noqa: E402
 from moefx.nn import gating_ops as G  # noqa: E402
 from moefx.nn import table as R  # noqa: E402

@@ -1,0 +1,183 @@
+"""Build a rank's model from a model spec without ever holding the whole model: the runtime's straight line.
+
+    spec + plan
+      -> skeleton on the meta device (built-in config, or a Hugging Face folder's config.json)
+      -> capture + convert + distribute on meta              (no memory; the same passes as always)
+      -> materialise this rank's tensors from the source     (moefx.runtime.materialize)
+
+The source of the dense weights (`ModelSpec`): a Hugging Face safetensors folder (`weights`,
+streamed slice by slice), the dense model's own init (`init="model"`: the small dense model built
+on the rank, the built-ins' default, so results equal `moefx.convert(load_model(name))`), or a
+seeded per-tensor init (`init="seeded"`: no dense weights anywhere, for plans larger than any
+machine). Buffers (rotary frequencies, position ids) come from the model built with its
+parameters on meta (`moefx.models.skeleton.params_on_meta`). A moefx sharded checkpoint is
+loaded over the materialised tensors by the job (`checkpoint.load_sharded`).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from ..errors import MoefxError
+from .sources import ModuleSource, SafetensorsSource, SeededSource, Source, tied_aliases
+
+__all__ = ["ModelSpec", "Skeleton", "skeleton", "dense_source", "convert_meta", "build_rank", "build_reference",
+           "INITS"]
+
+INITS = ("model", "seeded")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build: `name` (a built-in or package.module:function) or `weights` (a Hugging Face
+    folder with config.json and safetensors); `init` for a built-in without weights ("model" or
+    "seeded"); seed / batch / seq size the example inputs (and seed the built-in's init)."""
+
+    name: str | None = None
+    weights: str | None = None
+    init: str = "model"
+    seed: int = 0
+    batch: int = 2
+    seq: int = 8
+
+    def __post_init__(self) -> None:
+        if (self.name is None) == (self.weights is None):
+            raise MoefxError("give a model name (built-in or package.module:function) or a --weights folder, "
+                             "not both and not neither")
+        if self.init not in INITS:
+            raise MoefxError(f"init must be one of {INITS}, got {self.init!r}")
+
+    @property
+    def label(self) -> str:
+        return self.name or f"weights {self.weights}"
+
+
+@dataclass
+class Skeleton:
+    """The model on the meta device, meta example inputs, and a source of its real buffers."""
+
+    model: nn.Module
+    inputs: tuple
+    buffers: Source
+    aliases: dict
+
+
+def _hf_class(folder: Path):
+    import transformers
+
+    cfg = json.loads((folder / "config.json").read_text())
+    arch = (cfg.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise MoefxError(f"{folder}/config.json names no transformers architecture this install has ({arch!r})")
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    config._attn_implementation = "sdpa"
+    return cls, config
+
+
+def _hf_inputs(config, batch: int, seq: int, seed: int, device) -> tuple:
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None:
+        raise MoefxError("a --weights folder must hold a model that takes input_ids (its config has no vocab_size)")
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, vocab, (batch, seq), generator=g).to(device),)
+
+
+def _build_hf(folder: Path, device):
+    cls, config = _hf_class(folder)
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    with torch.device(device), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls(config)
+    return model.eval(), config
+
+
+def skeleton(spec: ModelSpec) -> Skeleton:
+    """The model on meta (no memory), meta example inputs and its real buffers."""
+    from ..models import load_model
+    from ..models.skeleton import params_on_meta
+
+    if spec.weights is not None:
+        folder = Path(spec.weights)
+        if not (folder / "config.json").exists():
+            raise MoefxError(f"--weights {str(folder)!r} has no config.json: give a folder written by save_pretrained")
+        meta_model, config = _build_hf(folder, "meta")
+        with params_on_meta():
+            real_buffers, _ = _build_hf(folder, "cpu")
+        inputs = _hf_inputs(config, spec.batch, spec.seq, spec.seed, "meta")
+    else:
+        meta_model, inputs = load_model(spec.name, device="meta", seed=spec.seed, batch=spec.batch, seq=spec.seq)
+        with params_on_meta():
+            real_buffers, _ = load_model(spec.name, seed=spec.seed, batch=spec.batch, seq=spec.seq)
+    aliases = tied_aliases(meta_model)
+    return Skeleton(meta_model, inputs, ModuleSource(real_buffers, aliases), aliases)
+
+
+def example_inputs(spec: ModelSpec, device="cpu") -> tuple:
+    """Real example inputs of the spec's shape (the built-in's own, or random token ids)."""
+    from ..models import load_model
+    from ..models.skeleton import params_on_meta
+
+    if spec.weights is not None:
+        _, config = _hf_class(Path(spec.weights))
+        return _hf_inputs(config, spec.batch, spec.seq, spec.seed, device)
+    with params_on_meta():
+        _, inputs = load_model(spec.name, seed=spec.seed, batch=spec.batch, seq=spec.seq)
+    return tuple(x.to(device) for x in inputs)
+
+
+def dense_source(spec: ModelSpec, skel: Skeleton) -> Source:
+    """Where the dense weights come from (see the module docstring)."""
+    from ..models import load_model
+
+    if spec.weights is not None:
+        return SafetensorsSource(spec.weights, skel.aliases)
+    if spec.init == "seeded":
+        shapes = {n: tuple(t.shape) for n, t in skel.model.state_dict(keep_vars=True).items()}
+        dtypes = {n: t.dtype for n, t in skel.model.state_dict(keep_vars=True).items()}
+        return SeededSource(shapes, seed=spec.seed, dtypes=dtypes, aliases=skel.aliases)
+    model, _ = load_model(spec.name, seed=spec.seed, batch=spec.batch, seq=spec.seq)
+    return ModuleSource(model, skel.aliases)
+
+
+def convert_meta(spec: ModelSpec, plan, *, train: bool = False) -> tuple[fx.GraphModule, Skeleton]:
+    """Capture and convert the spec's model on the meta device: (converted graph, skeleton)."""
+    from ..convert import convert
+
+    skel = skeleton(spec)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
+        gm = convert(skel.model, plan, skel.inputs, copy_weights=False, train=train)
+    return gm, skel
+
+
+def build_rank(spec: ModelSpec, plan, *, device="cpu", train: bool = False, mesh=None, tokens_per_rank: int = 4096,
+               profile=None, source: Source | None = None) -> tuple[fx.GraphModule, Skeleton]:
+    """This rank's materialised GraphModule (under an initialised process group) and the skeleton.
+
+    Only this rank's tensors are ever allocated: conversion and partitioning run on meta, then
+    `materialize` fills the rank's pieces from the source (`dense_source(spec)` unless given)."""
+    from ..distribute import distribute
+    from .materialize import materialize
+
+    gm, skel = convert_meta(spec, plan, train=train)
+    local = distribute(gm, plan, mesh=mesh, tokens_per_rank=tokens_per_rank, profile=profile)
+    materialize(local, source if source is not None else dense_source(spec, skel), device=device,
+                buffers=skel.buffers)
+    return local, skel
+
+
+def build_reference(spec: ModelSpec, plan, *, device="cpu", train: bool = False,
+                    source: Source | None = None) -> fx.GraphModule:
+    """The single-process converted model, materialised whole (what every rank must agree with)."""
+    from .materialize import materialize
+
+    gm, skel = convert_meta(spec, plan, train=train)
+    return materialize(gm, source if source is not None else dense_source(spec, skel), device=device,
+                       buffers=skel.buffers)
