@@ -63,4 +63,7 @@ def load_function(name: str, device: torch.device) -> tuple[nn.Module, tuple]:
         raise unknown(name, f"{func_name}() returned {type(inputs).__name__} as the example "
                              "inputs, not a tuple of positional arguments")
     inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-    return model.to(device).eval(), inputs
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.device != device and t.device.type != "meta" for t in tensors):   # meta ones: a skeleton, leave them
+        model = model.to(device)
+    return model.eval(), inputs

@@ -17,10 +17,10 @@ Ops (each with a fake implementation for export / compile and an autograd formul
                                                   (no gradient: used for counts)
     tp_copy(x, group)           Megatron's f: identity forward, all-reduce (sum) of the gradient
     tp_reduce(x, group)         Megatron's g: all-reduce (sum) forward, identity backward
-    tp_split(x, dim, group, n)  this rank's chunk of dim (n equal chunks); backward all-gathers
-                                the gradient (the input is replicated over the group)
-    tp_gather(x, dim, group, n) all-gather the chunks along dim; backward keeps this rank's
-                                chunk (what follows is replicated over the group)
+    tp_split(x, dim, group, n)  this rank's chunk of dim (ceil(len / n) entries, zero-padded);
+                                backward all-gathers the gradient (the input is replicated)
+    tp_gather(x, dim, group, n, full)  all-gather the chunks along dim, keep `full`; backward
+                                keeps this rank's chunk (what follows is replicated)
 
 Ops that change a shape take the group size n as an argument, so shapes are known (export,
 fake tensors) without a bound group; a bound group of another size is an error.
@@ -117,7 +117,9 @@ all_to_all.register_autograd(_a2a_backward, setup_context=_a2a_setup)
 
 
 # ------------------------------------------------------------------------------------- gathers and splits
-# `size` is the group's size, recorded in the graph so shapes are known without a bound group.
+# `size` is the group's size, recorded in the graph so shapes are known without a bound group. Splits
+# take chunks of ceil(n / size) (the last zero-padded) and gathers trim back to `full`, inside the ops,
+# so a traced graph has no branch on whether n divides by size.
 
 
 def _check_size(group_name: str, size: int) -> "dist.ProcessGroup":
@@ -128,17 +130,29 @@ def _check_size(group_name: str, size: int) -> "dist.ProcessGroup":
     return pg
 
 
-def _gather(x: Tensor, dim: int, group_name: str, size: int) -> Tensor:
+def _chunk_len(n, size: int):
+    return (n + size - 1) // size
+
+
+def _pad_to(x: Tensor, dim: int, n: int) -> Tensor:
+    extra = n - x.shape[dim]
+    if extra <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def _gather(x: Tensor, dim: int, group_name: str, size: int, full: int) -> Tensor:
     pg = _check_size(group_name, size)
-    if size == 1:
-        return x.clone()
-    return _wait(funcol.all_gather_tensor(x.contiguous(), dim, pg)).clone()
+    out = x.clone() if size == 1 else _wait(funcol.all_gather_tensor(x.contiguous(), dim, pg))
+    return out.narrow(dim, 0, full).clone()
 
 
 def _chunk(x: Tensor, dim: int, group_name: str, size: int) -> Tensor:
     pg = _check_size(group_name, size)
-    part = x.shape[dim] // size
-    return x.narrow(dim, dist.get_rank(pg) * part, part).clone()
+    part = _chunk_len(x.shape[dim], size)
+    return _pad_to(x, dim, part * size).narrow(dim, dist.get_rank(pg) * part, part).clone()
 
 
 def _all_reduce(x: Tensor, group_name: str) -> Tensor:
@@ -148,73 +162,74 @@ def _all_reduce(x: Tensor, group_name: str) -> Tensor:
     return _wait(funcol.all_reduce(x.contiguous(), "sum", pg)).clone()
 
 
-def _scaled(x: Tensor, dim: int, factor: float) -> Tensor:
+def _resized(x: Tensor, dim: int, n) -> Tensor:
     shape = list(x.shape)
-    shape[dim] = int(shape[dim] * factor) if factor < 1 else shape[dim] * int(factor)
+    shape[dim] = n
     return x.new_empty(shape)
 
 
 @torch.library.custom_op("moefx::all_gather_rows", mutates_args=())
 def all_gather_rows(x: Tensor, group_name: str, size: int) -> Tensor:
     """[n, ...] from every rank of the group -> [size * n, ...] in rank order (no gradient)."""
-    return _gather(x, 0, group_name, size)
+    return _gather(x, 0, group_name, size, x.shape[0] * size)
 
 
-all_gather_rows.register_fake(lambda x, group_name, size: _scaled(x, 0, size))
+all_gather_rows.register_fake(lambda x, group_name, size: _resized(x, 0, x.shape[0] * size))
 
 
 @torch.library.custom_op("moefx::tp_gather_nograd", mutates_args=())
-def tp_gather_nograd(x: Tensor, dim: int, group_name: str, size: int) -> Tensor:
-    """All-gather along `dim` without an autograd formula (the backward of tp_split)."""
-    return _gather(x, dim, group_name, size)
+def tp_gather_nograd(x: Tensor, dim: int, group_name: str, size: int, full: int) -> Tensor:
+    """tp_gather without an autograd formula (the backward of tp_split)."""
+    return _gather(x, dim, group_name, size, full)
 
 
-tp_gather_nograd.register_fake(lambda x, dim, group_name, size: _scaled(x, dim, size))
+tp_gather_nograd.register_fake(lambda x, dim, group_name, size, full: _resized(x, dim, full))
 
 
 @torch.library.custom_op("moefx::tp_split_nograd", mutates_args=())
 def tp_split_nograd(x: Tensor, dim: int, group_name: str, size: int) -> Tensor:
-    """This rank's chunk of `dim` without an autograd formula (the backward of tp_gather)."""
+    """tp_split without an autograd formula (the backward of tp_gather)."""
     return _chunk(x, dim, group_name, size)
 
 
-def _split_fake(x, dim, group_name, size):
-    shape = list(x.shape)
-    shape[dim] = shape[dim] // size
-    return x.new_empty(shape)
-
-
-tp_split_nograd.register_fake(_split_fake)
+tp_split_nograd.register_fake(lambda x, dim, group_name, size: _resized(x, dim, _chunk_len(x.shape[dim], size)))
 
 
 @torch.library.custom_op("moefx::tp_split", mutates_args=())
 def tp_split(x: Tensor, dim: int, group_name: str, size: int) -> Tensor:
-    """This rank's chunk of `dim` (the dim must divide by `size`); the backward all-gathers the
-    gradient, since the input is replicated over the group."""
+    """This rank's chunk of `dim`: ceil(n / size) entries, the last rank's zero-padded. The backward
+    all-gathers the gradient, since the input is replicated over the group."""
     return _chunk(x, dim, group_name, size)
 
 
-tp_split.register_fake(_split_fake)
+tp_split.register_fake(lambda x, dim, group_name, size: _resized(x, dim, _chunk_len(x.shape[dim], size)))
 
 
 @torch.library.custom_op("moefx::tp_gather", mutates_args=())
-def tp_gather(x: Tensor, dim: int, group_name: str, size: int) -> Tensor:
-    """All-gather the group's chunks along `dim`; the backward keeps this rank's chunk of the
-    gradient, since what follows is replicated over the group."""
-    return _gather(x, dim, group_name, size)
+def tp_gather(x: Tensor, dim: int, group_name: str, size: int, full: int) -> Tensor:
+    """All-gather the group's chunks along `dim` and keep the first `full` entries (the inverse of
+    tp_split of a dim of `full`); the backward keeps this rank's chunk of the gradient, since what
+    follows is replicated over the group."""
+    return _gather(x, dim, group_name, size, full)
 
 
-tp_gather.register_fake(lambda x, dim, group_name, size: _scaled(x, dim, size))
+tp_gather.register_fake(lambda x, dim, group_name, size, full: _resized(x, dim, full))
 
 
-def _dims_setup(ctx, inputs, output):
+def _split_setup(ctx, inputs, output):
+    ctx.dim, ctx.group_name, ctx.size, ctx.full = inputs[1], inputs[2], inputs[3], inputs[0].shape[inputs[1]]
+
+
+def _gather_setup(ctx, inputs, output):
     ctx.dim, ctx.group_name, ctx.size = inputs[1], inputs[2], inputs[3]
 
 
-tp_split.register_autograd(lambda ctx, g: (tp_gather_nograd(g, ctx.dim, ctx.group_name, ctx.size), None, None, None),
-                           setup_context=_dims_setup)
-tp_gather.register_autograd(lambda ctx, g: (tp_split_nograd(g, ctx.dim, ctx.group_name, ctx.size), None, None, None),
-                            setup_context=_dims_setup)
+tp_split.register_autograd(
+    lambda ctx, g: (tp_gather_nograd(g, ctx.dim, ctx.group_name, ctx.size, ctx.full), None, None, None),
+    setup_context=_split_setup)
+tp_gather.register_autograd(
+    lambda ctx, g: (tp_split_nograd(g, ctx.dim, ctx.group_name, ctx.size), None, None, None, None),
+    setup_context=_gather_setup)
 
 
 # ------------------------------------------------------------------------------------- Megatron f / g

@@ -33,6 +33,7 @@ all-gathered over the TP group afterwards.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +82,13 @@ def capacity_unpack(rows: Tensor, num_experts: int, slicing: int) -> Tensor:
 def sorted_slots(expert: Tensor, slot: Tensor, counts: Tensor) -> Tensor:
     """Row of every choice in the expert-sorted flat buffer: offset of its expert + its slot."""
     offsets = torch.cumsum(counts, 0) - counts
-    return offsets[expert] + slot
+    return _take(offsets, expert) + slot
+
+
+def _take(values: Tensor, index: Tensor) -> Tensor:
+    """values[index] for a 1-D `values` and an index tensor of any shape (index_select: no Python indexing,
+    which fake CUDA tensors on a CPU-only build do not support)."""
+    return values.index_select(0, index.reshape(-1)).view(index.shape)
 
 
 def zeros_like_expert(expert: Tensor) -> Tensor:
@@ -104,24 +111,6 @@ def unflat_rows(rows: Tensor) -> Tensor:
     return rows.reshape(1, -1, rows.shape[-1])
 
 
-def chunk_bounds(n: int, parts: int, index: Tensor | int) -> tuple:
-    """(size, lo, hi) of chunk `index` of `parts` equal chunks of ceil(n / parts) rows (the last may be short)."""
-    size = -(-n // parts)
-    lo = index * size
-    return size, lo, lo + size
-
-
-def pad_rows(x: Tensor, dim: int, parts: int) -> Tensor:
-    """Zero-pad `dim` to a multiple of `parts` (equal chunks for a TP split)."""
-    n = x.shape[dim]
-    extra = (-n) % parts
-    if extra == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = extra
-    return torch.cat([x, x.new_zeros(shape)], dim=dim)
-
-
 def counts_in_chunk(counts: Tensor, n: int, parts: int, index: int) -> Tensor:
     """Per-expert rows of the sorted buffer of `n` rows that fall in chunk `index` of `parts`."""
     size = -(-n // parts)
@@ -130,12 +119,6 @@ def counts_in_chunk(counts: Tensor, n: int, parts: int, index: int) -> Tensor:
     starts = ends - counts
     return (torch.clamp(torch.minimum(ends, torch.full_like(ends, hi)) - torch.maximum(starts, torch.full_like(
         starts, lo)), min=0))
-
-
-def chunk_rows(n: int, parts: int, index: int) -> int:
-    """How many of the `n` sorted rows fall in chunk `index` of `parts`."""
-    size = -(-n // parts)
-    return max(0, min(n, (index + 1) * size) - index * size)
 
 
 @dataclass(frozen=True)
@@ -167,13 +150,15 @@ def exchange(matrix: Tensor, ep_rank: int, experts_per_rank: int, slicing: int) 
         owner = [[j // slicing] for j in range(ep)]        # EP rank j holds a slice of expert j // s
     else:
         owner = [list(range(j * experts_per_rank, (j + 1) * experts_per_rank)) for j in range(ep)]
+    for row in m:
+        for v in row:
+            torch._check(v >= 0)
     rows = [[sum(m[i][e] for e in owner[j]) for j in range(ep)] for i in range(ep)]
     mine = owner[ep_rank]
     local = [sum(m[i][e] for i in range(ep)) for e in mine]
-    for v in local:
-        torch._check_is_size(v)
+    local_max = functools.reduce(torch.sym_max, local) if local else 0
     return Exchange(send=rows[ep_rank], recv=[rows[i][ep_rank] for i in range(ep)], rows=rows, local=local,
-                    local_max=max(local) if local else 0)
+                    local_max=local_max)
 
 
 def send_index(counts: Tensor, slicing: int, total: int) -> Tensor:
@@ -185,7 +170,7 @@ def send_index(counts: Tensor, slicing: int, total: int) -> Tensor:
     dest_start = torch.cumsum(reps, 0) - reps
     src_start = starts.repeat_interleave(slicing)
     dest = torch.repeat_interleave(torch.arange(E * slicing, device=counts.device), reps, output_size=total)
-    return torch.arange(total, device=counts.device) - dest_start[dest] + src_start[dest]
+    return torch.arange(total, device=counts.device) - _take(dest_start, dest) + _take(src_start, dest)
 
 
 def send_rows(rows: Tensor, counts: Tensor, slicing: int, xc: Exchange) -> Tensor:
@@ -193,6 +178,7 @@ def send_rows(rows: Tensor, counts: Tensor, slicing: int, xc: Exchange) -> Tenso
     total = sum(xc.send)
     if slicing > 1:
         return rows.index_select(0, send_index(counts, slicing, total))
+    torch._check(total <= rows.shape[0])
     return rows.narrow(0, 0, total)
 
 
@@ -203,8 +189,7 @@ def unsend_rows(back: Tensor, counts: Tensor, slicing: int, xc: Exchange, n: int
     if slicing > 1:
         out = back.new_zeros(n, back.shape[-1])
         return out.index_add(0, send_index(counts, slicing, total), back)
-    if total == n:
-        return back
+    torch._check(total <= n)
     return torch.cat([back, back.new_zeros(n - total, back.shape[-1])], dim=0)
 
 
@@ -214,11 +199,9 @@ def local_table(matrix: Tensor, ep_rank: int, experts_per_rank: int, slicing: in
     rows arrive grouped by (source, local expert); a local expert's rows from earlier sources come
     first in its buffer."""
     if slicing > 1:
-        e0 = ep_rank // slicing
-        c = matrix[:, e0:e0 + 1]
+        c = matrix.narrow(1, ep_rank // slicing, 1)
     else:
-        e0 = ep_rank * experts_per_rank
-        c = matrix[:, e0:e0 + experts_per_rank]
+        c = matrix.narrow(1, ep_rank * experts_per_rank, experts_per_rank)
     ep, n = c.shape
     R = xc.received
     flat = c.reshape(-1)
@@ -227,9 +210,9 @@ def local_table(matrix: Tensor, ep_rank: int, experts_per_rank: int, slicing: in
     block = torch.repeat_interleave(blocks, flat, output_size=R)
     block_start = torch.cumsum(flat, 0) - flat
     base = (torch.cumsum(c, 0) - c).reshape(-1)                  # rows of earlier sources, per (src, e)
-    slot = torch.arange(R, device=dev) - block_start[block] + base[block]
+    slot = torch.arange(R, device=dev) - _take(block_start, block) + _take(base, block)
     expert = block % n
-    return expert[:, None], slot[:, None], c.sum(0)
+    return expert.unsqueeze(1), slot.unsqueeze(1), c.sum(0)
 
 
 # ------------------------------------------------------------------------------------ hierarchical steps

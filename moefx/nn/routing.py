@@ -199,7 +199,7 @@ def _aux_loss(probs: Tensor, expert: Tensor, k: int) -> Tensor:
     if S == 0:
         return probs.sum() * 0.0
     me = probs.mean(dim=0)
-    chosen = expert[:, :1] if k <= 2 else expert
+    chosen = expert.narrow(1, 0, 1) if k <= 2 else expert
     # per-expert counts without bincount, which synchronises with a GPU to size its output
     hits = chosen.reshape(-1, 1) == torch.arange(E, device=chosen.device)
     ce = hits.sum(dim=0).to(probs.dtype) / S

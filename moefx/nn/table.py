@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import struct
+from fractions import Fraction
 from typing import NamedTuple
 
 import torch
@@ -47,13 +48,20 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     DeepSpeed evaluates the product with torch tensors of the default dtype (float32), so
     `S / E` and `capacity_factor * k` are rounded to float32 and multiplied in float32 before
     the ceil: e.g. S=10, E=3, capacity_factor=1.1, k=3 gives 11 (float64 arithmetic gives 12).
-    This function reproduces that bit for bit. With a symbolic token count (dynamic shapes
-    under torch.export) it falls back to float64 arithmetic.
+    This function reproduces that bit for bit. With a symbolic token count (dynamic shapes under
+    torch.export) and under torch.compile it uses exact integer arithmetic on the rational
+    capacity_factor * k instead (it can differ from the float32 result only where that product
+    lands within float32 rounding of an integer).
     """
-    if isinstance(num_tokens, int) and torch.get_default_dtype() != torch.float64:
-        product = _f32(_f32(num_tokens / num_experts) * _f32(capacity_factor * top_k))
-        return max(math.ceil(product), min_capacity)
-    return max(math.ceil((num_tokens / num_experts) * (capacity_factor * top_k)), min_capacity)
+    symbolic = isinstance(num_tokens, torch.SymInt) or torch.compiler.is_compiling()
+    if isinstance(num_tokens, int) and not symbolic:
+        if torch.get_default_dtype() != torch.float64:
+            product = _f32(_f32(num_tokens / num_experts) * _f32(capacity_factor * top_k))
+            return max(math.ceil(product), min_capacity)
+        return max(math.ceil((num_tokens / num_experts) * (capacity_factor * top_k)), min_capacity)
+    ratio = Fraction(capacity_factor * top_k).limit_denominator(1 << 20)
+    den = num_experts * ratio.denominator
+    return torch.sym_max((num_tokens * ratio.numerator + den - 1) // den, min_capacity)
 
 
 def _f32(x: float) -> float:

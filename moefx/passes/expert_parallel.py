@@ -167,7 +167,6 @@ class _Layer:
         b = NodeBuilder(gm.graph, self.dispatch, NAME, self.layer, self.dispatch.meta.get(M.BLOCK))
         full_c = b.fn(_size, buf, 1, role="layout")
         if tp > 1:
-            buf = b.fn(L.pad_rows, buf, 1, tp, role="layout")
             buf = b.fn(C.TP_SPLIT, buf, 1, "tp", tp, role="collective", group="tp")
             self._count("tp")
         x = buf
@@ -185,8 +184,7 @@ class _Layer:
             y = self._a2a(b, y, splits, splits, "combine", splits)
             y = b.fn(L.capacity_unpack, y, self.mod.num_experts, lp.expert_slicing, role="layout")
         if tp > 1:
-            y = b.fn(C.TP_GATHER, y, 1, "tp", tp, role="collective", group="tp")
-            y = b.fn(_narrow, y, 1, 0, full_c, role="layout")
+            y = b.fn(C.TP_GATHER, y, 1, "tp", tp, full_c, role="collective", group="tp")
             self._count("tp")
         self.experts.replace_all_uses_with(y, delete_user_cb=lambda u: u is self.combine)
 
@@ -205,7 +203,6 @@ class _Layer:
         rows = b.fn(L.flat_rows, flat, role="layout")
         mine_counts = counts
         if tp > 1:
-            rows = b.fn(L.pad_rows, rows, 0, tp, role="layout")
             rows = b.fn(C.TP_SPLIT, rows, 0, "tp", tp, role="collective", group="tp")
             mine_counts = b.fn(L.counts_in_chunk, counts, rows_n, tp, self.resolved.tp_rank(self.rank), role="layout")
             self._count("tp")
@@ -234,8 +231,7 @@ class _Layer:
             y = self._a2a(b, y, send_s, recv_s, "combine", xc)
         y_rows = b.fn(L.unsend_rows, y, mine_counts, lp.expert_slicing, xc, mine_n, role="layout")
         if tp > 1:
-            y_rows = b.fn(C.TP_GATHER, y_rows, 0, "tp", tp, role="collective", group="tp")
-            y_rows = b.fn(_narrow, y_rows, 0, 0, rows_n, role="layout")
+            y_rows = b.fn(C.TP_GATHER, y_rows, 0, "tp", tp, rows_n, role="collective", group="tp")
             self._count("tp")
         y_flat = b.fn(L.unflat_rows, y_rows, role="layout")
         out = b.fn(combine_rows, y_flat, zero, sslot, total, weight, impl, role="combine")
@@ -251,10 +247,6 @@ def _size(t, dim):
 
 def _numel(t):
     return t.numel()
-
-
-def _narrow(t, dim, start, length):
-    return t.narrow(dim, start, length)
 
 
 def _unsqueeze0(t):

@@ -157,19 +157,35 @@ def convert_meta(spec: ModelSpec, plan, *, train: bool = False) -> tuple[fx.Grap
     return gm, skel
 
 
-def build_rank(spec: ModelSpec, plan, *, device="cpu", train: bool = False, mesh=None, tokens_per_rank: int = 4096,
-               profile=None, source: Source | None = None) -> tuple[fx.GraphModule, Skeleton]:
+def needs_profile(resolved) -> bool:
+    """Whether some layer leaves the flat / hierarchical choice to the cost model."""
+    return any(lp.hierarchical == "auto" and lp.hier_shape is not None and lp.ep > 1 for lp in resolved.layers)
+
+
+def build_rank(spec: ModelSpec, plan, *, device="cpu", train: bool = False, tokens_per_rank: int = 4096,
+               profile=None, measure: bool = False, source: Source | None = None):
     """This rank's materialised GraphModule (under an initialised process group) and the skeleton.
 
     Only this rank's tensors are ever allocated: conversion and partitioning run on meta, then
-    `materialize` fills the rank's pieces from the source (`dense_source(spec)` unless given)."""
-    from ..distribute import distribute
+    `materialize` fills the rank's pieces from the source (`dense_source(spec)` unless given).
+    profile: a `moefx.cost.CostProfile` for hierarchical_a2a = "auto"; measure: without one,
+    measure it on this job's groups first (`moefx.runtime.calibrate`) when a layer needs it."""
+    import torch.distributed as dist
+
+    from ..distribute import distribute, resolve
+    from .calibrate import measure_profile
     from .materialize import materialize
+    from .mesh import build_mesh
 
     gm, skel = convert_meta(spec, plan, train=train)
+    resolved = resolve(gm, plan.parallel, dist.get_world_size())
+    if profile is None and measure and needs_profile(resolved):
+        profile = measure_profile(resolved.nodes, resolved.devices_per_node)
+    mesh = build_mesh(resolved)
     local = distribute(gm, plan, mesh=mesh, tokens_per_rank=tokens_per_rank, profile=profile)
     materialize(local, source if source is not None else dense_source(spec, skel), device=device,
                 buffers=skel.buffers)
+    local.meta["moefx_profile"] = profile
     return local, skel
 
 

@@ -228,17 +228,26 @@ def read_heartbeats(folder: str | os.PathLike | None) -> dict[int, dict]:
     return out
 
 
-def blame(beats: dict[int, dict], interval: float = 1.0) -> tuple[int, str] | None:
-    """The rank that stopped making progress: the one whose heartbeat stopped (a stopped or frozen
-    process), else the one with the least progress when the others got further."""
+def blame(beats: dict[int, dict], aborted: dict | None = None, interval: float = 1.0) -> tuple[int, str] | None:
+    """The rank that stopped making progress, when no rank raised an error of its own: a rank that
+    neither failed nor lost a peer while the others timed out waiting (it was stuck and got killed),
+    else one whose heartbeat stopped (a stopped or frozen process), else the one with the least
+    progress when the others got further."""
     if len(beats) < 2:
         return None
+    aborted = aborted or {}
+    silent = sorted(set(beats) - set(aborted))
+    if aborted and silent:
+        r = silent[0]
+        waiting = ", ".join(str(a) for a in sorted(aborted))
+        return r, (f"stopped making progress after {beats[r].get('what') or 'start'!r} (no error of its own; "
+                   f"rank(s) {waiting} timed out waiting for it)")
     newest = max(b["time"] for b in beats.values())
     stale = {r: newest - b["time"] for r, b in beats.items() if newest - b["time"] > 5 * interval}
     if stale:
         r = max(stale, key=stale.get)
         return r, (f"stopped making progress: its heartbeat stopped {stale[r]:.0f} s before the others' "
-                   f"(last at {beats[r].get('what') or 'start'}); the other ranks timed out waiting for it")
+                   f"(last at {beats[r].get('what') or 'start'!r}); the other ranks timed out waiting for it")
     counts = {r: b.get("count", 0) for r, b in beats.items()}
     low = min(counts.values())
     behind = [r for r, c in counts.items() if c == low]
@@ -354,7 +363,7 @@ class Launch:
         out = out or ""
         failures, aborted, root = _parse(out)
         rc = self.proc.returncode if not timed_out else (self.proc.returncode or -signal.SIGKILL)
-        who = blame(read_heartbeats(self.heartbeat_dir)) if rc != 0 and not failures else None
+        who = blame(read_heartbeats(self.heartbeat_dir), aborted) if rc != 0 and not failures else None
         return LaunchResult(returncode=rc, output=out, elapsed=time.monotonic() - self._t0, argv=self.argv,
                             timed_out=timed_out, failures=failures, aborted=aborted, root_cause_rank=root,
                             blame=who, log_dir=self.log_dir)

@@ -116,8 +116,11 @@ def materialize(gm: fx.GraphModule, source: Source, *, device: str | torch.devic
 
 
 def retarget(gm: fx.GraphModule, old: torch.device, new: torch.device) -> fx.GraphModule:
-    """Rewrite the device literals of `gm`'s graph (and its sub-graphs) from `old` to `new`."""
+    """Rewrite the device literals of `gm`'s graph (and its sub-graphs) from `old` to `new` (a CUDA
+    device without an index becomes the current one: metadata asserts compare indexed devices)."""
     old, new = torch.device(old), torch.device(new)
+    if new.type == "cuda" and new.index is None:
+        new = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
     if old == new:
         return gm
     for mod in gm.modules():

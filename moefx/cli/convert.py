@@ -1,0 +1,94 @@
+"""`moefx convert` and `moefx dump`: convert a model, print what it became, render its graph."""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from ..fileio import write_atomic
+from ..outputs import main_tensor
+from .common import check_device, load_plan, model_args
+
+
+def cmd_convert(args) -> int:
+    """Convert MODEL with the plan, print the layer table and counts, compare with the dense model."""
+    from ..convert import convert
+    from ..count import count_params
+    from ..dump import layer_table
+    from ..models import load_model
+
+    plan = load_plan(args.plan)
+    model, inputs = load_model(args.model, device=check_device(args.device), seed=args.seed)
+    t0 = time.perf_counter()
+    gm = convert(model, plan, inputs, dump_dir=args.dump_dir)
+    seconds = time.perf_counter() - t0
+    capture_s = gm.meta.get("moefx_capture_seconds", 0.0)
+    print(f"moefx convert {args.model}: {gm.meta.get('moefx_passes', [])} in {seconds:.2f} s "
+          f"(capture {capture_s:.2f} s)\n")
+    print(layer_table(gm))
+    print(f"dense model: {count_params(model)}")
+    if args.device == "meta":
+        return 0
+    with torch.no_grad():
+        ref, out = main_tensor(model(*inputs)), main_tensor(gm(*inputs))
+    diff = (out - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    moe = plan.moe
+    exact = moe is None or (moe.init == "upcycle" and not moe.drop_tokens and moe.init_noise == 0)
+    print(f"\nmax |converted - dense| = {diff:.3g} (output scale {scale:.3g})")
+    if exact:
+        ok = diff <= 1e-5 * max(scale, 1.0)
+        print("function preserved: " + ("yes" if ok else "NO"))
+        return 0 if ok else 1
+    print("(this plan drops tokens or re-initialises experts: outputs are expected to differ)")
+    return 0
+
+
+
+
+def cmd_dump(args) -> int:
+    """Write a view of MODEL's graph at a stage (captured / converted / partitioned)."""
+    from ..capture import capture
+    from ..convert import convert
+    from ..dump import dump
+    from ..models import load_model
+
+    plan = load_plan(args.plan)
+    model, inputs = load_model(args.model, device=check_device(args.device), seed=args.seed)
+    if args.stage == "captured":
+        gm = capture(model, inputs)
+    else:
+        gm = convert(model, plan, inputs, copy_weights=False)
+        if args.stage == "partitioned":
+            from ..distribute import partitioned_view
+
+            gm = partitioned_view(gm, plan, rank=args.rank)
+    text = dump(gm, args.format)
+    if args.output:
+        write_atomic(args.output, text)
+        print(f"wrote {args.output}")
+    elif isinstance(text, bytes):
+        sys.stdout.buffer.write(text)
+    else:
+        print(text)
+    return 0
+
+
+
+
+def add_parsers(sub) -> None:
+    c = sub.add_parser("convert", help="convert a model and check it against the dense one")
+    model_args(c, default="gpt2-tiny")
+    c.add_argument("--dump-dir", help="write the code after every pass into this folder")
+    c.set_defaults(func=cmd_convert)
+
+    d = sub.add_parser("dump", help="print a graph as code, table, dot, svg or json")
+    model_args(d)
+    d.add_argument("--format", default="code", choices=["code", "table", "dot", "svg", "json"], help="what to write")
+    d.add_argument("--stage", default="converted", choices=["captured", "converted", "partitioned"],
+                   help="which graph")
+    d.add_argument("--rank", type=int, default=0, help="rank to show with --stage partitioned")
+    d.add_argument("--expand", action="store_true", help="dot / svg: show the inside of dense blocks too")
+    d.add_argument("--output", "-o", help="write to this file (atomically) instead of stdout")
+    d.set_defaults(func=cmd_dump)

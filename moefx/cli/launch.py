@@ -1,0 +1,143 @@
+"""`moefx launch` (a distributed job on this node's ranks under torchrun) and `moefx calibrate`.
+
+    moefx launch --nproc-per-node 4 --plan plan.toml llama-tiny --check [--compile]
+    moefx launch --nnodes 2 --node-rank 0 --master-port 29511 --nproc-per-node 2 --plan plan.toml MODEL
+    moefx launch ... MODEL --generate --max-new-tokens 32      (the generation job)
+    moefx launch ... MODEL --train --steps 100                 (the training job)
+    moefx calibrate --nnodes 2 --nproc-per-node 4 -o profile.json
+
+Every option `moefx launch` does not know goes to the job (the worker program); the job's own
+parser checks them here, and the plan and model are captured and converted on the meta device,
+before any worker starts, so a bad plan or option costs no launch. The output shows the workers'
+lines; a failure ends with one line per rank (tracebacks stay in the ranks' log files).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import tempfile
+import warnings
+
+from ..errors import MoefxError
+from .common import load_plan
+
+JOBS = {"forward": "moefx.runtime.run_model", "generate": "moefx.runtime.jobs.generate",
+        "train": "moefx.runtime.jobs.train", "distill": "moefx.runtime.jobs.distill"}
+
+
+def _job(args) -> str:
+    chosen = [j for j in ("generate", "train", "distill") if getattr(args, j)]
+    if len(chosen) > 1:
+        raise MoefxError(f"choose one job: {' and '.join('--' + j for j in chosen)} were both given")
+    return chosen[0] if chosen else "forward"
+
+
+def _validate(args, job_argv: list[str], module: str) -> None:
+    """The job's options parse, the plan fits the launch's world and the model: before any worker starts."""
+    from ..distribute import resolve
+    from ..runtime.build import ModelSpec, convert_meta
+
+    parser = importlib.import_module(module).build_parser()
+    try:
+        job = parser.parse_args(job_argv)
+    except SystemExit as e:
+        raise MoefxError(f"the {module} job refuses its options (see above): {' '.join(job_argv)}") from e
+    plan = load_plan(args.plan)
+    world = args.nnodes * args.nproc_per_node
+    pp = plan.parallel
+    if pp is None:
+        raise MoefxError(f"moefx launch needs a plan with a [parallel] section (nodes, devices_per_node, tp, ep); "
+                         f"{args.plan} has none")
+    if pp.world_size != world:
+        raise MoefxError(f"the plan's [parallel] section describes nodes * devices_per_node = {pp.nodes} * "
+                         f"{pp.devices_per_node} = {pp.world_size} ranks but this launch starts nnodes * "
+                         f"nproc_per_node = {args.nnodes} * {args.nproc_per_node} = {world}")
+    spec = ModelSpec(name=None if job.model == "-" else job.model, weights=getattr(job, "weights", None),
+                     init=getattr(job, "init", "model"), seed=job.seed, batch=job.batch, seq=job.seq)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm, _ = convert_meta(spec, plan, train=job_train_mode(job))
+    resolve(gm, pp, world)
+
+
+def job_train_mode(job) -> bool:
+    return bool(getattr(job, "train_mode", False))
+
+
+def cmd_launch(args, job_argv: list[str]) -> int:
+    """Run the job's worker on this node's ranks under torchrun; print the workers' lines and a summary."""
+    from ..runtime.launch import launch
+
+    module = JOBS[_job(args)]
+    job_argv = [args.model, "--plan", args.plan, *job_argv]
+    _validate(args, job_argv, module)
+    folder = tempfile.mkdtemp(prefix="moefx-launch-")
+    try:
+        result = launch(["-m", module, *job_argv], nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
+                        node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
+                        timeout=args.timeout, capture=not args.stream, folder=folder)
+    except ValueError as e:
+        raise MoefxError(str(e)) from None
+    sys.stdout.write(result.worker_output())
+    node = f"node {args.node_rank}/{args.nnodes}: " if args.nnodes > 1 else ""
+    if result.ok:
+        print(f"moefx launch: {node}{args.nproc_per_node} rank(s) {result.summary()}", flush=True)
+        return 0
+    print(f"moefx launch: {node}FAILED, {result.summary()}", file=sys.stderr, flush=True)
+    for line in result.rank_lines():
+        print(f"moefx launch:   {line}", file=sys.stderr, flush=True)
+    return 124 if result.timed_out else (result.returncode if result.returncode > 0 else 1)
+
+
+def cmd_calibrate(args) -> int:
+    """Measure this job's communication costs and write the profile hierarchical_a2a = "auto" uses."""
+    from ..runtime.launch import launch
+
+    world_nodes, per_node = args.nodes or args.nnodes, args.devices_per_node or args.nproc_per_node
+    target = ["-m", "moefx.runtime.calibrate", "--nodes", str(world_nodes), "--devices-per-node", str(per_node),
+              "--output", args.output, "--reps", str(args.reps)]
+    result = launch(target, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, node_rank=args.node_rank,
+                    master_addr=args.master_addr, master_port=args.master_port, timeout=args.timeout)
+    sys.stdout.write(result.worker_output())
+    if not result.ok:
+        print(f"moefx calibrate: FAILED, {result.summary()}", file=sys.stderr, flush=True)
+        return 1
+    print(f"moefx calibrate: wrote {args.output}", flush=True)
+    return 0
+
+
+def _torchrun_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--nnodes", type=int, default=1, help="nodes of the job")
+    sp.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this node")
+    sp.add_argument("--node-rank", type=int, default=0, help="this node's index (with --nnodes > 1)")
+    sp.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
+    sp.add_argument("--master-port", type=int, default=None,
+                    help="port on node 0 (required with --nnodes > 1; default: a free port)")
+    sp.add_argument("--timeout", type=float, default=None, help="stop the launch after this many seconds")
+
+
+def add_parsers(sub) -> None:
+    ln = sub.add_parser("launch", help="run a distributed moefx job on this node's ranks (torchrun)",
+                        epilog="every other option goes to the job: see python -m moefx.runtime.run_model --help "
+                               "(and moefx.runtime.jobs.generate / .train / .distill)")
+    ln.add_argument("model", help="built-in name (gpt2-tiny, llama-tiny, ...), package.module:function, or - with "
+                                  "--weights DIR")
+    ln.add_argument("--plan", required=True, help="plan file with a [parallel] section (world = nnodes x nproc)")
+    _torchrun_args(ln)
+    ln.add_argument("--generate", action="store_true", help="run the generation job (KV-cache decoding)")
+    ln.add_argument("--train", action="store_true", help="run the training job")
+    ln.add_argument("--distill", action="store_true", help="run the distributed staged-KD distillation job")
+    ln.add_argument("--stream", action="store_true",
+                    help="let the workers write to the terminal live (the failure summary then cannot name "
+                         "the failing rank)")
+    ln.set_defaults(func=cmd_launch, takes_rest=True)
+
+    ca = sub.add_parser("calibrate", help="measure this job's all-to-all costs (the hierarchical_a2a profile)")
+    _torchrun_args(ca)
+    ca.add_argument("--nodes", type=int, default=None, help="nodes of the job's mesh (default: --nnodes)")
+    ca.add_argument("--devices-per-node", type=int, default=None,
+                    help="ranks per node of the mesh (default: --nproc-per-node)")
+    ca.add_argument("--output", "-o", required=True, help="profile JSON to write")
+    ca.add_argument("--reps", type=int, default=7, help="timed repetitions per measurement")
+    ca.set_defaults(func=cmd_calibrate)
