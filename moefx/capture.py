@@ -44,11 +44,12 @@ class InputError(MoefxError, ValueError):
 
 
 def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None,
-            *, dynamic_shapes=None, train: bool = False) -> fx.GraphModule:
+            *, dynamic_shapes="auto", train: bool = False) -> fx.GraphModule:
     """Capture `model(*example_inputs, **example_kwargs)` into an ATen GraphModule.
 
-    Takes a module (HF, torch, hand-written) or a GraphModule. dynamic_shapes: torch.export's
-    dynamic_shapes (default: batch / sequence dims by input kind, see the module docstring);
+    Takes a module (HF, torch, hand-written) or a GraphModule. dynamic_shapes: "auto" (batch /
+    sequence dims by input kind, see the module docstring), None (every size static) or
+    torch.export's dynamic_shapes;
     train: capture in train mode (dropout active). Returns a GraphModule whose nodes carry shape
     metadata; `gm.meta["moefx_capture_seconds"]` is how long export took. Raises CaptureError
     naming the failing op/line and what to try.
@@ -62,7 +63,7 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict |
         raise CaptureError(f"capturing {type(model).__name__} needs example inputs: pass example_inputs=(x,) "
                            "with tensors of the shapes the model takes")
     _check_devices_match(model, example_inputs, example_kwargs)
-    if dynamic_shapes is None:
+    if isinstance(dynamic_shapes, str) and dynamic_shapes == "auto":
         example_inputs, example_kwargs, dynamic_shapes = _default_shapes(model, example_inputs, example_kwargs)
     was_training = model.training
     if was_training and not train:

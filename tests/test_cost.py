@@ -45,3 +45,47 @@ def test_sympy_matches_python():
 def test_bad_arguments():
     with pytest.raises(ValueError):
         choose_hierarchical(-1, 2, 2)
+
+
+# ------------------------------------------------------------------ measured profiles
+
+def test_a_fixed_cost_per_call_makes_flat_win_and_slow_links_make_hierarchical_win():
+    from moefx.cost import CostProfile
+
+    loopback = CostProfile(launch=2e-4, alpha_intra=5e-6, alpha_inter=5e-6, beta_intra=2e9, beta_inter=2e9,
+                           beta_mem=5e9)
+    assert not loopback.choose_hierarchical(4096, 2, 2)
+    assert not loopback.choose_hierarchical(1 << 20, 2, 4)
+    slow = CostProfile(launch=2e-4, alpha_intra=5e-6, alpha_inter=2e-3, beta_intra=2e9, beta_inter=2e8, beta_mem=5e9)
+    assert slow.choose_hierarchical(4096, 2, 2) and slow.choose_hierarchical(4096, 4, 8)
+    assert not slow.choose_hierarchical(4096, 1, 8)          # one node: nothing to save
+
+
+def test_profiles_round_trip(tmp_path):
+    from moefx.cost import CostProfile
+    from moefx.errors import PlanError
+
+    p = CostProfile(launch=1e-4, alpha_inter=3e-3, source="test")
+    assert CostProfile.load(p.save(tmp_path / "p.json")) == p
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(PlanError, match="cannot read the cost profile .* write one with `moefx calibrate`"):
+        CostProfile.load(tmp_path / "bad.json")
+
+
+def test_the_hierarchical_pass_decides_with_the_profile():
+    import moefx
+    from moefx.cost import CostProfile
+    from moefx.distribute import resolve
+    from moefx.models import load_model
+    from moefx.passes.base import PassContext
+    from moefx.passes.pipeline import run
+
+    model, inputs = load_model("gpt2-tiny")
+    plan = moefx.Plan.from_dict({"moe": {"experts": [4, 8], "every": 2, "drop_tokens": False},
+                                 "parallel": {"nodes": 2, "devices_per_node": 2, "ep": 4}})
+    gm = moefx.convert(model, plan, inputs)
+    resolved = resolve(gm, plan.parallel, 4)
+    for profile, want in ((CostProfile(launch=2e-4, alpha_inter=5e-6, beta_inter=2e9, beta_intra=2e9), []),
+                          (CostProfile(launch=2e-4, alpha_inter=2e-3, beta_inter=2e8), [0, 1])):
+        out = run(gm, PassContext(plan, rank=1, resolved=resolved, tokens_per_rank=16, profile=profile), "distribute")
+        assert out.meta.get("moefx_hierarchical_layers", []) == want

@@ -29,7 +29,7 @@ PLANS = {"residual": {"moe": {"experts": [4, 8], "every": 2, "residual": True, "
 def _captured(name: str):
     """Static shapes (faster to export); the shrink tests run the analysis on dynamic graphs."""
     model, inputs = load_model(name)
-    return moefx.capture(model, inputs, dynamic=False)
+    return moefx.capture(model, inputs, dynamic_shapes=None)
 
 
 @functools.lru_cache(maxsize=None)

@@ -153,3 +153,19 @@ def test_stopping_moefx_launch_leaves_no_process_of_it(tmp_path, sig):
     while time.monotonic() < deadline and any(_alive(p) for p in tree):
         time.sleep(0.25)
     assert not [p for p in tree if _alive(p)], "processes of the launch survived"
+
+
+@pytest.mark.dist
+def test_calibrate_on_loopback_makes_auto_pick_flat(tmp_path):
+    from moefx.cost import CostProfile
+
+    out = tmp_path / "profile.json"
+    r = _moefx("calibrate", "--nnodes", "1", "--nproc-per-node", "4", "--nodes", "2", "--devices-per-node", "2",
+               "-o", str(out), "--reps", "3", "--timeout", "100")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    profile = CostProfile.load(out)
+    assert "measured on 2 x 2 ranks (gloo)" in profile.source
+    assert profile.launch > 0 and profile.beta_intra > 0
+    # one host: every link is loopback, and the hierarchical all-to-all's second call costs more than it saves
+    for kib in (1, 16, 256):
+        assert not profile.choose_hierarchical(kib * 1024, 2, 2), (kib, profile)
