@@ -48,7 +48,8 @@ def cmd_convert(args) -> int:
 
 
 def cmd_dump(args) -> int:
-    """Write a view of MODEL's graph at a stage (captured / converted / partitioned)."""
+    """Write a view of MODEL's graph at a stage (captured / converted / partitioned); dot / svg
+    collapse dense blocks unless --expand."""
     from ..capture import capture
     from ..convert import convert
     from ..dump import dump
@@ -64,7 +65,7 @@ def cmd_dump(args) -> int:
             from ..distribute import partitioned_view
 
             gm = partitioned_view(gm, plan, rank=args.rank)
-    text = dump(gm, args.format)
+    text = dump(gm, args.format, expand=args.expand)
     if args.output:
         write_atomic(args.output, text)
         print(f"wrote {args.output}")
