@@ -34,7 +34,7 @@ from torch.export import Dim
 
 from .errors import CaptureError, MoefxError
 
-__all__ = ["capture", "is_captured", "mark_captured", "InputError", "default_dynamic_dims"]
+__all__ = ["capture", "graph_module", "is_captured", "mark_captured", "InputError", "default_dynamic_dims"]
 
 _CAPTURED = "_moefx_captured"
 
@@ -80,9 +80,15 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict |
         raise CaptureError(_explain(model, e)) from e
     finally:
         model.train(was_training)
-    seconds = time.perf_counter() - t0
+    return graph_module(ep, type(model).__name__, train=train, seconds=time.perf_counter() - t0)
+
+
+def graph_module(ep: torch.export.ExportedProgram, name: str, *, train: bool = False,
+                 seconds: float = 0.0) -> fx.GraphModule:
+    """An exported program as the GraphModule the passes take: unlifted, guards that name the input
+    they check, the input device check, train / eval mode set, marked captured."""
     gm = ep.module()
-    out = fx.GraphModule(gm, gm.graph, class_name=type(model).__name__ + "Graph")
+    out = fx.GraphModule(gm, gm.graph, class_name=name + "Graph")
     if hasattr(out, "_guards_fn"):
         out._guards_fn = _NamedGuards(out._guards_fn)
     out.train(train)

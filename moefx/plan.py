@@ -350,12 +350,21 @@ class LoweringPlan:
 
     gating: the route / dispatch / combine nodes: "auto" (Triton on CUDA, else PyTorch), "triton"
     or "torch".
+    experts: how MoE layers run their experts: "buffer" (tokens dispatched into the [E, C, d]
+    capacity buffer, batched matmuls: many tokens per expert), "gather" (each token's k experts'
+    weights read by index and applied to it: few tokens, static shapes, what a decode step needs),
+    or "auto": "gather" for graphs whose token count is static and at most `gather_max_tokens`
+    (a decode step) when the layer is not expert-parallel, else "buffer".
     """
 
     gating: str = "auto"
+    experts: str = "auto"
+    gather_max_tokens: int = 64
 
     def __post_init__(self) -> None:
         _choice("lowering.gating", self.gating, _GATING_IMPLS)
+        _choice("lowering.experts", self.experts, _EXPERT_PATHS)
+        _int("lowering.gather_max_tokens", self.gather_max_tokens, 1)
 
 
 @dataclass(frozen=True)

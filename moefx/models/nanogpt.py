@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["NanoGPT", "NanoGPTConfig", "VOCAB"]
+__all__ = ["NanoGPT", "NanoGPTConfig", "NanoGPTWithCache", "VOCAB"]
 
 VOCAB = 128  # vocabulary of every tiny language model
 
@@ -150,16 +150,68 @@ class NanoGPT(nn.Module):
     @torch.no_grad()
     def generate(
         self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-        top_k: int | None = None,
+        top_k: int | None = None, do_sample: bool = True,
     ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` tokens after ``idx`` ([B, T]); returns [B, T + new]."""
+        """Sample (or, with do_sample=False, pick greedily) ``max_new_tokens`` tokens after ``idx``
+        ([B, T]), running the full forward every step (no cache); returns [B, T + new]."""
         for _ in range(max_new_tokens):
             idx_cond = idx[:, -self.config.block_size:]
-            logits = self(idx_cond)[:, -1, :] / temperature
+            logits = self(idx_cond)[:, -1, :]
+            if not do_sample:
+                idx = torch.cat((idx, logits.argmax(dim=-1, keepdim=True)), dim=1)
+                continue
+            logits = logits / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")
             probs = F.softmax(logits, dim=-1)
             idx = torch.cat((idx, torch.multinomial(probs, num_samples=1)), dim=1)
         return idx
+
+
+class NanoGPTWithCache(nn.Module):
+    """NanoGPT with a static KV cache in buffers (see `moefx.gen.cache`).
+
+    forward(input_ids [B, T], cache_position [T], attention_mask [B, L], position_ids [B, T])
+    -> logits [B, T, V]: the blocks' own modules (ln, c_attn, c_proj, mlp) run as in NanoGPT's
+    forward; the attention writes its keys / values at cache_position and attends over the cache
+    (slot j is visible to token t when j <= cache_position[t] and attention_mask[:, j] != 0).
+    """
+
+    def __init__(self, model: NanoGPT, batch_size: int, max_cache_len: int):
+        super().__init__()
+        cfg = model.config
+        if max_cache_len > cfg.block_size:
+            raise ValueError(f"max_cache_len {max_cache_len} exceeds NanoGPT's block_size {cfg.block_size}")
+        self.model = model
+        self.batch_size, self.max_cache_len = batch_size, max_cache_len
+        hs = cfg.n_embd // cfg.n_head
+        dtype = model.lm_head.weight.dtype
+        device = model.lm_head.weight.device
+        for i in range(cfg.n_layer):
+            self.register_buffer(f"key_cache_{i}", torch.zeros(batch_size, cfg.n_head, max_cache_len, hs, dtype=dtype,
+                                                               device=device), persistent=False)
+            self.register_buffer(f"value_cache_{i}", torch.zeros(batch_size, cfg.n_head, max_cache_len, hs,
+                                                                 dtype=dtype, device=device), persistent=False)
+
+    def forward(self, input_ids, cache_position, attention_mask, position_ids):
+        m = self.model
+        B, T = input_ids.shape
+        slots = torch.arange(self.max_cache_len, device=input_ids.device)
+        visible = (slots[None, :] <= cache_position[:, None])[None, None] & (attention_mask != 0)[:, None, None, :]
+        x = m.transformer.drop(m.transformer.wte(input_ids) + m.transformer.wpe(position_ids))
+        for i, block in enumerate(m.transformer.h):
+            attn = block.attn
+            q, k, v = attn.c_attn(block.ln_1(x)).split(attn.n_embd, dim=2)
+            hs = attn.n_embd // attn.n_head
+            q = q.view(B, T, attn.n_head, hs).transpose(1, 2)
+            k = k.view(B, T, attn.n_head, hs).transpose(1, 2)
+            v = v.view(B, T, attn.n_head, hs).transpose(1, 2)
+            keys = getattr(self, f"key_cache_{i}").index_copy_(2, cache_position, k)
+            values = getattr(self, f"value_cache_{i}").index_copy_(2, cache_position, v)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+            y = y.transpose(1, 2).contiguous().view(B, T, attn.n_embd)
+            x = x + attn.resid_dropout(attn.c_proj(y))
+            x = x + block.mlp(block.ln_2(x))
+        return m.lm_head(m.transformer.ln_f(x))
 

@@ -1,4 +1,10 @@
-"""Experts that run batched over the expert dimension of an [E, C, d] buffer.
+"""Experts with stacked weights, run two ways (the lowering pass picks one per graph).
+
+Buffer path, `experts(buf)`: buf [E, C, d] -> [E, C, d], every expert applied to its own C rows,
+batched over the expert dimension (many tokens per expert). Gather path, `experts(tokens, expert)`:
+tokens [S, d] and each token's chosen experts expert [S, k] -> [S, k, d]: the k chosen experts'
+weights are read by index and applied to their token (bmm over S * k): static shapes, no
+capacity, no host synchronisation, the weights each token needs read once (a decode step).
 
 `StackedExperts` holds the ups/down weights of E copies of one FFN stacked on a leading expert
 dimension and runs them with bmm/baddbmm: h_j = buf @ W_up_j + b_up_j, m = middle(h_1, ..., h_n)
@@ -63,8 +69,11 @@ class StackedExperts(nn.Module):
     def f(self) -> int:
         return self.down_weight.shape[1]
 
-    def forward(self, buf: Tensor) -> Tensor:
-        """buf [E, C, d] -> [E, C, d]: every expert applied to its own C rows."""
+    def forward(self, buf: Tensor, expert: Tensor | None = None) -> Tensor:
+        """buf [E, C, d] -> [E, C, d]: every expert applied to its own C rows; or, with `expert`
+        [S, k], tokens [S, d] -> [S, k, d]: each token through its k chosen experts (gather path)."""
+        if expert is not None:
+            return self._gather(buf, expert)
         biases = iter(self.up_bias)
         hs = []
         for w, has_b in zip(self.up_weight, self.up_has_bias):
@@ -83,6 +92,25 @@ class StackedExperts(nn.Module):
     def _biases(self) -> list[Tensor | None]:
         it = iter(self.up_bias)
         return [next(it) if has else None for has in self.up_has_bias]
+
+    def _gather(self, tokens: Tensor, expert: Tensor) -> Tensor:
+        """tokens [S, d], expert [S, k] -> [S, k, d] with each choice's expert weights read by index."""
+        S, k = expert.shape
+        idx = (expert - self.first_expert).reshape(-1)
+        x = tokens.repeat_interleave(k, dim=0).unsqueeze(1)                     # [S k, 1, d]
+        hs = []
+        for w, b in zip(self.up_weight, self._biases()):
+            w = w.index_select(0, idx).to(x.dtype)                              # [S k, d, f]
+            hs.append(torch.bmm(x, w) if b is None else torch.baddbmm(b.index_select(0, idx).unsqueeze(1).to(x.dtype),
+                                                                      x, w))
+        m = self.middle(*hs)
+        w2 = self.down_weight.index_select(0, idx).to(m.dtype)
+        if self.down_bias is None:
+            y = torch.bmm(m, w2)
+        else:
+            y = torch.baddbmm(self.down_bias.index_select(0, idx).unsqueeze(1).to(m.dtype), m, w2,
+                              beta=self.bias_scale)
+        return y.reshape(S, k, -1)
 
     def select(self, start: int, stop: int) -> "StackedExperts":
         """A new module with experts [start, stop) (weights copied, so shards do not alias)."""
@@ -156,14 +184,20 @@ class GenericExperts(nn.Module):
     def f(self) -> int:
         return self._f
 
-    def forward(self, buf: Tensor) -> Tensor:
-        """buf [E, C, d] -> [E, C, d]."""
+    def forward(self, buf: Tensor, expert: Tensor | None = None) -> Tensor:
+        """buf [E, C, d] -> [E, C, d]; or tokens [S, d] with expert [S, k] -> [S, k, d] (gather path)."""
         names = list(self.expert_params.keys())
 
         def one(values, x):
             return torch.func.functional_call(self.template, dict(zip(names, values)), (x,))
 
-        return torch.vmap(one)(tuple(self.expert_params[n] for n in names), buf)
+        if expert is None:
+            return torch.vmap(one)(tuple(self.expert_params[n] for n in names), buf)
+        S, k = expert.shape
+        idx = (expert - self.first_expert).reshape(-1)
+        params = tuple(self.expert_params[n].index_select(0, idx) for n in names)
+        x = buf.repeat_interleave(k, dim=0).unsqueeze(1)                        # [S k, 1, d]
+        return torch.vmap(one)(params, x).reshape(S, k, -1)
 
     def select(self, start: int, stop: int) -> "GenericExperts":
         """A new module with experts [start, stop) (weights copied)."""

@@ -44,7 +44,8 @@ from ..errors import BackendError
 from . import gating_ops
 from .table import Routing, claim_order, expert_capacity, gate_choices, rank_within_groups, unflatten_claims
 
-__all__ = ["Routing", "route", "dispatch", "combine", "expert_capacity", "resolve_impl", "z_loss", "IMPLS"]
+__all__ = ["Routing", "route", "dispatch", "combine", "gather_combine", "expert_capacity", "resolve_impl", "z_loss",
+           "IMPLS"]
 
 IMPLS = ("auto", "torch", "triton")
 
@@ -228,3 +229,11 @@ def combine(expert_out: Tensor, routing: Routing, *, impl: str = "auto") -> Tens
     """Scatter expert outputs [E, C, d] back to tokens [S, d], weighted by routing.weight."""
     which = resolve_impl(impl, expert_out.device)
     return gating_ops.combine(expert_out, routing.expert, routing.slot, routing.counts, routing.weight, which)
+
+
+def gather_combine(expert_out: Tensor, weight: Tensor) -> Tensor:
+    """The gather path's combine: expert_out [S, k, d] (each token's k expert outputs) -> [S, d], weighted
+    by weight [S, k] (0 for dropped choices), accumulated in float32 like `combine`."""
+    acc = torch.promote_types(torch.float32, expert_out.dtype)
+    out = (expert_out.to(acc) * weight.to(acc).unsqueeze(-1)).sum(dim=1)
+    return out.to(expert_out.dtype)

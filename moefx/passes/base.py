@@ -98,14 +98,15 @@ class Pass(abc.ABC):
 def verify(gm: fx.GraphModule) -> None:
     """graph.lint() plus moefx invariants; raises AssertionError on a violation.
 
-    - every dispatch has its combine (per MoE layer);
+    - every dispatch has its combine (per MoE layer; gather-path layers have neither buffer);
     - every all-to-all dispatch step has its combine step (per layer and group);
     - every node with a created role carries its pass provenance;
     - every call_module target exists.
     """
     gm.graph.lint()
     dispatches = sorted(n.meta.get(M.LAYER) for n in gm.graph.nodes if n.meta.get(M.ROLE) == "dispatch")
-    combines = sorted(n.meta.get(M.LAYER) for n in gm.graph.nodes if n.meta.get(M.ROLE) == "combine")
+    combines = sorted(n.meta.get(M.LAYER) for n in gm.graph.nodes
+                      if n.meta.get(M.ROLE) == "combine" and n.meta.get(M.PATH) != "gather")
     if dispatches != combines:
         raise AssertionError(f"every dispatch needs its combine: dispatch layers {dispatches}, combine layers {combines}")
     a2a: dict = {}

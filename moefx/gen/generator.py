@@ -1,0 +1,248 @@
+"""KV-cache generation with converted models: a prefill graph and a decode-step graph, one set of weights.
+
+    gen = moefx.convert_generator(model, plan, example_inputs=(prompt_ids,))
+    out = gen.generate(prompt_ids, max_new_tokens=64, do_sample=False)     # [B, T + 64] token ids
+
+`convert_generator` wraps the decoder LM with a static KV cache in buffers (`moefx.gen.cache`),
+captures it twice with torch.export: a prefill graph (input_ids [B, T], T dynamic, 2 <= T <= L)
+and a decode-step graph (input_ids [B, 1]: every shape static), runs the plan's convert stage on
+each, and ties the decode graph's tensors to the prefill graph's (the same MoE parameters, the
+same cache buffers: nothing is duplicated). With `lowering.experts = "auto"` the decode graph's
+MoE layers run on the gather path (few tokens, static shapes) and the prefill's on the buffer
+path; `moefx dump` shows which.
+
+`Generator.generate` runs greedy or sampled decoding (temperature / top-k / top-p, seeded), stops
+at EOS per row (finished rows are padded) or after max_new_tokens, takes left-padded batches
+with an attention mask (positions follow Hugging Face's: cumulative sum of the mask), and
+records prefill time, per-token decode latency and tokens/s in `last_stats`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+from ..capture import graph_module
+from ..errors import MoefxError
+from ..passes import pipeline
+from ..passes.base import PassContext
+from .cache import cached_lm
+from .sampling import Sampling, next_tokens
+
+__all__ = ["Generator", "GenerationStats", "convert_generator", "capture_generator", "share_tensors"]
+
+
+@dataclass
+class GenerationStats:
+    """Timing of the latest `generate`: prefill seconds, decode seconds per step, new tokens per second."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: list = field(default_factory=list)
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1000 * sum(self.decode_s) / max(len(self.decode_s), 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = self.prefill_s + sum(self.decode_s)
+        return self.new_tokens / total if total > 0 else 0.0
+
+
+def share_tensors(dst: nn.Module, src: nn.Module) -> int:
+    """Make every parameter / buffer of `dst` that `src` has under the same name (and shape) the very
+    tensor of `src`. Returns how many were tied."""
+    have = dict(src.named_parameters(remove_duplicate=False))
+    have.update(src.named_buffers(remove_duplicate=False))
+    tied = 0
+    for name, t in list(dst.named_parameters(remove_duplicate=False)) + list(dst.named_buffers(remove_duplicate=False)):
+        other = have.get(name)
+        if other is None or other is t or other.shape != t.shape:
+            continue
+        path, _, attr = name.rpartition(".")
+        owner = dst.get_submodule(path) if path else dst
+        store = owner._parameters if attr in owner._parameters else owner._buffers
+        store[attr] = other
+        tied += 1
+    return tied
+
+
+def _example(lm: nn.Module, tokens: int, device) -> tuple:
+    B, L = lm.batch_size, lm.max_cache_len
+    ids = torch.zeros(B, tokens, dtype=torch.long, device=device)
+    pos = torch.arange(tokens, device=device)
+    return ids, pos, torch.ones(B, L, dtype=torch.long, device=device), pos.expand(B, tokens).contiguous()
+
+
+def capture_generator(model: nn.Module, batch_size: int, max_cache_len: int, *, prompt_len: int = 4
+                      ) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(prefill graph, decode-step graph) of `model` with a static cache (not converted yet)."""
+    lm = cached_lm(model, batch_size, max_cache_len).eval()
+    device = next(lm.parameters()).device
+    graphs = []
+    for tokens in (max(2, min(prompt_len, max_cache_len)), 1):
+        dims = None
+        if tokens > 1:
+            T = Dim("tokens", min=2, max=max_cache_len)
+            dims = ({1: T}, {0: T}, None, {1: T})
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ep = torch.export.export(lm, _example(lm, tokens, device), dynamic_shapes=dims, strict=False)
+        graphs.append(graph_module(ep, type(model).__name__ + ("Prefill" if tokens > 1 else "Decode"),
+                                   seconds=time.perf_counter() - t0))
+    prefill, decode = graphs
+    share_tensors(decode, prefill)
+    return prefill, decode
+
+
+def convert_generator(model: nn.Module, plan=None, example_inputs: tuple = (), *, batch_size: int | None = None,
+                      max_cache_len: int | None = None, copy_weights: bool = True, eos_token_id: int | None = None,
+                      pad_token_id: int | None = None) -> "Generator":
+    """Convert a decoder LM into a Generator (prefill + decode graphs over one set of weights).
+
+    Takes the model, a Plan (or dict; None = Plan.default()), example_inputs=(prompt_ids,) to size
+    the batch (batch_size overrides), and max_cache_len (default: the model's position limit, at
+    most 256). The plan is checked before any work."""
+    import copy
+    import warnings
+
+    from ..convert import as_plan
+
+    plan = as_plan(plan)
+    ctx = PassContext(plan)
+    pipeline.check(ctx)
+    prompt = example_inputs[0] if example_inputs else None
+    batch_size = batch_size or (prompt.shape[0] if prompt is not None else 1)
+    max_cache_len = max_cache_len or _position_limit(model)
+    if copy_weights:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = copy.deepcopy(model)
+    prefill, decode = capture_generator(model, batch_size, max_cache_len,
+                                        prompt_len=prompt.shape[1] if prompt is not None else 4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
+        prefill = pipeline.run(prefill, ctx, "convert")
+        decode = pipeline.run(decode, ctx, "convert")
+    share_tensors(decode, prefill)
+    config = getattr(model, "config", None)
+    return Generator(prefill, decode, batch_size, max_cache_len,
+                     eos_token_id=eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None),
+                     pad_token_id=pad_token_id if pad_token_id is not None else (getattr(config, "pad_token_id", None)
+                                                                               or 0),
+                     plan=plan)
+
+
+def _position_limit(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "block_size"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int):
+            return min(v, 256)
+    return 256
+
+
+class Generator:
+    """Prefill and decode-step graphs of one converted model (see the module docstring)."""
+
+    def __init__(self, prefill: fx.GraphModule, decode: fx.GraphModule, batch_size: int, max_cache_len: int, *,
+                 eos_token_id: int | None = None, pad_token_id: int = 0, plan=None):
+        self.prefill, self.decode = prefill, decode
+        self.batch_size, self.max_cache_len = batch_size, max_cache_len
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.plan = plan
+        self.last_stats = GenerationStats()
+        self._prefill_fn, self._decode_fn = prefill, decode
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.prefill.parameters()).device
+
+    def compile(self, *, backend: str = "inductor", prefill: bool = False, **kwargs) -> "Generator":
+        """Run the decode step (and, with prefill=True, the prefill) under torch.compile(fullgraph=True)."""
+        self._decode_fn = torch.compile(self.decode, fullgraph=True, backend=backend, **kwargs)
+        if prefill:
+            self._prefill_fn = torch.compile(self.prefill, fullgraph=True, backend=backend, dynamic=True, **kwargs)
+        return self
+
+    def _check(self, prompt_ids: torch.Tensor, max_new_tokens: int) -> None:
+        B, T = prompt_ids.shape
+        if B > self.batch_size:
+            raise MoefxError(f"a batch of {B} prompts, but the generator's cache holds {self.batch_size}: convert it "
+                             f"with batch_size >= {B}")
+        if T + max_new_tokens > self.max_cache_len:
+            raise MoefxError(f"{T} prompt tokens + {max_new_tokens} new ones exceed the cache of {self.max_cache_len}: "
+                             "lower max_new_tokens or convert with a larger max_cache_len")
+        if T < 1:
+            raise MoefxError("the prompt is empty: give at least one token")
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 eos_token_id: int | None = None, progress: bool = False) -> torch.Tensor:
+        """Token ids [B, T + n] (n <= max_new_tokens: all rows finished at EOS earlier). prompt_ids
+        [B, T] are left-padded where attention_mask [B, T] is 0."""
+        sampling = Sampling(do_sample, temperature, top_k, top_p)
+        self._check(prompt_ids, max_new_tokens)
+        device = self.device
+        B, T = prompt_ids.shape
+        rows = B
+        mask = torch.ones(B, T, dtype=torch.long) if attention_mask is None else attention_mask.long()
+        prompt_ids, mask = prompt_ids.to(device), mask.to(device)
+        if B < self.batch_size:                                  # fill the cache's batch with masked rows
+            extra = self.batch_size - B
+            prompt_ids = torch.cat([prompt_ids, prompt_ids.new_full((extra, T), self.pad_token_id)])
+            mask = torch.cat([mask, mask.new_zeros(extra, T)])
+            mask[B:, -1] = 1
+            B = self.batch_size
+        eos = eos_token_id if eos_token_id is not None else self.eos_token_id
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        slots = torch.ones(B, self.max_cache_len, dtype=torch.long, device=device)
+        slots[:, :T] = mask
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        stats = GenerationStats(prompt_tokens=rows * T)
+        t0 = time.perf_counter()
+        if T == 1:
+            logits = self._decode_fn(prompt_ids, torch.zeros(1, dtype=torch.long, device=device), slots, positions)
+        else:
+            logits = self._prefill_fn(prompt_ids, torch.arange(T, device=device), slots, positions)
+        stats.prefill_s = time.perf_counter() - t0
+        last = positions[:, -1:]
+        out = [prompt_ids]
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        bar = _bar(progress, max_new_tokens)
+        for step in range(max_new_tokens):
+            token = next_tokens(logits[:, -1].float().cpu(), sampling, gen).to(device)
+            if eos is not None:
+                token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
+                finished |= token == eos
+            out.append(token[:, None])
+            stats.new_tokens += rows
+            if bar is not None:
+                bar.update(1)
+            if (eos is not None and bool(finished[:rows].all())) or step == max_new_tokens - 1:
+                break
+            last = last + 1
+            t0 = time.perf_counter()
+            logits = self._decode_fn(token[:, None], torch.tensor([T + step], device=device), slots, last)
+            stats.decode_s.append(time.perf_counter() - t0)
+        if bar is not None:
+            bar.close()
+        self.last_stats = stats
+        return torch.cat(out, dim=1)[:rows]
+
+
+def _bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="generate", unit="tok", leave=False)

@@ -1,0 +1,123 @@
+"""KV-cache generation: prefill + decode graphs over one set of weights, token for token equal to
+Hugging Face's generate (and nanoGPT's own loop) for upcycled dropless PR-MoE models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moefx
+from moefx.gen.generator import convert_generator
+from moefx.models import load_model
+
+PLANS = {
+    "top1-residual": {"moe": {"experts": [4, 8], "every": 2, "top_k": 1, "residual": True, "drop_tokens": False}},
+    "top2": {"moe": {"experts": 4, "every": 1, "top_k": 2, "drop_tokens": False}},
+}
+
+
+def _left_padded(name: str):
+    model, (ids,) = load_model(name, batch=3, seq=6, seed=1)
+    ids, mask = ids.clone(), torch.ones_like(ids)
+    mask[0, :2], ids[0, :2] = 0, 0
+    mask[2, :4], ids[2, :4] = 0, 0
+    return model, ids, mask
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "mistral-tiny", "qwen2-tiny"])
+def test_greedy_tokens_equal_hugging_face_generate(name, plan):
+    model, ids, mask = _left_padded(name)
+    gen = convert_generator(model, PLANS[plan], (ids,), max_cache_len=32)
+    got = gen.generate(ids, mask, max_new_tokens=10)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert got.shape == (3, 16) and torch.equal(got, want)
+    one = gen.generate(ids[1:2], max_new_tokens=6)                 # a smaller batch than the cache holds
+    assert torch.equal(one, model.generate(ids[1:2], attention_mask=torch.ones_like(ids[1:2]), max_new_tokens=6,
+                                           do_sample=False, pad_token_id=0))
+    # the decode graph runs its experts by gathering their weights, the prefill on the buffer path
+    assert gen.decode.meta["moefx_gather_layers"] == [layer for layer, _ in moefx.nn.moe.moe_layers(gen.decode)]
+    assert gen.prefill.meta["moefx_gather_layers"] == []
+
+
+def test_nanogpt_generates_what_its_own_loop_generates():
+    model, (ids,) = load_model("nanogpt-tiny", batch=2, seq=5, seed=2)
+    for plan in PLANS.values():
+        gen = convert_generator(model, plan, (ids,), max_cache_len=32)
+        assert torch.equal(gen.generate(ids, max_new_tokens=12), model.generate(ids, 12, do_sample=False))
+        one = ids[:, :1]                                          # a 1-token prompt prefills with the decode graph
+        assert torch.equal(gen.generate(one, max_new_tokens=5), model.generate(one, 5, do_sample=False))
+
+
+def test_one_set_of_weights_and_one_cache():
+    model, ids, _ = _left_padded("llama-tiny")
+    gen = convert_generator(model, PLANS["top2"], (ids,), max_cache_len=32)
+    pre = dict(gen.prefill.named_parameters())
+    dec = dict(gen.decode.named_parameters())
+    assert set(pre) == set(dec) and all(dec[k] is pre[k] for k in pre)
+    assert any(k.startswith("moe") and ".experts." in k for k in pre)
+    pre_b = dict(gen.prefill.named_buffers())
+    dec_b = dict(gen.decode.named_buffers())
+    caches = [k for k in pre_b if "key_cache" in k or "value_cache" in k]
+    assert len(caches) == 8 and all(dec_b[k] is pre_b[k] for k in caches)
+
+
+def test_decode_step_logits_equal_the_full_forward_at_the_same_position():
+    model, (ids,) = load_model("llama-tiny", batch=2, seq=7, seed=3)
+    plan = {"moe": {"experts": 4, "every": 1, "top_k": 2, "drop_tokens": False, "init_noise": 0.3}}
+    gen = convert_generator(model, plan, (ids,), max_cache_len=16)
+    full = moefx.convert(model, plan, (ids,))
+    with torch.no_grad():
+        want = full(ids).logits                                   # [2, 7, V]
+        slots = torch.ones(2, 16, dtype=torch.long)
+        pos = torch.arange(7).expand(2, 7)
+        pre = gen.prefill(ids[:, :6], torch.arange(6), slots, pos[:, :6])
+        step = gen.decode(ids[:, 6:], torch.tensor([6]), slots, pos[:, 6:])
+    scale = want.abs().max()
+    assert (pre - want[:, :6]).abs().max() <= 1e-5 * scale
+    assert (step[:, 0] - want[:, 6]).abs().max() <= 1e-5 * scale
+
+
+def test_gather_and_buffer_paths_agree_on_distinct_experts():
+    model, (ids,) = load_model("gpt2-tiny", batch=2, seq=5, seed=4)
+    base = {"moe": {"experts": [4, 8], "every": 2, "top_k": 2, "drop_tokens": False, "init": "random"}}
+    gather = convert_generator(model, {**base, "lowering": {"experts": "gather"}}, (ids,), max_cache_len=16)
+    buffer = convert_generator(model, {**base, "lowering": {"experts": "buffer"}}, (ids,), max_cache_len=16)
+    assert gather.prefill.meta["moefx_gather_layers"] == [0, 1] and buffer.decode.meta["moefx_gather_layers"] == []
+    slots = torch.ones(2, 16, dtype=torch.long)
+    with torch.no_grad():
+        for g in (gather, buffer):
+            g.prefill(ids, torch.arange(5), slots, torch.arange(5).expand(2, 5))
+        a = gather.decode(ids[:, :1], torch.tensor([5]), slots, torch.full((2, 1), 5))
+        b = buffer.decode(ids[:, :1], torch.tensor([5]), slots, torch.full((2, 1), 5))
+    assert (a - b).abs().max() <= 1e-6 * max(b.abs().max().item(), 1.0)
+    assert torch.equal(gather.generate(ids, max_new_tokens=6), buffer.generate(ids, max_new_tokens=6))
+
+
+def test_the_decode_step_compiles_fullgraph():
+    from torch._dynamo.utils import counters
+
+    model, (ids,) = load_model("gpt2-tiny", batch=2, seq=5, seed=5)
+    gen = convert_generator(model, PLANS["top2"], (ids,), max_cache_len=16)
+    eager = gen.generate(ids, max_new_tokens=6)
+    torch._dynamo.reset()
+    counters.clear()
+    gen.compile(backend="aot_eager")
+    assert torch.equal(gen.generate(ids, max_new_tokens=6), eager)
+    assert sum(counters["graph_break"].values()) == 0
+
+
+def test_sampling_is_seeded_and_eos_stops_rows():
+    model, ids, mask = _left_padded("llama-tiny")
+    gen = convert_generator(model, PLANS["top1-residual"], (ids,), max_cache_len=32)
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=30, top_p=0.9)
+    a, b = gen.generate(ids, mask, seed=11, **kw), gen.generate(ids, mask, seed=11, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, gen.generate(ids, mask, seed=12, **kw))
+    greedy = gen.generate(ids, mask, max_new_tokens=8)
+    eos = int(greedy[0, 7])                                        # the first row's 2nd new token ends it
+    out = gen.generate(ids, mask, max_new_tokens=8, eos_token_id=eos)
+    row = out[0, 6:].tolist()
+    assert row[:2] == greedy[0, 6:8].tolist() and set(row[2:]) <= {0}
+    with pytest.raises(moefx.MoefxError, match="exceed the cache of 32"):
+        gen.generate(ids, max_new_tokens=40)
+    with pytest.raises(moefx.MoefxError, match="cache holds 3"):
+        gen.generate(torch.cat([ids, ids]), max_new_tokens=2)
