@@ -12,11 +12,13 @@ from .convert import convert
 from .count import ParamCount, count_params
 from .distribute import distribute, partitioned_view, reduce_gradients
 from .dump import dump
+from .gen.generator import Generator, convert_generator
 from .errors import AnalysisError, BackendError, CaptureError, MoefxError, PassError, PlanError
 from .nn.aux import aux_loss
 from .nn.routing import Routing, combine, dispatch, route
 from .passes.pipeline import PIPELINE
 from .passes.shrink import shrink
+from .saving import load, save
 from .plan import LoweringPlan, MoEPlan, ParallelPlan, Plan, StudentPlan
 from .train.distill import DistillError, DistillResult, distill
 
@@ -25,5 +27,6 @@ __all__ = [
     "AnalysisError", "BackendError", "CaptureError", "MoefxError", "PassError", "PlanError", "aux_loss", "Routing",
     "combine", "dispatch", "route", "LoweringPlan", "MoEPlan", "ParallelPlan", "Plan", "StudentPlan", "distill",
     "DistillResult", "DistillError", "dump", "distribute", "partitioned_view", "reduce_gradients", "shrink",
+    "convert_generator", "Generator", "save", "load",
 ]
 __version__ = "0.1.0"

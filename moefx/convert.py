@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torch import fx, nn
 
+from . import origin
 from .capture import capture
 from .passes import pipeline
 from .passes.base import PassContext
@@ -46,4 +47,7 @@ def convert(model: nn.Module, plan: Plan | dict | None = None, example_inputs: t
             warnings.simplefilter("ignore", FutureWarning)  # pytree spec deprecation noise from deepcopy
             model = copy.deepcopy(model)
     gm = capture(model, example_inputs, example_kwargs, **capture_options)
-    return pipeline.run(gm, ctx, "convert", dump_dir=dump_dir)
+    gm = pipeline.run(gm, ctx, "convert", dump_dir=dump_dir)
+    if not isinstance(model, fx.GraphModule):
+        origin.record(gm, model, plan, example_inputs if not example_kwargs else (None,), capture_options)
+    return gm

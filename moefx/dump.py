@@ -120,7 +120,13 @@ def _rank_header(resolved, rank: int) -> str:
             f"{resolved.dp_rank(rank)}), ep {eps} / edp {edps} per MoE layer")
 
 
-def _moe_row(block: int, m: MoELayer, impl: str | None, dense_params: int) -> tuple:
+def experts_paths(gm: fx.GraphModule) -> dict[int, str]:
+    """MoE layer -> how its experts run: "gather" (weights read per token) or "buffer" ([E, C, d])."""
+    gathered = set(getattr(gm, "meta", {}).get("moefx_gather_layers", ()))
+    return {layer: "gather" if layer in gathered else "buffer" for layer, _ in moe_layers(gm)}
+
+
+def _moe_row(block: int, m: MoELayer, impl: str | None, path: str, dense_params: int) -> tuple:
     """The table row of one MoE layer (parameters as held by this graph: a rank's share when partitioned)."""
     expert_params = sum(p.numel() for p in m.experts.parameters())
     other = sum(p.numel() for p in m.parameters()) - expert_params + dense_params
@@ -128,7 +134,7 @@ def _moe_row(block: int, m: MoELayer, impl: str | None, dense_params: int) -> tu
     kind = "PR-MoE" if m.coef is not None else "MoE"
     cap = "dropless" if not m.gate.drop_tokens else f"cf={m.gate.capacity_factor:g}"
     return (block, kind, m.num_experts, m.gate.top_k, cap, "yes" if m.coef is not None else "no",
-            impl or m.gate.impl, human(expert_params + other), human(other + per_expert * m.gate.top_k))
+            impl or m.gate.impl, path, human(expert_params + other), human(other + per_expert * m.gate.top_k))
 
 
 def _format_table(header: tuple, rows: list[tuple]) -> list[str]:
@@ -138,7 +144,8 @@ def _format_table(header: tuple, rows: list[tuple]) -> list[str]:
 
 
 def layer_table(gm: fx.GraphModule) -> str:
-    """One row per block: dense FFN or (PR-)MoE layer, experts, top-k, residual, impl, parameters.
+    """One row per block: dense FFN or (PR-)MoE layer, experts, top-k, residual, impl, experts path
+    (buffer / gather), parameters.
 
     For a partitioned graph (gm.meta["moefx_parallel"] set) a header line gives the rank's tp /
     dp / ep degrees, and each MoE row adds its ep, edp and the experts this rank holds;
@@ -149,19 +156,21 @@ def layer_table(gm: fx.GraphModule) -> str:
     moe_by_block = {m.block: (layer, m) for layer, m in moe_layers(gm)}
     lp_by_layer = {lp.layer: lp for lp in resolved.layers} if resolved is not None else {}
     dense = _block_ffn_params(gm)
-    header = ("block", "ffn", "experts", "top_k", "capacity", "residual", "gating", "ffn params", "active/token")
+    paths = experts_paths(gm)
+    header = ("block", "ffn", "experts", "top_k", "capacity", "residual", "gating", "path", "ffn params",
+              "active/token")
     if resolved is not None:
         header += ("ep", "edp", f"rank {rank} holds")
     rows = []
     for b in sorted(set(dense) | set(moe_by_block)):
         if b in moe_by_block:
             layer, m = moe_by_block[b]
-            row = _moe_row(b, m, impls.get(layer), dense.get(b, 0))
+            row = _moe_row(b, m, impls.get(layer), paths[layer], dense.get(b, 0))
             lp = lp_by_layer.get(layer)
             if resolved is not None:
                 row += (lp.ep, lp.edp, experts_held(lp, rank, m.experts)) if lp else ("-", "-", "-")
         else:
-            row = (b, "dense", "-", "-", "-", "-", "-", human(dense[b]), human(dense[b]))
+            row = (b, "dense", "-", "-", "-", "-", "-", "-", human(dense[b]), human(dense[b]))
             if resolved is not None:
                 row += ("-", "-", "-")
         rows.append(row)
@@ -195,14 +204,16 @@ def to_json(gm: fx.GraphModule) -> dict:
         entry = {"name": n.name, "op": n.op, "target": _target_name(n),
                  "inputs": [a.name for a in n.all_input_nodes]}
         for key, meta_key in (("role", M.ROLE), ("block", M.BLOCK), ("layer", M.LAYER), ("pass", M.PASS),
-                              ("impl", M.IMPL), ("group", M.GROUP)):
+                              ("impl", M.IMPL), ("group", M.GROUP), ("experts_path", M.PATH)):
             if meta_key in n.meta:
                 entry[key] = n.meta[meta_key]
         shape = _shape(n)
         if shape is not None:
             entry["shape"] = shape
         nodes.append(entry)
+    paths = experts_paths(gm)
     layers = [{"name": name, "block": m.block, "experts": m.num_experts, "top_k": m.gate.top_k,
+               "experts_path": paths[int(name[3:])],
                "residual": m.coef is not None, "drop_tokens": m.gate.drop_tokens,
                "capacity_factor": m.gate.capacity_factor, "impl": m.gate.impl,
                "expert_params": sum(p.numel() for p in m.experts.parameters())} for name, m in _named_moe_layers(gm)]

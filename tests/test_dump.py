@@ -203,7 +203,7 @@ def test_partitioned_table_from_the_cli(tmp_path, capsys):
 def test_unpartitioned_table_keeps_its_columns(gpt2):
     table = dump(gpt2, "table")
     assert table.splitlines()[0].split() == ["block", "ffn", "experts", "top_k", "capacity", "residual", "gating",
-                                             "ffn", "params", "active/token"]
+                                             "path", "ffn", "params", "active/token"]
     assert "holds" not in table and "rank" not in table
 
 

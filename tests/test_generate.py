@@ -2,6 +2,8 @@
 Hugging Face's generate (and nanoGPT's own loop) for upcycled dropless PR-MoE models."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -37,6 +39,10 @@ def test_greedy_tokens_equal_hugging_face_generate(name, plan):
     # the decode graph runs its experts by gathering their weights, the prefill on the buffer path
     assert gen.decode.meta["moefx_gather_layers"] == [layer for layer, _ in moefx.nn.moe.moe_layers(gen.decode)]
     assert gen.prefill.meta["moefx_gather_layers"] == []
+    if name == "gpt2-tiny" and plan == "top2":                     # and `moefx dump` shows it
+        rows = [ln.split() for ln in moefx.dump(gen.decode, "table").splitlines()[2:6]]
+        assert [r[7] for r in rows] == ["gather"] * 4
+        assert {layer["experts_path"] for layer in json.loads(moefx.dump(gen.prefill, "json"))["moe_layers"]} == {"buffer"}
 
 
 def test_nanogpt_generates_what_its_own_loop_generates():
@@ -121,3 +127,59 @@ def test_sampling_is_seeded_and_eos_stops_rows():
         gen.generate(ids, max_new_tokens=40)
     with pytest.raises(moefx.MoefxError, match="cache holds 3"):
         gen.generate(torch.cat([ids, ids]), max_new_tokens=2)
+
+
+def _perturbed(module):
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def test_save_load_generate_gives_the_same_tokens(tmp_path):
+    model, ids, mask = _left_padded("llama-tiny")
+    plan = {"moe": {"experts": 4, "every": 1, "top_k": 2, "drop_tokens": False, "init": "random"}}
+    gen = convert_generator(model, plan, (ids,), max_cache_len=24)
+    _perturbed(gen.prefill)                                          # weights no recipe can rebuild
+    want = gen.generate(ids, mask, max_new_tokens=8)
+    moefx.save(gen, tmp_path / "gen")
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["model.safetensors", "moefx.json"]
+    loaded = moefx.load(tmp_path / "gen")
+    assert isinstance(loaded, moefx.Generator) and torch.equal(loaded.generate(ids, mask, max_new_tokens=8), want)
+    pre = dict(loaded.prefill.named_parameters())
+    assert all(p is pre[n] for n, p in loaded.decode.named_parameters())        # still one set of weights
+
+
+def test_save_load_a_trained_graph_and_generate_from_it(tmp_path):
+    from moefx.saving import load_generator
+
+    model, (ids,) = load_model("gpt2-tiny", batch=2, seq=6, seed=8)
+    plan = {"moe": {"experts": [4, 8], "every": 2, "top_k": 1, "residual": True, "drop_tokens": False}}
+    gm = _perturbed(moefx.convert(model, plan, (ids,)))
+    moefx.save(gm, tmp_path / "moe")
+    back = moefx.load(tmp_path / "moe")
+    with torch.no_grad():
+        want = gm(ids).logits
+        assert torch.equal(back(ids).logits, want)
+        gen = load_generator(tmp_path / "moe", batch_size=2, max_cache_len=16)
+        got = gen.prefill(ids, torch.arange(6), torch.ones(2, 16, dtype=torch.long), torch.arange(6).expand(2, 6))
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    # a damaged weights file is refused before anything is built
+    weights = tmp_path / "moe" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(moefx.MoefxError, match="does not match the checksum"):
+        moefx.load(tmp_path / "moe")
+
+
+def test_save_refuses_what_it_cannot_rebuild(tmp_path):
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    gm = moefx.convert(enc, {"moe": {"experts": 2, "every": 1}}, (torch.randn(2, 4, 16),))
+    with pytest.raises(moefx.MoefxError, match="needs to know how to rebuild the dense model"):
+        moefx.save(gm, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(moefx.MoefxError, match="not a folder written by moefx.save"):
+        moefx.load(tmp_path)

@@ -7,8 +7,11 @@ attention output through layout ops. For every node of the region the analysis d
 axes *scale with the number of heads* (the projection width, the head axis, the width again after
 the heads are merged): splitting heads over `tp` ranks divides exactly those sizes by `tp`.
 
-Regions with an op the axis rules do not know (e.g. head counts baked into SymInt expressions, as
-in `nn.MultiheadAttention`'s export) are reported with `supported=False` and a reason.
+A static KV cache (what `moefx.gen` graphs hold) is followed through its update: `index_copy`
+of the new keys / values into a cache buffer gives the buffer the head axis of the states it
+receives. Regions with an op the axis rules do not know (e.g. head counts baked into SymInt
+expressions, as in `nn.MultiheadAttention`'s export) are reported with `supported=False` and a
+reason.
 """
 from __future__ import annotations
 
@@ -22,7 +25,10 @@ from .linear import aten, linear_info, packet, val
 _LAYOUT = {aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.permute, aten.contiguous, aten.clone,
            aten.expand, aten.unsqueeze, aten.squeeze, aten.select, aten.split, aten.split_with_sizes,
            aten.unflatten, aten.slice, aten.cat, aten.mul, aten.add, aten.sub, aten.div, aten.neg, aten.to,
-           aten._to_copy, aten.alias, aten.detach, aten.dropout}
+           aten._to_copy, aten.alias, aten.detach, aten.dropout, aten.index_copy, aten.index_copy_}
+# A KV-cache update: index_copy(cache, dim, positions, new keys or values) writes the new states
+# into a cache buffer shaped like them (heads on the same axis); TP shards the buffer with them.
+CACHE_UPDATES = {aten.index_copy, aten.index_copy_}
 _ELEMENTWISE = {aten.contiguous, aten.clone, aten.mul, aten.add, aten.sub, aten.div, aten.neg, aten.to,
                 aten._to_copy, aten.alias, aten.detach, aten.dropout}
 SDPA = aten.scaled_dot_product_attention
@@ -225,6 +231,12 @@ def _rule(n: fx.Node, flags: dict) -> tuple[bool, ...]:
     if p is aten.expand:
         pad = nd - len(fx_)
         return (False,) * pad + tuple(fx_)
+    if p in CACHE_UPDATES:
+        src = n.args[3]
+        res = _in_flags(src, flags, nd)
+        if res[n.args[1] % nd]:
+            raise Unsupported(f"{n.name} writes the cache along a head axis")
+        return res
     if p is aten.slice:
         d = n.args[1] % len(fx_)
         if fx_[d] and not _full_slice(n):

@@ -18,12 +18,21 @@ nanoGPT has its own cached forward (`moefx.models.nanogpt.NanoGPTWithCache`).
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
 from ..errors import MoefxError
 
-__all__ = ["HFCachedLM", "cached_lm"]
+__all__ = ["HFCachedLM", "cached_lm", "is_cache_buffer"]
+
+_CACHE_BUFFER = re.compile(r"(key_cache|value_cache|cumulative_length)_\d+")
+
+
+def is_cache_buffer(name: str) -> bool:
+    """Whether `name` is one of the cache buffers `cached_lm` registers (zeros before a prefill)."""
+    return _CACHE_BUFFER.fullmatch(name) is not None
 
 
 class HFCachedLM(nn.Module):

@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
+from .. import origin
 from ..capture import graph_module
 from ..errors import MoefxError
 from ..passes import pipeline
@@ -32,12 +33,14 @@ from ..passes.base import PassContext
 from .cache import cached_lm
 from .sampling import Sampling, next_tokens
 
-__all__ = ["Generator", "GenerationStats", "convert_generator", "capture_generator", "share_tensors"]
+__all__ = ["Generator", "GenerationStats", "convert_generator", "convert_graphs", "capture_generator", "share_tensors",
+           "position_limit", "special_tokens"]
 
 
 @dataclass
 class GenerationStats:
-    """Timing of the latest `generate`: prefill seconds, decode seconds per step, new tokens per second."""
+    """Timing of the latest `generate`: prefill seconds, decode seconds per step, new tokens per second
+    (tokens_per_s counts every step, compile / warm-up included; ms_per_token leaves out the first)."""
 
     prompt_tokens: int = 0
     new_tokens: int = 0
@@ -46,7 +49,9 @@ class GenerationStats:
 
     @property
     def ms_per_token(self) -> float:
-        return 1000 * sum(self.decode_s) / max(len(self.decode_s), 1)
+        """Mean decode-step latency after the first step (which includes any compile / warm-up)."""
+        steady = self.decode_s[1:] if len(self.decode_s) > 1 else self.decode_s
+        return 1000 * sum(steady) / max(len(steady), 1)
 
     @property
     def tokens_per_s(self) -> float:
@@ -100,6 +105,28 @@ def capture_generator(model: nn.Module, batch_size: int, max_cache_len: int, *, 
     return prefill, decode
 
 
+def convert_graphs(model: nn.Module, plan, *, batch_size: int, max_cache_len: int, prompt_len: int = 4
+                   ) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(prefill, decode) graphs of `model` with a static cache, both through the plan's convert stage
+    and sharing one set of tensors. `model` is used as it is (it may live on the meta device)."""
+    import warnings
+
+    from ..convert import as_plan
+
+    ctx = PassContext(as_plan(plan))
+    pipeline.check(ctx)
+    prefill, decode = capture_generator(model, batch_size, max_cache_len, prompt_len=prompt_len)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
+        prefill = pipeline.run(prefill, ctx, "convert")
+        decode = pipeline.run(decode, ctx, "convert")
+    share_tensors(decode, prefill)
+    for gm in (prefill, decode):
+        origin.record(gm, model, ctx.plan, generator={"batch_size": batch_size, "max_cache_len": max_cache_len,
+                                                      "prompt_len": prompt_len})
+    return prefill, decode
+
+
 def convert_generator(model: nn.Module, plan=None, example_inputs: tuple = (), *, batch_size: int | None = None,
                       max_cache_len: int | None = None, copy_weights: bool = True, eos_token_id: int | None = None,
                       pad_token_id: int | None = None) -> "Generator":
@@ -114,31 +141,32 @@ def convert_generator(model: nn.Module, plan=None, example_inputs: tuple = (), *
     from ..convert import as_plan
 
     plan = as_plan(plan)
-    ctx = PassContext(plan)
-    pipeline.check(ctx)
+    pipeline.check(PassContext(plan))
     prompt = example_inputs[0] if example_inputs else None
     batch_size = batch_size or (prompt.shape[0] if prompt is not None else 1)
-    max_cache_len = max_cache_len or _position_limit(model)
+    max_cache_len = max_cache_len or position_limit(model)
     if copy_weights:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             model = copy.deepcopy(model)
-    prefill, decode = capture_generator(model, batch_size, max_cache_len,
-                                        prompt_len=prompt.shape[1] if prompt is not None else 4)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
-        prefill = pipeline.run(prefill, ctx, "convert")
-        decode = pipeline.run(decode, ctx, "convert")
-    share_tensors(decode, prefill)
+    prefill, decode = convert_graphs(model, plan, batch_size=batch_size, max_cache_len=max_cache_len,
+                                     prompt_len=prompt.shape[1] if prompt is not None else 4)
+    eos, pad = special_tokens(model, eos_token_id, pad_token_id)
+    return Generator(prefill, decode, batch_size, max_cache_len, eos_token_id=eos, pad_token_id=pad, plan=plan)
+
+
+def special_tokens(model: nn.Module, eos_token_id: int | None = None, pad_token_id: int | None = None
+                   ) -> tuple[int | None, int]:
+    """(eos, pad) token ids: the given ones, else the model config's (pad 0 when it has none)."""
     config = getattr(model, "config", None)
-    return Generator(prefill, decode, batch_size, max_cache_len,
-                     eos_token_id=eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None),
-                     pad_token_id=pad_token_id if pad_token_id is not None else (getattr(config, "pad_token_id", None)
-                                                                               or 0),
-                     plan=plan)
+    eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    pad = pad_token_id if pad_token_id is not None else (getattr(config, "pad_token_id", None) or 0)
+    return eos, pad
 
 
-def _position_limit(model: nn.Module) -> int:
+def position_limit(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     for attr in ("max_position_embeddings", "n_positions", "block_size"):
         v = getattr(config, attr, None)
@@ -151,13 +179,23 @@ class Generator:
     """Prefill and decode-step graphs of one converted model (see the module docstring)."""
 
     def __init__(self, prefill: fx.GraphModule, decode: fx.GraphModule, batch_size: int, max_cache_len: int, *,
-                 eos_token_id: int | None = None, pad_token_id: int = 0, plan=None):
+                 eos_token_id: int | None = None, pad_token_id: int = 0, plan=None, agree=None):
         self.prefill, self.decode = prefill, decode
+        # agree(done) -> bool: whether every rank is done (distributed: all ranks run the same steps)
+        self.agree = agree
         self.batch_size, self.max_cache_len = batch_size, max_cache_len
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.plan = plan
         self.last_stats = GenerationStats()
         self._prefill_fn, self._decode_fn = prefill, decode
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The logits' last size (from the decode graph's output metadata), None when unknown."""
+        out = next(n for n in reversed(self.decode.graph.nodes) if n.op == "output")
+        first = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+        v = getattr(first, "meta", {}).get("val")
+        return int(v.shape[-1]) if v is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -226,7 +264,7 @@ class Generator:
             stats.new_tokens += rows
             if bar is not None:
                 bar.update(1)
-            if (eos is not None and bool(finished[:rows].all())) or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1 or (eos is not None and self._done(bool(finished[:rows].all()))):
                 break
             last = last + 1
             t0 = time.perf_counter()
@@ -236,6 +274,9 @@ class Generator:
             bar.close()
         self.last_stats = stats
         return torch.cat(out, dim=1)[:rows]
+
+    def _done(self, here: bool) -> bool:
+        return self.agree(here) if self.agree is not None else here
 
 
 def _bar(enabled: bool, total: int):

@@ -49,11 +49,14 @@ def load_model(
     torch.manual_seed(seed)
     if name not in REGISTRY:
         if ":" in name:
-            return load_function(name, device)
+            model, inputs = load_function(name, device)
+            model.moefx_name = name
+            return model, inputs
         raise unknown(name, "not a builtin model")
     spec = REGISTRY[name]
     with device:
         model = spec.build()
+    model.moefx_name = name                 # what `moefx.save` records to rebuild the graph
     inputs = spec.inputs(batch, seq, torch.Generator().manual_seed(seed))
     return model.eval(), tuple(x.to(device) for x in inputs)
 

@@ -9,7 +9,8 @@ the earlier passes (a dense model splits too). Needs `ctx.rank` and the resolved
   and then the down bias. FFNs with inner matrices or a norm / softmax over f cannot be split
   exactly: they stay replicated, with a warning (listed in meta["moefx_tp_replicated"]).
 - Every sdpa attention whose head layout `moefx.analysis.attention` understands is split by
-  heads: q/k/v projections column-parallel (a fused qkv projection chunk by chunk), the
+  heads: q/k/v projections column-parallel (a fused qkv projection chunk by chunk), a static
+  KV cache's buffers to this rank's heads, the
   head-sized constants of its views / expands / splits divided by tp, a per-head mask sliced
   (T5's position bias, after a `tp_copy` so its parameters get every head's gradient), the
   output projection row-parallel. Attention it does not understand, or whose query / key-value
@@ -26,7 +27,7 @@ import warnings
 from torch import fx, nn
 
 from .. import meta as M
-from ..analysis.attention import find_attention, reaches
+from ..analysis.attention import CACHE_UPDATES, find_attention, reaches
 from ..analysis.ffn import find_ffns
 from ..analysis.linear import attr_value, aten, linear_info, packet, val
 from ..nn import collectives as C
@@ -61,9 +62,10 @@ class TensorParallel(Pass):
 
     def ensures(self, before, after, ctx) -> None:
         state = dict(after.named_parameters())
+        state.update(after.named_buffers())
         for name, p in after.meta[PLACEMENTS].items():
             if p.sharded_over == "tp" and name not in state:
-                raise AssertionError(f"TP shard {name} has a placement record but no parameter")
+                raise AssertionError(f"TP shard {name} has a placement record but no tensor")
         for target in {p.global_name for n, p in after.meta[PLACEMENTS].items() if p.sharded_over == "tp"}:
             if target in state:
                 raise AssertionError(f"the full-size original {target} of a TP shard is still in the rank's model")
@@ -190,6 +192,12 @@ class _Split:
             self._column(info, chunks)
         for n in list(att.flags):
             p = packet(n)
+            if p in CACHE_UPDATES and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr":
+                # the KV cache buffer keeps this rank's heads, like the states written into it
+                dim = att.flags[n].index(True)
+                size = val(n).shape[dim]
+                self._shard(n.args[0], dim, [(r * size // tp, (r + 1) * size // tp)])
+                continue
             if p in (aten.view, aten.reshape, aten._unsafe_view, aten.expand):
                 n.args = (n.args[0], _scale_flagged(n, n.args[1], att.flags[n], tp), *n.args[2:])
             elif p is aten.split and att.flags[n.args[0]][_dim(n)]:
@@ -234,8 +242,11 @@ class _Split:
         for i, (lo, hi) in enumerate(ranges):
             target = base if len(ranges) == 1 else f"{base}_chunk{i}"
             if not hasattr(gm, target):
-                shard = nn.Parameter(old.detach().narrow(dim, lo, hi - lo).clone(), requires_grad=old.requires_grad)
-                gm.register_parameter(target, shard)
+                piece = old.detach().narrow(dim, lo, hi - lo).clone()
+                if isinstance(old, nn.Parameter):
+                    gm.register_parameter(target, nn.Parameter(piece, requires_grad=old.requires_grad))
+                else:
+                    gm.register_buffer(target, piece, persistent=not _non_persistent(gm, attr_node.target))
                 offsets = [0] * old.dim()
                 offsets[dim] = lo
                 self.placements[target] = Placement(attr_node.target, tuple(old.shape), tuple(offsets), (dim,),
@@ -256,6 +267,12 @@ class _Split:
         M.tag(joined, NAME, "layout")
         attr_node.replace_all_uses_with(joined)
         gm.graph.erase_node(attr_node)
+
+
+def _non_persistent(gm: fx.GraphModule, target: str) -> bool:
+    owner_path, _, attr = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    return attr in getattr(owner, "_non_persistent_buffers_set", set())
 
 
 def _dim(split: fx.Node) -> int:

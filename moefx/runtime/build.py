@@ -12,6 +12,10 @@ seeded per-tensor init (`init="seeded"`: no dense weights anywhere, for plans la
 machine). Buffers (rotary frequencies, position ids) come from the model built with its
 parameters on meta (`moefx.models.skeleton.params_on_meta`). A moefx sharded checkpoint is
 loaded over the materialised tensors by the job (`checkpoint.load_sharded`).
+
+`build_generator` does the same for generation: prefill and decode graphs with a static KV cache
+(`moefx.gen`), converted and partitioned on meta with one mesh, the prefill's tensors
+materialised (the cache as zeros, only this rank's heads) and the decode graph tied to them.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from ..errors import MoefxError
 from .sources import ModuleSource, SafetensorsSource, SeededSource, Source, tied_aliases
 
 __all__ = ["ModelSpec", "Skeleton", "skeleton", "dense_source", "convert_meta", "build_rank", "build_reference",
-           "INITS"]
+           "build_generator", "INITS"]
 
 INITS = ("model", "seeded")
 
@@ -197,3 +201,57 @@ def build_reference(spec: ModelSpec, plan, *, device="cpu", train: bool = False,
     gm, skel = convert_meta(spec, plan, train=train)
     return materialize(gm, source if source is not None else dense_source(spec, skel), device=device,
                        buffers=skel.buffers)
+
+
+def build_generator(spec: ModelSpec, plan, *, batch_size: int, max_cache_len: int, prompt_len: int = 4,
+                    device="cpu", distributed: bool = True, profile=None, measure: bool = False,
+                    source: Source | None = None):
+    """A `moefx.gen.Generator` of this rank's prefill and decode graphs (distributed=False: the
+    whole single-process model), built on meta and materialised as `build_rank` does."""
+    from ..gen.generator import Generator, convert_graphs, special_tokens
+    from .sources import ChainSource, PrefixedSource
+
+    skel = skeleton(spec)
+    prefill, decode = convert_graphs(skel.model, plan, batch_size=batch_size, max_cache_len=max_cache_len,
+                                     prompt_len=prompt_len)
+    caches = cache_source(prefill)
+    if distributed:
+        import torch.distributed as dist
+
+        from ..distribute import distribute, resolve
+        from .calibrate import measure_profile
+        from .mesh import build_mesh
+
+        resolved = resolve(prefill, plan.parallel, dist.get_world_size())
+        if profile is None and measure and needs_profile(resolved):
+            profile = measure_profile(resolved.nodes, resolved.devices_per_node)
+        mesh = build_mesh(resolved)
+        prefill = distribute(prefill, plan, mesh=mesh, tokens_per_rank=batch_size * prompt_len, profile=profile)
+        decode = distribute(decode, plan, mesh=mesh, tokens_per_rank=batch_size, profile=profile)
+    # the generation graphs wrap the LM as `model`: its tensors are model.<name>
+    dense = PrefixedSource(source if source is not None else dense_source(spec, skel), "model.")
+    fill_generator(prefill, decode, dense, ChainSource(caches, PrefixedSource(skel.buffers, "model.")), device)
+    eos, pad = special_tokens(skel.model)
+    return Generator(prefill, decode, batch_size, max_cache_len, eos_token_id=eos, pad_token_id=pad, plan=plan)
+
+
+def cache_source(prefill: fx.GraphModule):
+    """Zeros for the KV-cache buffers of an (unpartitioned) generation graph: a ZerosSource of their
+    global shapes."""
+    from ..gen.cache import is_cache_buffer
+    from .sources import ZerosSource
+
+    caches = {n: b for n, b in prefill.named_buffers() if is_cache_buffer(n)}
+    return ZerosSource({n: tuple(b.shape) for n, b in caches.items()}, {n: b.dtype for n, b in caches.items()})
+
+
+def fill_generator(prefill: fx.GraphModule, decode: fx.GraphModule, source: Source, buffers: Source | None,
+                   device) -> None:
+    """Materialise the prefill graph's tensors from `source` / `buffers`, then tie the decode graph to
+    them (one set of weights, one cache) and retarget its device literals."""
+    from ..gen.generator import share_tensors
+    from .materialize import materialize
+
+    materialize(prefill, source, device=device, buffers=buffers)
+    share_tensors(decode, prefill)
+    materialize(decode, source, device=device, buffers=buffers)

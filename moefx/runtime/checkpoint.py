@@ -137,10 +137,18 @@ def _dcp_state(tensors: dict[str, tuple[torch.Tensor, Piece]]) -> dict[str, torc
     return out
 
 
-def _gather(local: torch.nn.Module, extra: dict | None) -> dict[str, tuple[torch.Tensor, Piece]]:
-    """local name -> (tensor, piece) for the model and the extra tensors ({name: (tensor, Placement)})."""
+def _gather(local: torch.nn.Module, extra: dict | None, rename=None) -> dict[str, tuple[torch.Tensor, Piece]]:
+    """local name -> (tensor, piece) for the model and the extra tensors ({name: (tensor, Placement)}).
+    rename(global name) -> the name in the checkpoint, or None to leave the tensor out."""
     state = _state(local)
-    out = {p.local_name: (state[p.local_name], p) for p in pieces(local)}
+    out = {}
+    for p in pieces(local):
+        if rename is not None:
+            name = rename(p.global_name)
+            if name is None:
+                continue
+            p = Piece(p.local_name, name, p.global_shape, p.offsets)
+        out[p.local_name] = (state[p.local_name], p)
     for name, (t, rec) in (extra or {}).items():
         rec = rec or whole(name, tuple(t.shape))
         out[f"extra:{name}"] = (t, Piece(f"extra:{name}", rec.global_name, tuple(rec.global_shape),
@@ -399,18 +407,20 @@ def _copy_back(tensors: dict[str, tuple[torch.Tensor, Piece]], state: dict[str, 
 
 
 def load_sharded(local: fx.GraphModule, path: str | os.PathLike, *, extra: dict | None = None,
-                 strict: bool = True, verify: bool = True) -> dict:
+                 strict: bool = True, verify: bool = True, rename=None) -> dict:
     """Load a checkpoint into this rank's pieces of `local` (and of the `extra` tensors), at any world
     size / plan: DCP reads, for every piece, the parts of the saved pieces that overlap it.
     Collective: every rank calls it. strict: the checkpoint may not hold tensors the model (and
-    extra) lacks; verify: check the checksums first. Returns the side-car's `info`.
+    extra) lacks; verify: check the checksums first; rename(global name) -> checkpoint name or None
+    (left out): load a training checkpoint into generation graphs, whose names differ. Returns
+    the side-car's `info`.
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
     side = _check_integrity(path, verify)
-    tensors = _gather(local, extra)
+    tensors = _gather(local, extra, rename)
     state = _dcp_state(tensors)
     _verify_fit(state, path, strict)
     with _dcp_errors("loading", path):
@@ -419,7 +429,8 @@ def load_sharded(local: fx.GraphModule, path: str | os.PathLike, *, extra: dict 
     return side.get("info", {})
 
 
-def load_full(gm: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True, verify: bool = True) -> dict:
+def load_full(gm: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True, verify: bool = True,
+              rename=None) -> dict:
     """Load a (sharded) checkpoint whole into a single-process, unpartitioned model (the converted
     GraphModule), without any process group (DCP no-dist mode). Returns the side-car's `info`."""
     import torch.distributed.checkpoint as dcp
@@ -433,7 +444,7 @@ def load_full(gm: torch.nn.Module, path: str | os.PathLike, *, strict: bool = Tr
         error = _verify_checksums(resolve_folder(path), side)
         if error:
             raise CheckpointError(error)
-    tensors = _gather(gm, None)
+    tensors = _gather(gm, None, rename)
     state = {p.global_name: t.detach() for t, p in tensors.values()}
     _verify_fit(state, path, strict)
     with _dcp_errors("loading", path):

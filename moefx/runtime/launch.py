@@ -291,6 +291,12 @@ class _Heartbeat:
 _HEARTBEAT: _Heartbeat | None = None
 
 
+def say(line: str) -> None:
+    """Print one line of a worker's output in a single write, so lines of ranks sharing a pipe never
+    interleave (print writes the text and the newline separately when stdout is unbuffered)."""
+    os.write(sys.stdout.fileno(), (line.rstrip("\n") + "\n").encode())
+
+
 def progress(what: str) -> None:
     """Record that this worker got past `what` (a phase or step): the launcher names the rank that
     stopped progressing when a collective times out. No-op outside a moefx launch."""

@@ -7,7 +7,8 @@ For every tensor of `gm` (parameters, buffers, graph constants; tied names once)
 record (`moefx.placement`; whole without one) says which piece of which global tensor it is, and
 the global tensor's recipe (`moefx.recipes`, for the tensors the PR-MoE pass made) or the source
 (the dense model's own tensors) gives the values of exactly that piece: a rank reads only the
-slices of the dense weights it holds or copies into its experts. Buffers come from `buffers`
+slices of the dense weights it holds or copies into its experts; a source that holds a
+converted tensor itself (a saved converted model) is read instead of its recipe. Buffers come from `buffers`
 (the model's real buffers, e.g. rotary frequencies) when given, else from the source. Device
 literals the capture recorded (`arange(device=meta)`, casts) are retargeted to `device`
 (`retarget`), so the graph runs where its tensors now live. Peak memory ~ the rank's tensors plus
@@ -65,6 +66,8 @@ def _value(name: str, t: torch.Tensor, rec, recipes: dict, source: Source, buffe
     """The values of the local tensor `name` (meta tensor `t`) from its record and recipe."""
     narrow = {d: (rec.offsets[d], rec.offsets[d] + t.shape[d]) for d in rec.shard_dims}
     recipe = recipes.get(rec.global_name)
+    if recipe is not None and rec.global_name in source._names():
+        recipe = None                      # the source holds the converted tensor itself (moefx.load)
     if isinstance(recipe, StackExperts):
         experts = range(rec.offsets[0], rec.offsets[0] + t.shape[0])
         inner = {d - 1: span for d, span in narrow.items() if d != 0}

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 
 from ..outputs import main_tensor
-from .launch import init_from_env, progress, worker
+from .launch import init_from_env, progress, say, worker
 
-__all__ = ["main", "build_parser", "worker_argv", "setup", "Rank"]
+__all__ = ["main", "build_parser", "worker_argv", "setup", "start_job", "Job", "Rank"]
 
 MODULE = "moefx.runtime.run_model"
 
@@ -99,12 +99,16 @@ class Rank:
 
     def batch(self, seed_offset: int = 0) -> tuple:
         """This data-parallel replica's example batch (replica d: seed + d)."""
-        from .build import ModelSpec, example_inputs
+        return replica_batch(self.spec, self.resolved.dp_rank(self.rank) + seed_offset, self.device)
 
-        s = self.spec
-        spec = ModelSpec(name=s.name, weights=s.weights, init=s.init, seed=s.seed + self.resolved.dp_rank(self.rank)
-                         + seed_offset, batch=s.batch, seq=s.seq)
-        return example_inputs(spec, self.device)
+
+def replica_batch(spec, replica: int, device) -> tuple:
+    """The example batch of data-parallel replica `replica` (the spec's inputs drawn with seed + replica)."""
+    from .build import ModelSpec, example_inputs
+
+    s = spec
+    return example_inputs(ModelSpec(name=s.name, weights=s.weights, init=s.init, seed=s.seed + replica,
+                                    batch=s.batch, seq=s.seq), device)
 
 
 def _device(args) -> torch.device:
@@ -115,29 +119,53 @@ def _device(args) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def setup(args, *, train: bool = False) -> Rank:
-    """init_from_env, then this rank's model built on meta and materialised (see the module docstring)."""
+@dataclass
+class Job:
+    """What every job starts from: the initialised group, the plan, the model spec, the device."""
+
+    rank: int
+    world: int
+    plan: object
+    spec: object
+    profile: object
+    device: torch.device
+
+
+def start_job(args) -> Job:
+    """init_from_env, then the plan, model spec, cost profile and device the options name."""
     from ..cost import CostProfile
     from ..plan import Plan
-    from .build import ModelSpec, build_rank
-    from .checkpoint import load_sharded
+    from .build import ModelSpec
 
     rank, world = init_from_env(timeout=args.collective_timeout)
     plan = Plan.from_file(args.plan)
     spec = ModelSpec(name=None if args.model == "-" else args.model, weights=args.weights, init=args.init,
                      seed=args.seed, batch=args.batch, seq=args.seq)
     profile = CostProfile.load(args.profile) if args.profile else None
-    device = _device(args)
     torch.manual_seed(args.seed)
-    local, _ = build_rank(spec, plan, device=device, train=train, tokens_per_rank=args.batch * args.seq,
-                          profile=profile, measure=True)
+    return Job(rank, world, plan, spec, profile, _device(args))
+
+
+def setup(args, *, train: bool = False) -> Rank:
+    """start_job, then this rank's model built on meta and materialised (see the module docstring)."""
+    from .build import build_rank
+    from .checkpoint import load_sharded
+
+    job = start_job(args)
+    local, _ = build_rank(job.spec, job.plan, device=job.device, train=train, tokens_per_rank=args.batch * args.seq,
+                          profile=job.profile, measure=True)
     progress("built")
     if args.load:
         load_sharded(local, args.load)
         progress("loaded")
+    fail_if_asked(args, job.rank)
+    return Rank(job.rank, job.world, local, job.spec, job.plan, local.meta["moefx_parallel"], job.device)
+
+
+def fail_if_asked(args, rank: int) -> None:
+    """--fail-rank R: raise on rank R (launch tests)."""
     if args.fail_rank == rank:
         raise RuntimeError(f"--fail-rank {rank}: failing on purpose after the build")
-    return Rank(rank, world, local, spec, plan, local.meta["moefx_parallel"], device)
 
 
 def reference(r: Rank, args, *, train: bool = False):
@@ -237,7 +265,7 @@ def run(args) -> str:
         want = main_tensor(reference(r, args)(*inputs))
     ok, diff = compare(out, want, args.tolerance)
     if not ok:
-        print(f"{head} MISMATCH {diff}, {what}", flush=True)
+        say(f"{head} MISMATCH {diff}, {what}")
         raise AssertionError(f"--check: {diff} against the single-process model (tolerance {args.tolerance:g})")
     if dist.is_initialized():
         dist.barrier()
@@ -249,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    print(run(args), flush=True)
+    say(run(args))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@ process needs the whole model:
 - `StateDictSource(path)`: a `torch.save`d state dict, memory-mapped (`torch.load(mmap=True)`);
 - `ModuleSource(model)`: an in-memory module's tensors (a small dense model built on the rank);
 - `SeededSource(shapes)`: no weights at all: every tensor from its own generator (seeded by its
-  name), matrices N(0, 0.02), 1-D weights ones, biases zeros (for plans larger than any machine).
+  name), matrices N(0, 0.02), 1-D weights ones, biases zeros (for plans larger than any machine);
+- `ZerosSource(shapes)`: zeros (a KV cache: only the requested slice is allocated);
+- `PrefixedSource(source, "model.")` answers for another source's tensors under a prefix too (a
+  model wrapped in a module, as the generation graphs wrap the LM), `ChainSource(a, b)` asks a,
+  then b.
 
 Every source knows the aliases of tied tensors (GPT-2's `lm_head.weight` is `transformer.wte.weight`)
 through `aliases` ({name: [other names of the same tensor]}).
@@ -28,7 +32,7 @@ from ..errors import MoefxError
 from ..recipes import seeded
 
 __all__ = ["SourceError", "Source", "SafetensorsSource", "StateDictSource", "ModuleSource", "SeededSource",
-           "narrowed"]
+           "ZerosSource", "PrefixedSource", "ChainSource", "narrowed"]
 
 
 class SourceError(MoefxError, KeyError):
@@ -207,6 +211,77 @@ class SeededSource(Source):
 
     def describe(self) -> str:
         return "the seeded init"
+
+
+class ZerosSource(Source):
+    """Zeros of `shapes[name]` (and `dtypes[name]`); a narrow allocates only its slice."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtypes: dict | None = None):
+        self.shapes, self.dtypes, self.aliases = dict(shapes), dict(dtypes or {}), {}
+
+    def names(self):
+        return self.shapes.keys()
+
+    def _read(self, name: str, narrow: dict) -> torch.Tensor:
+        shape = [hi - lo if d in narrow else n for d, n in enumerate(self.shapes[name])
+                 for lo, hi in [narrow.get(d, (0, n))]]
+        return torch.zeros(shape, dtype=self.dtypes.get(name, torch.float32))
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.shapes[name])
+
+    def describe(self) -> str:
+        return "the zero-initialised tensors"
+
+
+class PrefixedSource(Source):
+    """`source`'s tensor `n` under the name prefix + n, and under n itself (a graph that wraps the
+    model as `model` holds its tensors as model.<n>, and the tensors the passes add at the top)."""
+
+    def __init__(self, source: Source, prefix: str):
+        self.source, self.prefix = source, prefix
+        self.aliases = dict(source.aliases)
+        self.aliases.update({prefix + k: [prefix + o for o in v] for k, v in source.aliases.items()})
+
+    def names(self):
+        inner = list(self.source._names())
+        return [self.prefix + n for n in inner] + inner
+
+    def _inner(self, name: str) -> str:
+        stripped = name[len(self.prefix):] if name.startswith(self.prefix) else name
+        return stripped if stripped in self.source._names() else name
+
+    def _read(self, name: str, narrow: dict) -> torch.Tensor:
+        return self.source._read(self._inner(name), narrow)
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        return self.source._shape(self._inner(name))
+
+    def describe(self) -> str:
+        return f"{self.source.describe()} (also under {self.prefix!r})"
+
+
+class ChainSource(Source):
+    """Each tensor from the first of `sources` that has it."""
+
+    def __init__(self, *sources: Source):
+        self.sources = sources
+        self.aliases = {k: v for s in reversed(sources) for k, v in s.aliases.items()}
+
+    def names(self):
+        return [n for s in self.sources for n in s._names()]
+
+    def _pick(self, name: str) -> Source:
+        return next(s for s in self.sources if name in s._names())
+
+    def _read(self, name: str, narrow: dict) -> torch.Tensor:
+        return self._pick(name)._read(name, narrow)
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        return self._pick(name)._shape(name)
+
+    def describe(self) -> str:
+        return " + ".join(s.describe() for s in self.sources)
 
 
 def tied_aliases(module: torch.nn.Module) -> dict[str, list[str]]:

@@ -1,0 +1,94 @@
+"""`moefx generate`: KV-cache generation with a converted model, in one process.
+
+    moefx generate llama-tiny --plan plan.toml --prompt-ids 1,2,3 --max-new-tokens 32 [--compile]
+    moefx generate - --weights DIR --plan plan.toml --prompt "Once upon a time"   (tokenizer in DIR)
+    moefx generate --load saved/ --prompt-ids 1,2,3        (a folder written by moefx.save)
+"""
+from __future__ import annotations
+
+from ..errors import MoefxError
+from .common import check_device, load_plan
+
+
+def _generator(args, batch: int, prompt_len: int, cache: int):
+    from ..runtime.build import ModelSpec, build_generator
+    from ..saving import load_generator
+
+    if args.load:
+        if args.plan or args.weights or args.model not in (None, "-"):
+            raise MoefxError("--load DIR rebuilds the model and plan saved in DIR: give no MODEL, --plan or --weights")
+        return load_generator(args.load, batch_size=batch, max_cache_len=cache, device=args.device)
+    if args.model in (None, "-") and not args.weights:
+        raise MoefxError("give a MODEL (built-in or package.module:function), --weights DIR or --load DIR")
+    spec = ModelSpec(name=None if args.model in (None, "-") else args.model, weights=args.weights, init=args.init,
+                     seed=args.seed, batch=args.batch, seq=args.seq)
+    return build_generator(spec, load_plan(args.plan), batch_size=batch, max_cache_len=cache,
+                           prompt_len=max(prompt_len, 2), device=args.device, distributed=False)
+
+
+def cmd_generate(args) -> int:
+    """Build the generator, generate from the prompts, print the tokens (and text) and the timing."""
+    import torch
+
+    from ..gen.prompts import encode, left_pad, local_tokenizer, parse_prompt_ids
+    from ..runtime.jobs.generate import sampling_kwargs
+
+    check_device(args.device)
+    tokenizer = local_tokenizer(args.tokenizer or args.weights)
+    if args.prompt_ids and args.prompt:
+        raise MoefxError("give --prompt-ids or --prompt, not both")
+    if args.prompt:
+        ids, mask = left_pad(encode(tokenizer, args.prompt), getattr(tokenizer, "pad_token_id", None) or 0)
+    elif args.prompt_ids:
+        ids, mask = left_pad(parse_prompt_ids(args.prompt_ids))
+    else:
+        ids = mask = None
+    shape = ids.shape if ids is not None else (args.batch, args.seq)
+    gen = _generator(args, shape[0], shape[1], args.max_cache_len or shape[1] + args.max_new_tokens)
+    vocab = gen.vocab_size
+    if ids is None:                                  # a random prompt inside the vocabulary
+        ids = torch.randint(0, vocab or 2, shape, generator=torch.Generator().manual_seed(args.seed))
+        mask = torch.ones_like(ids)
+    if vocab is not None and int(ids.max()) >= vocab:
+        raise MoefxError(f"prompt token id {int(ids.max())} is outside the model's vocabulary [0, {vocab})")
+    if args.compile:
+        gen.compile()
+    out = gen.generate(ids, mask, progress=args.max_new_tokens >= 64, **sampling_kwargs(args))
+    for i, row in enumerate(out.tolist()):
+        text = f"  {tokenizer.decode(row[ids.shape[1]:])!r}" if tokenizer is not None else ""
+        print(f"row {i}: {' '.join(map(str, row))}{text}")
+    s = gen.last_stats
+    print(f"{s.new_tokens} new tokens, prefill {1000 * s.prefill_s:.1f} ms, decode {s.ms_per_token:.2f} ms/token, "
+          f"{s.tokens_per_s:.1f} tokens/s" + (f" (compiled decode step; the first step, compile included, took "
+                                               f"{s.decode_s[0]:.1f} s)" if args.compile and s.decode_s else ""))
+    if args.save:
+        from ..saving import save
+
+        save(gen, args.save)
+        print(f"wrote {args.save}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    from ..runtime.jobs.generate import add_generation_args
+
+    g = sub.add_parser("generate", help="generate tokens with a converted model (KV cache, prefill + decode graphs)")
+    g.add_argument("model", nargs="?", default=None,
+                   help="built-in name (llama-tiny, gpt2-tiny, nanogpt-tiny, ...), package.module:function, or - "
+                        "with --weights")
+    g.add_argument("--plan", help="plan file (.toml / .json); without one: moefx.Plan.default()")
+    g.add_argument("--weights", metavar="DIR", help="Hugging Face folder (config.json + safetensors) of the dense "
+                                                    "model (its tokenizer, when saved there, reads --prompt text)")
+    g.add_argument("--init", default="model", choices=("model", "seeded"),
+                   help="a built-in's dense weights: its own init or a per-tensor seeded init")
+    g.add_argument("--load", metavar="DIR", help="a folder written by moefx.save (a generator or a converted "
+                                                 "model): generate with its graph and weights")
+    g.add_argument("--save", metavar="DIR", help="save the generator (moefx.save) after generating")
+    g.add_argument("--tokenizer", metavar="DIR", help="folder with a tokenizer (default: --weights)")
+    g.add_argument("--compile", action="store_true", help="run the decode step under torch.compile(fullgraph=True)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--seed", type=int, default=0, help="seed of the built-in's init and of the random prompts")
+    g.add_argument("--batch", type=int, default=1, help="rows of the random prompt batch (without --prompt*)")
+    g.add_argument("--seq", type=int, default=8, help="tokens of each random prompt row")
+    add_generation_args(g)
+    g.set_defaults(func=cmd_generate)
