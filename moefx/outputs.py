@@ -25,3 +25,14 @@ def main_tensor(output: Any) -> torch.Tensor:
             break
     raise TypeError(f"cannot find a tensor in a model output of type {type(output).__name__}: return a tensor, "
                     "a tuple whose first element is the main tensor, or an object with .logits")
+
+
+def output_size(gm) -> int | None:
+    """The last size of a captured graph's main output (an LM's vocabulary), from the output node's
+    shape metadata; None when the graph carries none."""
+    out = next((n for n in reversed(gm.graph.nodes) if n.op == "output"), None)
+    first = out.args[0] if out is not None else None
+    while isinstance(first, (tuple, list)) and first:
+        first = first[0]
+    v = getattr(first, "meta", {}).get("val") if first is not None else None
+    return int(v.shape[-1]) if isinstance(v, torch.Tensor) else None

@@ -192,10 +192,9 @@ class Generator:
     @property
     def vocab_size(self) -> int | None:
         """The logits' last size (from the decode graph's output metadata), None when unknown."""
-        out = next(n for n in reversed(self.decode.graph.nodes) if n.op == "output")
-        first = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
-        v = getattr(first, "meta", {}).get("val")
-        return int(v.shape[-1]) if v is not None else None
+        from ..outputs import output_size
+
+        return output_size(self.decode)
 
     @property
     def device(self) -> torch.device:

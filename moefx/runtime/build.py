@@ -31,7 +31,7 @@ from ..errors import MoefxError
 from .sources import ModuleSource, SafetensorsSource, SeededSource, Source, tied_aliases
 
 __all__ = ["ModelSpec", "Skeleton", "skeleton", "dense_source", "convert_meta", "build_rank", "build_reference",
-           "build_generator", "INITS"]
+           "build_generator", "build_train_graphs", "INITS"]
 
 INITS = ("model", "seeded")
 
@@ -255,3 +255,33 @@ def fill_generator(prefill: fx.GraphModule, decode: fx.GraphModule, source: Sour
     materialize(prefill, source, device=device, buffers=buffers)
     share_tensors(decode, prefill)
     materialize(decode, source, device=device, buffers=buffers)
+
+
+def build_train_graphs(spec: ModelSpec, plan, *, device="cpu", distributed: bool = True, tokens_per_rank: int = 4096,
+                       profile=None, measure: bool = False, source: Source | None = None
+                       ) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(train-mode graph, eval-mode graph) of this rank (distributed) or of the whole model, sharing
+    every tensor: the train graph keeps the model's dropout, the eval graph has none."""
+    from ..gen.generator import share_tensors
+    from .materialize import materialize
+
+    train_gm, skel = convert_meta(spec, plan, train=True)
+    eval_gm, _ = convert_meta(spec, plan, train=False)
+    if distributed:
+        import torch.distributed as dist
+
+        from ..distribute import distribute, resolve
+        from .calibrate import measure_profile
+        from .mesh import build_mesh
+
+        resolved = resolve(train_gm, plan.parallel, dist.get_world_size())
+        if profile is None and measure and needs_profile(resolved):
+            profile = measure_profile(resolved.nodes, resolved.devices_per_node)
+        mesh = build_mesh(resolved)
+        train_gm = distribute(train_gm, plan, mesh=mesh, tokens_per_rank=tokens_per_rank, profile=profile)
+        eval_gm = distribute(eval_gm, plan, mesh=mesh, tokens_per_rank=tokens_per_rank, profile=profile)
+    source = source if source is not None else dense_source(spec, skel)
+    materialize(train_gm, source, device=device, buffers=skel.buffers)
+    share_tensors(eval_gm, train_gm)
+    materialize(eval_gm, source, device=device, buffers=skel.buffers)
+    return train_gm, eval_gm

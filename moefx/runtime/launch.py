@@ -294,7 +294,15 @@ _HEARTBEAT: _Heartbeat | None = None
 def say(line: str) -> None:
     """Print one line of a worker's output in a single write, so lines of ranks sharing a pipe never
     interleave (print writes the text and the newline separately when stdout is unbuffered)."""
-    os.write(sys.stdout.fileno(), (line.rstrip("\n") + "\n").encode())
+    text = line.rstrip("\n") + "\n"
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):      # a captured / replaced stdout (tests, notebooks)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    sys.stdout.flush()
+    os.write(fd, text.encode())
 
 
 def progress(what: str) -> None:

@@ -50,11 +50,14 @@ def worker_argv(model: str | None, plan: str, *, weights: str | None = None, com
     return argv + list(extra)
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The options every job shares: what to build and how."""
+def add_model_args(p: argparse.ArgumentParser, *, single: bool = False) -> None:
+    """The options every job shares: what to build and how (single: one process, the plan optional)."""
     p.add_argument("model", help="built-in name (gpt2-tiny, llama-tiny, ...), package.module:function, or - with "
                                  "--weights")
-    p.add_argument("--plan", required=True, help="plan file (.toml / .json) with a [parallel] section")
+    if single:
+        p.add_argument("--plan", help="plan file (.toml / .json); without one: moefx.Plan.default()")
+    else:
+        p.add_argument("--plan", required=True, help="plan file (.toml / .json) with a [parallel] section")
     p.add_argument("--weights", metavar="DIR", help="Hugging Face folder (config.json + safetensors) of the dense "
                                                     "model, streamed: each rank reads only its slices")
     p.add_argument("--init", default="model", choices=("model", "seeded"),
@@ -131,19 +134,19 @@ class Job:
     device: torch.device
 
 
-def start_job(args) -> Job:
-    """init_from_env, then the plan, model spec, cost profile and device the options name."""
+def start_job(args, distributed: bool = True) -> Job:
+    """init_from_env (distributed), then the plan, model spec, cost profile and device the options name."""
     from ..cost import CostProfile
     from ..plan import Plan
     from .build import ModelSpec
 
-    rank, world = init_from_env(timeout=args.collective_timeout)
-    plan = Plan.from_file(args.plan)
+    rank, world = init_from_env(timeout=args.collective_timeout) if distributed else (0, 1)
+    plan = Plan.from_file(args.plan) if args.plan else Plan.default()
     spec = ModelSpec(name=None if args.model == "-" else args.model, weights=args.weights, init=args.init,
                      seed=args.seed, batch=args.batch, seq=args.seq)
     profile = CostProfile.load(args.profile) if args.profile else None
     torch.manual_seed(args.seed)
-    return Job(rank, world, plan, spec, profile, _device(args))
+    return Job(rank, world, plan, spec, profile, _device(args) if distributed else torch.device(args.device or "cpu"))
 
 
 def setup(args, *, train: bool = False) -> Rank:

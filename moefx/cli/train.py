@@ -1,0 +1,29 @@
+"""`moefx train`: train a converted model in one process (the same job `moefx launch --train` runs per rank)."""
+from __future__ import annotations
+
+from .common import check_device
+
+
+def cmd_train(args) -> int:
+    """Run the training job without a process group; print its summary line."""
+    import warnings
+
+    from ..runtime.jobs.train import run
+
+    check_device(args.device or "cpu")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        print(run(args, distributed=False))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    from ..runtime.jobs.train import add_training_args
+    from ..runtime.run_model import add_model_args
+
+    t = sub.add_parser("train", help="train a converted model in one process (AdamW, warmup + cosine, checkpoints, "
+                                     "metrics); `moefx launch --train` runs the same job on every rank")
+    add_model_args(t, single=True)
+    add_training_args(t)
+    t.set_defaults(func=cmd_train)

@@ -1,0 +1,52 @@
+"""The distillation job: `moefx launch --distill` (every rank) — staged KD from a partitioned PR-MoE
+teacher into its partitioned Mixture-of-Students student.
+
+    moefx launch --nproc-per-node 4 --plan mos.toml llama-tiny --distill --teacher-load teacher_ckpt \\
+        --kd-stop 1200 --steps 2000 ...
+
+The plan's [student] section makes the student; the same plan without it is the teacher. Both are
+built per rank on meta and partitioned by the plan's [parallel] section; the teacher is frozen and
+runs under no_grad in eval mode. --teacher-load DIR loads a sharded checkpoint of the teacher (e.g.
+`--save` of a `--train` job) into the teacher and into the student's kept blocks (MoS initialises
+the student from its teacher). Loss = task + aux + kd_alpha * T^2 * KL while step < --kd-stop
+(default 60% of --steps, -1: every step), then task + aux (staged KD). Everything else (data,
+optimizer, schedule, checkpoints, metrics with a `kd` column, --check) is the training job's.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from ..launch import say, worker
+from ..run_model import add_model_args
+from .train import add_training_args, run
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m moefx.runtime.jobs.distill",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="one rank of distributed staged-KD distillation (`moefx launch --distill`)")
+    add_model_args(p)
+    add_training_args(p)
+    p.add_argument("--teacher-load", metavar="DIR", help="sharded checkpoint of the teacher (also initialises the "
+                                                         "student's kept blocks); default: the teacher's own init")
+    p.add_argument("--kd-stop", type=int, default=None, help="the step KD ends (default: 60%% of --steps; -1: never)")
+    p.add_argument("--kd-alpha", type=float, default=1.0, help="weight of the KD term")
+    p.add_argument("--temperature", type=float, default=1.0, help="KD softmax temperature")
+    p.set_defaults(distill=True)
+    return p
+
+
+@worker
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    say(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""The training job: `moefx train` (one process) and `moefx launch --train` (every rank).
+
+    moefx train llama-tiny --plan plan.toml --data corpus.bin --steps 2000 --lr 3e-4 --warmup 100 \\
+        --batch 16 --seq 256 --checkpoint-dir ckpt --checkpoint-every 200 --metrics-csv m.csv
+    moefx launch --nproc-per-node 4 --plan plan.toml llama-tiny --train --data corpus.bin ...
+    moefx launch ... --train --resume ckpt       # the same or another world size / plan
+
+Each rank builds its train-mode and eval-mode graphs on meta and materialises only its tensors
+(`moefx.runtime.build.build_train_graphs`; --weights DIR streams a Hugging Face folder), then runs
+`moefx.train.trainer.train` (AdamW, warmup + cosine, accumulation, global-norm clipping, aux +
+z-loss, optional bf16 autocast). --batch is per data-parallel replica and micro-batch; the global
+batch of a step is batch x grad-accum x dp sequences. --check trains the single-process model on
+the same data (accumulating dp x grad-accum micro-batches) and fails the rank whose losses or
+gradient norms differ (relative --tolerance). --save writes the trained weights as a sharded
+checkpoint (`--load` of later jobs, `moefx launch --generate --load`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+import torch
+
+from ..launch import progress, say, worker
+from ..run_model import add_model_args, fail_if_asked, peak_rss_mb, tensor_bytes
+
+__all__ = ["main", "build_parser", "add_training_args", "config_from", "run"]
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    """Data, optimizer, schedule, checkpoint and metrics options (shared by train and distill)."""
+    p.add_argument("--data", metavar="FILE", help="token file: .bin (flat uint16, as nanoGPT writes; see "
+                                                  "--data-dtype), .npy, or a text file (see --tokenizer); default: "
+                                                  "the shipped moefx.data corpus (byte-level)")
+    p.add_argument("--data-dtype", default="uint16", choices=("uint16", "uint32"), help="token type of a .bin file")
+    p.add_argument("--tokenizer", metavar="DIR", help="folder with a tokenizer for a text --data file (default: "
+                                                      "--weights; none: byte-level)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"), help="lr after the warmup")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr of the cosine")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step per replica")
+    p.add_argument("--clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward")
+    p.add_argument("--nonfinite", default="stop", choices=("stop", "skip"),
+                   help="on a NaN / inf loss or gradient: stop the run, or skip the update")
+    p.add_argument("--eval-every", type=int, default=None, help="validate every N steps (and at the end)")
+    p.add_argument("--eval-batches", type=int, default=4, help="fixed validation micro-batches")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="write DIR/stepNNNNNNN training checkpoints")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--resume", metavar="DIR", help="continue from a training checkpoint (a step folder, or the "
+                                                   "checkpoint dir: its latest step)")
+    p.add_argument("--metrics-csv", metavar="FILE", help="one row per step: step,loss,aux,grad_norm,lr,tokens_per_s")
+    p.add_argument("--loss-svg", metavar="FILE", help="loss curve at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser(prog: str = "python -m moefx.runtime.jobs.train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="train a converted model (one rank of `moefx launch --train`, or one "
+                                            "process as `moefx train`)")
+    add_model_args(p)
+    add_training_args(p)
+    return p
+
+
+def config_from(args, **extra):
+    """The TrainConfig of the options."""
+    from ...train.trainer import TrainConfig
+
+    return TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
+                       min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
+                       clip=args.clip or None, bf16=args.bf16, seed=args.seed, nonfinite=args.nonfinite,
+                       eval_every=args.eval_every, eval_batches=args.eval_batches,
+                       checkpoint_every=args.checkpoint_every, **extra)
+
+
+def windows_for(args, vocab: int | None, *, rank: int = 0):
+    """The data of the options as Windows of --batch x --seq (the shipped corpus folded into a
+    smaller vocabulary with `id % vocab`, said once)."""
+    from ...train.tokens import Windows, open_tokens
+
+    tokens = open_tokens(args.data, dtype=args.data_dtype, tokenizer=args.tokenizer or args.weights)
+    if args.data is None and vocab is not None and vocab < 256:
+        if rank == 0:
+            say(f"moefx train: the shipped corpus is byte-level (256 ids); folded into this model's vocabulary of "
+                f"{vocab} with id % {vocab}")
+        tokens = tokens % vocab
+    return Windows(tokens, args.batch, args.seq, seed=args.seed, vocab_size=vocab)
+
+
+def _compiled(model, args):
+    if not args.compile:
+        return model
+    return torch.compile(model, fullgraph=True)
+
+
+def _summary(head: str, result, args, model) -> str:
+    last = result.rows[-1] if result.rows else {}
+    tps = [r["tokens_per_s"] for r in result.rows[1:]] or [last.get("tokens_per_s", 0.0)]
+    text = (f"{head} ok {len(result.rows)} steps, loss {last.get('loss', float('nan')):.4f}, grad norm "
+            f"{last.get('grad_norm', float('nan')):.3g}, {sum(tps) / len(tps):.0f} tokens/s")
+    if result.final_eval_loss is not None:
+        text += f", validation loss {result.final_eval_loss:.4f}"
+    if result.skipped:
+        text += f", {result.skipped} step(s) skipped (non-finite)"
+    return text + f", peak RSS {peak_rss_mb():.0f} MB, tensors {tensor_bytes(model) / 2**20:.1f} MB"
+
+
+def compare_rows(got: list, want: list, tolerance: float) -> str | None:
+    """None when every step's loss and grad norm agree within `tolerance` (relative), else what differs."""
+    if len(got) != len(want):
+        return f"{len(got)} steps against {len(want)}"
+    for a, b in zip(got, want):
+        for key in ("loss", "grad_norm"):
+            if abs(a[key] - b[key]) > tolerance * max(abs(b[key]), 1.0):
+                return f"step {a['step']}: {key} {a[key]!r} != single-process {b[key]!r}"
+    return None
+
+
+def _teacher_plan(plan):
+    import dataclasses
+
+    from ...errors import MoefxError
+
+    if plan.student is None:
+        raise MoefxError("--distill needs a plan with a [student] section (layers, depth or keep): the student is "
+                         "the plan's MoS, the teacher the same plan without it")
+    return dataclasses.replace(plan, student=None)
+
+
+def _models(args, job, *, distributed: bool, distill: bool):
+    """(student / model train graph, its eval graph, teacher or None), weights loaded."""
+    from ..build import build_rank, build_reference, build_train_graphs
+    from ..checkpoint import load_full, load_sharded
+
+    load = load_sharded if distributed else load_full
+    model, eval_model = build_train_graphs(job.spec, job.plan, device=job.device, distributed=distributed,
+                                           tokens_per_rank=args.batch * args.seq, profile=job.profile,
+                                           measure=distributed)
+    teacher = None
+    if distill:
+        plan = _teacher_plan(job.plan)
+        if distributed:
+            teacher, _ = build_rank(job.spec, plan, device=job.device, tokens_per_rank=args.batch * args.seq,
+                                    profile=job.profile)
+        else:
+            teacher = build_reference(job.spec, plan, device=job.device)
+        if args.teacher_load:
+            load(teacher, args.teacher_load)
+            load(model, args.teacher_load, strict=False)     # the student starts from the teacher's kept blocks
+    if args.load:
+        load(model, args.load)
+    return model, eval_model, teacher
+
+
+def _distill_extra(args) -> dict:
+    if not getattr(args, "distill", False):
+        return {}
+    kd_stop = round(0.6 * args.steps) if args.kd_stop is None else (args.steps if args.kd_stop < 0 else args.kd_stop)
+    return {"kd_stop": kd_stop, "kd_alpha": args.kd_alpha, "temperature": args.temperature}
+
+
+def run(args, *, distributed: bool = True) -> str:
+    """Build, train (or distil, with args.distill), report (see the module docstring); returns this
+    rank's summary line."""
+    from ...errors import MoefxError
+    from ...outputs import output_size
+    from ...train.trainer import train
+    from ...train.world import Ranks, Single
+    from ..checkpoint import save_sharded
+    from ..run_model import start_job
+
+    distill = bool(getattr(args, "distill", False))
+    if args.check and args.resume:
+        raise MoefxError("--check compares a whole run with the single-process one: run it without --resume")
+    config = config_from(args, **_distill_extra(args))
+    job = start_job(args, distributed)
+    model, eval_model, teacher = _models(args, job, distributed=distributed, distill=distill)
+    progress("built")
+    fail_if_asked(args, job.rank)
+    world = Ranks(model) if distributed else Single()
+    windows = windows_for(args, output_size(model), rank=job.rank)
+    result = train(_compiled(model, args), config, windows, eval_model=eval_model, teacher=teacher, world=world,
+                   checkpoint_dir=args.checkpoint_dir, resume=args.resume, metrics_csv=args.metrics_csv,
+                   loss_svg_path=args.loss_svg, progress=not args.no_progress, say=say)
+    progress("trained")
+    if args.save:
+        save_sharded(model, args.save)
+    head = f"rank {job.rank}/{job.world}:"
+    if args.check and distributed:
+        error = _check(args, job, config, windows, world, result, distill)
+        if error:
+            say(f"{head} MISMATCH {error}")
+            raise AssertionError(f"--check: {error}")
+        return _summary(head, result, args, model) + ", losses equal the single-process run"
+    return _summary(head, result, args, model)
+
+
+def _check(args, job, config, windows, world, result, distill: bool) -> str | None:
+    """Train the whole model in this process on the same data; what differs from `result`, or None."""
+    import dataclasses
+
+    from ...train.trainer import train
+    from ...train.world import Single
+
+    ref, _, teacher = _models(args, job, distributed=False, distill=distill)
+    single = dataclasses.replace(config, grad_accum=config.grad_accum * world.replicas)
+    want = train(ref, single, windows, teacher=teacher, world=Single())
+    return compare_rows(result.rows, want.rows, args.tolerance)
+
+
+@worker
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    say(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Training tokens: files memory-mapped from disk, text through a local tokenizer, or the shipped corpus,
+cut into deterministic language-model batches that every data-parallel replica draws its share of.
+
+    tokens = open_tokens("corpus.bin")                 # uint16 .bin (nanoGPT), .npy, .txt, or None
+    windows = Windows(tokens, batch=8, seq=256, seed=0)
+    ids, targets = windows.micro_batch(step=12, index=3)   # [8, 256] each, the same on every machine
+
+Sources (`open_tokens`):
+- `.bin`: a flat array of token ids as nanoGPT's `prepare.py` writes (uint16; `dtype="uint32"` for
+  vocabularies over 65,536), memory-mapped: only the windows read are paged in;
+- `.npy`: a 1-D integer array, memory-mapped (`numpy.load(mmap_mode="r")`);
+- `.txt` (any other suffix): UTF-8 text, tokenised with the tokenizer in a local folder
+  (`tokenizer=DIR`, never downloaded), or byte-level (ids 0..255) without one;
+- None: the shipped `moefx.data` corpus (the Python standard library's source, byte-level).
+
+Batches are a pure function of (seed, step, micro-batch index): micro-batch j of optimizer step s
+is `batch` windows of seq + 1 tokens starting at offsets drawn from a generator seeded with
+(seed, s, j). Inputs are the first seq tokens, targets the last seq (next-token prediction).
+A step of G micro-batches (data-parallel replicas x accumulation steps) covers the same windows
+whatever the world size, so the data cursor is just the step count (kept in checkpoints), a run
+resumes exactly, and a run at world 4 sees the same data as one process accumulating 4
+micro-batches.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from ..errors import MoefxError
+
+__all__ = ["open_tokens", "Windows", "Memmapped", "micro_index"]
+
+
+def _memmap(path: Path, dtype: str) -> torch.Tensor:
+    import numpy as np
+
+    if path.suffix == ".npy":
+        arr = np.load(path, mmap_mode="r")
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise MoefxError(f"{path}: a token .npy must be a 1-D integer array, got {arr.ndim}-D {arr.dtype}")
+    else:
+        if dtype not in ("uint16", "uint32"):
+            raise MoefxError(f"--data-dtype must be uint16 or uint32, got {dtype!r}")
+        size = path.stat().st_size
+        width = 2 if dtype == "uint16" else 4
+        if size % width:
+            raise MoefxError(f"{path} has {size} bytes, not a whole number of {dtype} tokens: is --data-dtype right?")
+        arr = np.memmap(path, dtype=dtype, mode="r")
+    return Memmapped(arr)
+
+
+class Memmapped:
+    """A memory-mapped token array read window by window as int64 (torch's uint16 / uint32 support
+    few ops, and a read-only map cannot become a tensor without a copy)."""
+
+    def __init__(self, arr):
+        self.arr = arr
+
+    def numel(self) -> int:
+        return int(self.arr.shape[0])
+
+    def __getitem__(self, index):
+        return torch.from_numpy(self.arr[index.numpy()].astype("int64"))
+
+    def max(self):
+        return torch.tensor(int(self.arr.max()))
+
+
+def open_tokens(path: str | None, *, dtype: str = "uint16", tokenizer: str | None = None):
+    """The training tokens of `path` (see the module docstring): a 1-D tensor-like of token ids."""
+    if path is None:
+        from ..data import load_corpus
+
+        train, _ = load_corpus()
+        return train
+    p = Path(path)
+    if not p.exists():
+        raise MoefxError(f"--data {path}: no such file")
+    if p.suffix in (".bin", ".npy"):
+        return _memmap(p, dtype)
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if tokenizer is None:
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    from ..gen.prompts import local_tokenizer
+
+    tok = local_tokenizer(tokenizer)
+    if tok is None:
+        raise MoefxError(f"--tokenizer {tokenizer}: no tokenizer files in that folder")
+    return torch.tensor(tok(text)["input_ids"], dtype=torch.long)
+
+
+def micro_index(replica: int, accum_index: int, replicas: int) -> int:
+    """The micro-batch index (within a step) replica `replica` reads at accumulation step `accum_index`."""
+    return accum_index * replicas + replica
+
+
+def _seed(seed: int, step: int, index: int) -> int:
+    digest = hashlib.sha256(f"moefx-windows/{seed}/{step}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class Windows:
+    """Deterministic LM micro-batches of `batch` x `seq` tokens from `tokens` (see the module docstring)."""
+
+    def __init__(self, tokens, batch: int, seq: int, seed: int = 0, vocab_size: int | None = None):
+        if batch < 1 or seq < 1:
+            raise MoefxError(f"need --batch >= 1 and --seq >= 1, got {batch} and {seq}")
+        n = tokens.numel()
+        if n < seq + 1:
+            raise MoefxError(f"the data has {n} tokens, fewer than --seq + 1 = {seq + 1}: shorten --seq or give "
+                             "more data")
+        if vocab_size is not None:
+            top = int(tokens.max())
+            if top >= vocab_size:
+                raise MoefxError(f"the data has token id {top} but the model's vocabulary is {vocab_size}: give data "
+                                 "tokenised for this model (or a model with a larger vocabulary)")
+        self.tokens, self.batch, self.seq, self.seed = tokens, batch, seq, seed
+
+    def micro_batch(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs [batch, seq], targets [batch, seq]) of micro-batch `index` of optimizer step `step`."""
+        g = torch.Generator().manual_seed(_seed(self.seed, step, index))
+        starts = torch.randint(0, self.tokens.numel() - self.seq, (self.batch,), generator=g)
+        idx = starts[:, None] + torch.arange(self.seq + 1)
+        w = self.tokens[idx.reshape(-1)].reshape(self.batch, self.seq + 1).long()
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+    def eval_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`n` fixed micro-batches for validation (drawn with the step index -1 - i, never a training step)."""
+        return [self.micro_batch(-1 - i, 0) for i in range(n)]

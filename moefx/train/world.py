@@ -1,0 +1,72 @@
+"""What a training step needs from the parallel world: one process, or this rank of a moefx job.
+
+`Single()`: no process group; gradients are already the model's, the global norm is
+`torch.nn.utils.clip_grad_norm_`'s. `Ranks(local)`: a `moefx.distribute`d rank graph; gradients
+are reduced from its placement records (`moefx.runtime.grads`), the norm counts every shard once,
+and a value is averaged over the data-parallel replicas (every rank of a replica holds the same
+loss). Both answer the same questions, so the trainer has one code path.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["Single", "Ranks"]
+
+
+class Single:
+    """One process: replica 0 of 1."""
+
+    replicas, replica, rank, world = 1, 0, 0, 1
+
+    def reduce_gradients(self, model: nn.Module) -> None:
+        # a parameter no token reached gets a zero gradient, as on ranks (AdamW then decays it alike)
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def clip(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
+        params = [p for p in model.parameters() if p.grad is not None]
+        if max_norm is None:
+            return torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def barrier(self) -> None:
+        pass
+
+
+class Ranks:
+    """This rank of a distributed job (the default process group is initialised)."""
+
+    def __init__(self, local: nn.Module):
+        import torch.distributed as dist
+
+        resolved = local.meta["moefx_parallel"]
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.replicas, self.replica = resolved.dp, resolved.dp_rank(self.rank)
+
+    def reduce_gradients(self, model: nn.Module) -> None:
+        from ..runtime.grads import reduce_gradients
+
+        reduce_gradients(model)
+
+    def clip(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
+        from ..runtime.grads import clip_grad_norm, grad_norm
+
+        return grad_norm(model) if max_norm is None else clip_grad_norm(model, max_norm)
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean over the world of a float tensor = the mean over replicas (TP peers agree)."""
+        import torch.distributed as dist
+
+        out = values.detach().double().clone()
+        dist.all_reduce(out)
+        return out / self.world
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
