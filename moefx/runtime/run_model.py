@@ -159,7 +159,7 @@ def setup(args, *, train: bool = False) -> Rank:
                           profile=job.profile, measure=True)
     progress("built")
     if args.load:
-        load_sharded(local, args.load)
+        load_sharded(local, args.load, strict=False)    # a training checkpoint also holds optimizer state
         progress("loaded")
     fail_if_asked(args, job.rank)
     return Rank(job.rank, job.world, local, job.spec, job.plan, local.meta["moefx_parallel"], job.device)
@@ -178,7 +178,7 @@ def reference(r: Rank, args, *, train: bool = False):
 
     ref = build_reference(r.spec, r.plan, device=r.device, train=train)
     if args.load:
-        load_full(ref, args.load)
+        load_full(ref, args.load, strict=False)
     return ref
 
 

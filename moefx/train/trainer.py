@@ -128,10 +128,10 @@ def _autocast(enabled: bool, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _losses(model, teacher, ids, targets, config: TrainConfig, use_kd: bool, device):
+def _losses(forward, model, teacher, ids, targets, config: TrainConfig, use_kd: bool, device):
     """(loss, task term, aux, kd) of one micro-batch forward."""
     with _autocast(config.bf16, device):
-        logits = main_tensor(model(ids))
+        logits = main_tensor(forward(ids))
         t_logits = None
         if use_kd:
             with torch.no_grad():
@@ -169,7 +169,7 @@ def evaluate(model: nn.Module, batches: list, device, world, bf16: bool = False)
 
 def train(model: nn.Module, config: TrainConfig, windows: Windows, *, eval_model: nn.Module | None = None,
           teacher: nn.Module | None = None, world=None, checkpoint_dir=None, resume=None, metrics_csv=None,
-          loss_svg_path=None, progress: bool = False, say=print) -> TrainResult:
+          loss_svg_path=None, progress: bool = False, say=print, forward=None) -> TrainResult:
     """Train `model` (a converted GraphModule, captured in train mode, or a rank graph) for config.steps
     optimizer steps (see the module docstring).
 
@@ -177,11 +177,13 @@ def train(model: nn.Module, config: TrainConfig, windows: Windows, *, eval_model
     and at the end); teacher: a frozen model for KD while step < kd_stop; world: `Single()` (default)
     or `Ranks(model)`; checkpoint_dir: write a checkpoint every checkpoint_every steps and at the
     end (`moefx.train.resume`); resume: a checkpoint folder to continue from; metrics_csv /
-    loss_svg_path: rank 0 writes them. Returns a TrainResult."""
+    loss_svg_path: rank 0 writes them; forward: what runs the forward (e.g. torch.compile(model);
+    default: model itself). Returns a TrainResult."""
     from . import resume as R
     from .metrics import COLUMNS, MetricsCSV, loss_svg
 
     world = world or Single()
+    forward = forward or model
     device = next(model.parameters()).device
     if teacher is not None:
         if config.kd_stop is None:
@@ -221,8 +223,8 @@ def train(model: nn.Module, config: TrainConfig, windows: Windows, *, eval_model
                 j = micro_index(world.replica, a, world.replicas)
                 ids, targets = windows.micro_batch(step, j)
                 torch.manual_seed(micro_seed(config.seed, step, j))
-                loss, lm, aux, kd = _losses(model, teacher, ids.to(device), targets.to(device), config, use_kd,
-                                            device)
+                loss, lm, aux, kd = _losses(forward, model, teacher, ids.to(device), targets.to(device), config,
+                                            use_kd, device)
                 (loss / config.grad_accum).backward()
                 sums += torch.stack([loss.detach(), lm.detach(), aux.detach(), kd.detach()]).double().cpu()
             world.reduce_gradients(model)

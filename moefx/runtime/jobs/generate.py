@@ -87,6 +87,13 @@ def _replica_prompts(args, job, replica: int, replicas: int, tokenizer) -> tuple
     return left_pad(replica_rows(rows, replica, replicas))
 
 
+def _rename(name: str) -> str | None:
+    """A generation graph's tensor -> its name in a checkpoint of the converted model (the cache: none)."""
+    from ...gen.cache import is_cache_buffer
+
+    return None if is_cache_buffer(name) else name.removeprefix("model.")
+
+
 def _agree(device):
     import torch.distributed as dist
 
@@ -101,7 +108,6 @@ def _agree(device):
 def run(args) -> str:
     import torch.distributed as dist
 
-    from ...gen.cache import is_cache_buffer
     from ...gen.prompts import local_tokenizer
     from ..build import build_generator
     from ..checkpoint import load_sharded
@@ -120,7 +126,7 @@ def run(args) -> str:
     gen.agree = _agree(job.device)
     progress("built")
     if args.load:
-        load_sharded(gen.prefill, args.load, rename=lambda n: None if is_cache_buffer(n) else n.removeprefix("model."))
+        load_sharded(gen.prefill, args.load, rename=_rename, strict=False)
         progress("loaded")
     fail_if_asked(args, job.rank)
     vocab = gen.vocab_size
@@ -157,7 +163,7 @@ def run(args) -> str:
     if args.load:
         from ..checkpoint import load_full
 
-        load_full(ref.prefill, args.load, rename=lambda n: None if is_cache_buffer(n) else n.removeprefix("model."))
+        load_full(ref.prefill, args.load, rename=_rename, strict=False)
     want = ref.generate(ids, mask, **sampling_kwargs(args))
     if not torch.equal(out, want):
         rows_off = [i for i in range(out.shape[0]) if not torch.equal(out[i], want[i])] if out.shape == want.shape \

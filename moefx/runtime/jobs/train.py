@@ -150,10 +150,10 @@ def _models(args, job, *, distributed: bool, distill: bool):
         else:
             teacher = build_reference(job.spec, plan, device=job.device)
         if args.teacher_load:
-            load(teacher, args.teacher_load)
+            load(teacher, args.teacher_load, strict=False)
             load(model, args.teacher_load, strict=False)     # the student starts from the teacher's kept blocks
     if args.load:
-        load(model, args.load)
+        load(model, args.load, strict=False)                 # a training checkpoint also holds optimizer state
     return model, eval_model, teacher
 
 
@@ -184,9 +184,10 @@ def run(args, *, distributed: bool = True) -> str:
     fail_if_asked(args, job.rank)
     world = Ranks(model) if distributed else Single()
     windows = windows_for(args, output_size(model), rank=job.rank)
-    result = train(_compiled(model, args), config, windows, eval_model=eval_model, teacher=teacher, world=world,
+    result = train(model, config, windows, eval_model=eval_model, teacher=teacher, world=world,
                    checkpoint_dir=args.checkpoint_dir, resume=args.resume, metrics_csv=args.metrics_csv,
-                   loss_svg_path=args.loss_svg, progress=not args.no_progress, say=say)
+                   loss_svg_path=args.loss_svg, progress=not args.no_progress, say=say,
+                   forward=_compiled(model, args))
     progress("trained")
     if args.save:
         save_sharded(model, args.save)
