@@ -103,13 +103,13 @@ class _Split:
                 continue
             self._ffn(by_name, ffn)
         for att in attentions:
+            name = f"attention {att.core.name} ({att.kind})"
             if not att.supported:
-                self.skipped.append(f"attention {att.sdpa.name}: {att.reason}")
+                self.skipped.append(f"{name}: {att.reason}")
                 continue
-            kv_heads = val(att.sdpa.args[1]).shape[-3]
-            if att.heads % self.tp or kv_heads % self.tp:
-                self.skipped.append(f"attention {att.sdpa.name}: {att.heads} query / {kv_heads} key-value heads are "
-                                    f"not divisible by tp = {self.tp}")
+            why = self._unsplittable(att)
+            if why:
+                self.skipped.append(f"{name}: {why}")
                 continue
             self._count(self._attention(att))
         if self.skipped:
@@ -179,18 +179,64 @@ class _Split:
         node.replace_all_uses_with(out, delete_user_cb=lambda u: u is not red)
 
     # -- attention --------------------------------------------------------------------------------
+    def _kv_side(self, att) -> set:
+        """Region nodes computed from the key / value projections only (empty when the key / value
+        heads split over tp like the query heads)."""
+        if att.kv_heads % self.tp == 0:
+            return set()
+        q_projs = {p for p in att.projections if reaches(att.q, {p})}
+        return {n for n in att.flags if not reaches(n, q_projs)}
+
+    def _unsplittable(self, att) -> str | None:
+        """Why the heads of `att` cannot be split over tp (None: they can)."""
+        tp = self.tp
+        if att.heads % tp:
+            return f"{att.heads} query heads are not divisible by tp = {tp}"
+        if att.kv_heads % tp == 0:
+            return None
+        # fewer key / value heads than ranks: keep them whole on every rank (replicated), each rank
+        # taking the ones its query heads read
+        q_projs = {p for p in att.projections if reaches(att.q, {p})}
+        if len(q_projs) != 1 or any(reaches(att.k, {p}) or reaches(att.v, {p}) for p in q_projs):
+            return (f"{att.kv_heads} key-value heads are not divisible by tp = {tp} and q / k / v come from one "
+                    "fused projection (they can only be replicated with separate projections)")
+        if self._kv_range(att) is None:
+            return (f"{att.heads} query / {att.kv_heads} key-value heads: the query heads of a rank do not map to "
+                    f"whole key-value heads at tp = {tp}")
+        return None
+
+    def _kv_range(self, att) -> tuple[int, int] | None:
+        """The key / value heads at the core this rank's query heads attend with, when they are replicated."""
+        k_heads = _head_count_at(att.k)
+        per_rank = att.heads // self.tp
+        lo = self.r * per_rank
+        if k_heads == att.heads:                         # repeated to the query heads before the core
+            return lo, lo + per_rank
+        group = att.heads // k_heads                     # query heads per key-value head (GQA in the core)
+        if group % per_rank == 0:
+            return lo // group, lo // group + 1
+        return None
+
     def _attention(self, att) -> int:
         """Split heads over the TP group: q/k/v column-parallel, output projection row-parallel.
-        Returns the number of TP collectives inserted."""
+        With fewer key / value heads than ranks the k / v projections stay whole (replicated; their
+        outputs pass a tp_copy, so every rank's weight gradient sums every rank's heads) and the core
+        reads this rank's slice of them. Returns the number of TP collectives inserted."""
         gm, tp, r = self.gm, self.tp, self.r
+        kv_side = self._kv_side(att)
         infos = {p: linear_info(p) for p in att.projections}
         out_info = linear_info(att.out_proj)
-        for p, info in infos.items():
+        split_projs = {p: info for p, info in infos.items() if p not in kv_side}
+        for p, info in split_projs.items():
             splits = [n for n in att.flags if packet(n) in (aten.split, aten.split_with_sizes)
                       and att.flags[n.args[0]][_dim(n)] and reaches(n, {p})]
             chunks = len(_outputs(splits[0])) if splits else 1
             self._column(info, chunks)
+        params = self._region_params(att, set(infos))
+        extra = 0
         for n in list(att.flags):
+            if n in kv_side:
+                continue
             p = packet(n)
             if p in CACHE_UPDATES and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr":
                 # the KV cache buffer keeps this rank's heads, like the states written into it
@@ -204,30 +250,77 @@ class _Split:
                 n.args = (n.args[0], n.args[1] // tp, *n.args[2:])
             elif p is aten.split_with_sizes and att.flags[n.args[0]][_dim(n)]:
                 n.args = (n.args[0], [s // tp for s in n.args[1]], *n.args[2:])
-        extra = 0
-        mask = att.sdpa.args[3] if len(att.sdpa.args) > 3 else att.sdpa.kwargs.get("attn_mask")
-        mv = val(mask) if isinstance(mask, fx.Node) else None
-        if mv is not None and mv.dim() == 4 and mv.shape[1] == att.heads and att.heads > 1:
-            # A per-head mask (T5's position bias) keeps this rank's heads; tp_copy first so the
-            # parameters it is computed from get the gradient of every head back.
-            lo, hi = r * att.heads // tp, (r + 1) * att.heads // tp
-            with gm.graph.inserting_before(att.sdpa):
-                full = gm.graph.call_function(C.TP_COPY, (mask, "tp"))
-                sliced = gm.graph.call_function(aten.slice.Tensor, (full, 1, lo, hi))
-            M.tag(full, NAME, "collective").meta[M.GROUP] = "tp"
-            M.tag(sliced, NAME, "layout")
-            extra = 1
-            if len(att.sdpa.args) > 3:
-                att.sdpa.args = (*att.sdpa.args[:3], sliced, *att.sdpa.args[4:])
-            else:
-                att.sdpa.kwargs = {**att.sdpa.kwargs, "attn_mask": sliced}
-        for x in {info.x for info in infos.values()}:
-            cp = self._copy_to_tp(x, None)
+            extra += self._slice_per_head_inputs(att, n, kv_side)
+        for a in params:
+            # a parameter the split heads read whole (a per-head q / k norm's weight): its gradient
+            # is the sum over the ranks' heads
+            cp = self._copy_to_tp(a, None)
+            a.replace_all_uses_with(cp, delete_user_cb=lambda u: u is not cp and u in att.flags)
+            extra += 1
+        if kv_side:
+            lo, hi = self._kv_range(att)
+            for operand in (att.k, att.v):
+                self._slice_heads(att.core, operand, lo, hi)
             for p in infos:
+                if p in kv_side:
+                    cp = self._copy_to_tp(p, None)
+                    p.replace_all_uses_with(cp, delete_user_cb=lambda u: u is not cp)
+                    extra += 1
+        xs = {info.x for p, info in split_projs.items()}
+        for x in xs:
+            cp = self._copy_to_tp(x, None)
+            for p in split_projs:
                 if p.args[1 if packet(p) is aten.addmm else 0] is x:
                     p.replace_input_with(x, cp)
         self._row(out_info, None)
-        return 1 + len({info.x for info in infos.values()}) + extra
+        return 1 + len(xs) + extra
+
+    def _region_params(self, att, projections: set) -> list[fx.Node]:
+        """Trainable get_attr nodes that split-head nodes read (not the projections' own weights)."""
+        own = {a for p in projections for a in p.all_input_nodes if a.op == "get_attr"}
+        out = []
+        for n in att.flags:
+            for a in n.all_input_nodes:
+                if a.op == "get_attr" and a not in own and a not in out:
+                    value = attr_value(self.gm, a.target)
+                    if isinstance(value, nn.Parameter) and value.requires_grad and n not in projections:
+                        out.append(a)
+        return out
+
+    def _slice_per_head_inputs(self, att, n: fx.Node, kv_side: set) -> int:
+        """Inputs of `n` outside the region that hold every head (a per-head mask or position bias) get
+        this rank's heads, after a tp_copy (the parameters they come from get every head's gradient)."""
+        if n in kv_side or n.op != "call_function" or packet(n) in CACHE_UPDATES:
+            return 0
+        out_flags, out_val = att.flags[n], val(n)
+        if out_val is None or True not in out_flags:
+            return 0
+        inserted = 0
+        for a in list(n.all_input_nodes):
+            av = val(a)
+            if a in att.flags or a.op == "get_attr" or av is None or av.dim() == 0 or av.dim() > out_val.dim():
+                continue
+            offset = out_val.dim() - av.dim()
+            axes = [d for d in range(av.dim()) if out_flags[d + offset] and isinstance(av.shape[d], int)
+                    and av.shape[d] == att.heads and att.heads > 1]
+            for d in axes:
+                self._slice_heads(n, a, self.r * att.heads // self.tp, (self.r + 1) * att.heads // self.tp, dim=d,
+                                  copy=True)
+                inserted += 1
+        return inserted
+
+    def _slice_heads(self, user: fx.Node, operand: fx.Node, lo: int, hi: int, dim: int = -3,
+                     copy: bool = False) -> None:
+        """Make `user` read heads [lo, hi) of `operand` (along `dim`)."""
+        gm = self.gm
+        with gm.graph.inserting_before(user):
+            src = operand
+            if copy:
+                src = gm.graph.call_function(C.TP_COPY, (operand, "tp"))
+                M.tag(src, NAME, "collective").meta[M.GROUP] = "tp"
+            sliced = gm.graph.call_function(aten.slice.Tensor, (src, dim % val(operand).dim(), lo, hi))
+        M.tag(sliced, NAME, "layout")
+        user.replace_input_with(operand, sliced)
 
     # -- parameters -------------------------------------------------------------------------------
     def _shard(self, attr_node: fx.Node, dim: int, ranges: list[tuple[int, int]]) -> None:
@@ -267,6 +360,11 @@ class _Split:
         M.tag(joined, NAME, "layout")
         attr_node.replace_all_uses_with(joined)
         gm.graph.erase_node(attr_node)
+
+
+def _head_count_at(x: fx.Node) -> int:
+    v = val(x)
+    return int(v.shape[-3]) if v is not None and v.dim() >= 3 else 0
 
 
 def _non_persistent(gm: fx.GraphModule, target: str) -> bool:
