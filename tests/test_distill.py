@@ -349,3 +349,31 @@ def test_fully_masked_batch_is_an_error():
     batch = {"inputs": (ids,), "labels": torch.full_like(ids, -100)}
     with pytest.raises(ValueError, match="step 0: every target"):
         distill(TinyLM(seed=0), TinyLM(seed=1), [batch], steps=1, kd_stop=1, progress=False)
+
+
+def test_non_finite_loss_stops_or_skips_and_changed_lr_warns(tmp_path):
+    """A NaN loss stops the run naming the step (or is skipped and counted); a resume with another lr
+    says so."""
+    from moefx.train.distill import distill as run
+
+    class Tiny(torch.nn.Module):
+        def __init__(self, poison=()):
+            super().__init__()
+            self.emb, self.out = torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16)
+            self.poison, self.calls = set(poison), 0
+
+        def forward(self, ids):
+            self.calls += 1
+            y = self.out(self.emb(ids))
+            return y * float("nan") if self.calls in self.poison else y
+
+    batches = [(torch.randint(0, 16, (2, 6), generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    with pytest.raises(DistillError, match="step 2: the loss is nan"):
+        run(Tiny(), Tiny({2}), batches, steps=4, kd_stop=0, progress=False)
+    result = run(Tiny(), Tiny({2}), batches, steps=4, kd_stop=0, progress=False, nonfinite="skip")
+    assert result.skipped == 1 and all(torch.isfinite(p).all() for p in result.student.parameters())
+    torch.manual_seed(0)
+    teacher, student = Tiny(), Tiny()
+    run(teacher, student, batches, steps=2, kd_stop=0, progress=False, checkpoint_dir=tmp_path, lr=1e-3)
+    with pytest.warns(UserWarning, match="'lr': \\(0.001, 0.002\\)"):
+        run(teacher, student, batches, steps=3, kd_stop=0, progress=False, checkpoint_dir=tmp_path, lr=2e-3)

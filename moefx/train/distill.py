@@ -93,7 +93,8 @@ class DistillResult:
     (task loss), ``kd`` (the weighted KD term, 0.0 once KD stopped), ``aux``, ``total`` (the
     loss that was back-propagated, ``lm + kd + aux``) and ``lr``. ``eval_history`` has
     ``{"step", "eval_loss"}`` where ``step`` counts the optimizer steps done when it ran and
-    ``eval_loss`` is the task loss averaged over every target of ``eval_batches``.
+    ``eval_loss`` is the task loss averaged over every target of ``eval_batches``. ``skipped``
+    counts the updates left out for a non-finite loss or gradient (``nonfinite="skip"``).
     """
 
     student: nn.Module
@@ -103,6 +104,7 @@ class DistillResult:
     teacher_eval_loss: float | None = None
     resumed_from: int | None = None
     checkpoint_path: str | None = None
+    skipped: int = 0
 
     @property
     def final_eval_loss(self) -> float | None:
@@ -228,6 +230,7 @@ def distill(
     progress: bool = True,
     log_every: int = 10,
     seed: int = 0,
+    nonfinite: str = "stop",
 ) -> DistillResult:
     """Train ``student`` for ``steps`` steps with KD from ``teacher`` during the first ``kd_stop``.
 
@@ -237,9 +240,13 @@ def distill(
     ``params -> optimizer``. ``lr_schedule(step)`` multiplies each group's initial lr;
     ``grad_clip`` clips the global gradient norm. ``eval_batches`` are evaluated (task loss)
     every ``eval_every`` steps (None: only at the end) and once on the teacher. See the module
-    docstring for batches, tasks and checkpoints. Raises ``DistillError`` (a ValueError) for
-    bad arguments, empty batches and teacher/student output mismatches.
+    docstring for batches, tasks and checkpoints. A NaN / inf loss or gradient norm stops the run
+    with a DistillError naming the step (``nonfinite="skip"``: the update is skipped and counted in
+    ``result.skipped``); a non-finite student is never checkpointed. Raises ``DistillError`` (a
+    ValueError) for bad arguments, empty batches and teacher/student output mismatches.
     """
+    if nonfinite not in ("stop", "skip"):
+        raise DistillError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
     _check_args(steps, kd_stop, kd_alpha, temperature, task, eval_every, log_every,
                 checkpoint_dir, checkpoint_every)
     if eval_batches is not None and len(eval_batches) == 0:
@@ -257,7 +264,8 @@ def distill(
         for group in opt.param_groups:
             group.setdefault("initial_lr", group["lr"])
         config = {"steps": steps, "kd_stop": kd_until, "kd_alpha": float(kd_alpha),
-                  "temperature": float(temperature), "seed": seed}
+                  "temperature": float(temperature), "seed": seed, "lr": float(lr),
+                  "weight_decay": float(weight_decay), "grad_clip": grad_clip}
         result = DistillResult(student=student, task=task, checkpoint_path=ckpt_path)
         start = 0
         if ckpt_path and resume and os.path.exists(ckpt_path):
@@ -309,10 +317,19 @@ def distill(
                 group["lr"] = group["initial_lr"] * factor
             opt.zero_grad(set_to_none=True)
             total.backward()
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
             if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in opt.param_groups for p in g["params"]], grad_clip)
-            opt.step()
+                norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+            if not (bool(torch.isfinite(total)) and bool(torch.isfinite(norm))):
+                what = f"step {step + 1}: the loss is {total.item()!r} and the gradient norm {norm.item()!r}"
+                if nonfinite == "stop":
+                    raise DistillError(f"{what}: stopping (lower lr, set grad_clip, or pass nonfinite='skip')")
+                result.skipped += 1
+                opt.zero_grad(set_to_none=True)
+            else:
+                opt.step()
 
             row = {"step": step, "lm": terms["lm"].item(),
                    "kd": terms["kd"].item() if use_kd else 0.0,
@@ -329,6 +346,9 @@ def distill(
                     result.teacher_eval_loss = run_eval(teacher, result.task)
                 result.eval_history.append({"step": done, "eval_loss": run_eval(student, result.task)})
             if ckpt_path and (done == steps or (checkpoint_every and done % checkpoint_every == 0)):
+                bad = [n for n, t in student.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+                if bad:
+                    raise DistillError(f"step {done}: the student has NaN / inf values in {bad[:4]}: not checkpointed")
                 save_checkpoint(checkpoint(done, student, opt, result, config), ckpt_path)
         if eval_batches is not None and result.teacher_eval_loss is None:
             result.teacher_eval_loss = run_eval(teacher, result.task)

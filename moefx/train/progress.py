@@ -10,11 +10,11 @@ class Progress:
     """Steps done of `total`, with the latest values of `fields` (keys of the rows given to update)."""
 
     def __init__(self, enabled: bool, total: int, initial: int, *, desc: str = "distill",
-                 fields: tuple[str, ...] = ("lm", "kd", "aux")):
+                 fields: tuple[str, ...] = ("lm", "kd", "aux"), fmt: str = ".4f"):
         self._bar = None
         self._enabled = enabled
         self._total = total
-        self._desc, self._fields = desc, fields
+        self._desc, self._fields, self._fmt = desc, fields, fmt
         if not enabled:
             return
         try:
@@ -25,7 +25,8 @@ class Progress:
                          dynamic_ncols=True, leave=True)
 
     def _text(self, row: dict) -> dict[str, str]:
-        return {k: (f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k])) for k in self._fields if k in row}
+        return {k: (format(row[k], self._fmt) if isinstance(row[k], float) else str(row[k])) for k in self._fields
+                if k in row}
 
     def update(self, row: dict, show: bool) -> None:
         if not self._enabled:

@@ -210,7 +210,7 @@ def train(model: nn.Module, config: TrainConfig, windows: Windows, *, eval_model
     # every replica validates its own share of the fixed batches
     evals = [b for i, b in enumerate(evals) if i % world.replicas == world.replica] or evals[:1]
     bar = Progress(progress and world.rank == 0, config.steps, start, desc="train",
-                   fields=("loss", "aux", "grad_norm", "lr") + (("kd",) if teacher is not None else ()))
+                   fields=("loss", "aux", "grad_norm", "lr") + (("kd",) if teacher is not None else ()), fmt=".4g")
     tokens_per_step = windows.batch * windows.seq * config.grad_accum * world.replicas
     try:
         for step in range(start, config.steps):
