@@ -38,8 +38,8 @@ class StackExperts:
     as the [in, out] matrix experts multiply by); chunk: (dim, index, parts) of the dense tensor
     to take first (one half of a fused gate/up projection); init: "upcycle" (copies, plus
     `noise` * std(dense) seeded noise when noise > 0) or "random" (seeded normal with the dense
-    tensor's std for matrices, zeros for vectors); key: (seed, layer, tag) of the seeded
-    generators, one per expert.
+    tensor's std for matrices, `fill` for vectors: 0 for biases, 1 for a norm's weight);
+    key: (seed, layer, tag) of the seeded generators, one per expert.
     """
 
     source: str
@@ -49,6 +49,7 @@ class StackExperts:
     init: str = "upcycle"
     noise: float = 0.0
     key: tuple = ()
+    fill: float = 0.0
 
     def _source_narrow(self, expert_shape_narrow: dict[int, tuple[int, int]], dense_shape: tuple[int, ...]) -> dict:
         """The slice of the dense tensor that a slice of one expert's tensor reads."""
@@ -91,7 +92,7 @@ class StackExperts:
                     for d, (lo, hi) in narrow.items():
                         value = value.narrow(d, lo, hi - lo)
                 else:
-                    value = torch.zeros(part.shape)
+                    value = torch.full(part.shape, float(self.fill))
             elif self.noise > 0 and full.dim() > 1:
                 noise = torch.randn(full.shape, generator=seeded(*self.key, e)) * (self.noise * std)
                 for d, (lo, hi) in narrow.items():

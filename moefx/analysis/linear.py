@@ -2,10 +2,15 @@
 
 A *linear-like* node multiplies an activation by a parameter matrix on its last dimension:
 `aten.linear(x, W[out, in], b)`, `aten.addmm(b, x, W[in, out])` (GPT-2's Conv1D),
-`aten.addmm(b, x, W.t())`, `aten.mm` / `aten.matmul` with a parameter. A *token-wise* op
-treats every token (row of the last dimension) independently and does not care how many
-leading dimensions there are: elementwise math, activations, dropout, dtype casts, views that
-keep the last dimension, and normalisations over the last dimension.
+`aten.addmm(b, x, W.t())`, `aten.mm` / `aten.matmul` with a parameter, and `aten.einsum` (which
+torch.export keeps as one node) whose equation contracts the activation's last dimension with
+one dimension of a 2-D parameter and keeps every other dimension in order:
+`einsum("btd,df->btf", x, W[in, out])`, `einsum("...d,fd->...f", x, W[out, in])`, operands in
+either order. A *token-wise* op treats every token (row of the last dimension) independently and
+does not care how many leading dimensions there are: elementwise math, activations, dropout,
+dtype casts, views that keep the last dimension, and normalisations over the last dimension.
+A *last-dim part* takes a contiguous range of the last dimension (`chunk` / `split` + getitem,
+`x[..., a:b]`, `narrow`): how a fused projection (gate and up in one matrix) is cut.
 """
 from __future__ import annotations
 
@@ -35,6 +40,10 @@ LAST_DIM_OPS = {aten.layer_norm, aten.rms_norm, aten.mean, aten.sum, aten.amax, 
 ACTIVATIONS = {aten.gelu: "gelu", aten.silu: "silu", aten.relu: "relu", aten.tanh: "tanh",
                aten.sigmoid: "sigmoid", aten.relu6: "relu6", aten.mish: "mish", aten.elu: "elu",
                aten.leaky_relu: "leaky_relu", aten.hardswish: "hardswish", aten.softplus: "softplus"}
+
+# Ops that cut a tensor into pieces along a dimension (their outputs are taken with getitem).
+SPLIT_OPS = {aten.split, aten.split_with_sizes, aten.chunk, aten.unsafe_split, aten.unsafe_split_with_sizes,
+             aten.unsafe_chunk}
 
 SIDE_EFFECT_OPS = {aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size}
 
@@ -110,6 +119,12 @@ def linear_info(node: fx.Node) -> LinearInfo | None:
         x, w = node.args[:2]
         b = None
         transposed_default = False
+    elif p is aten.einsum:
+        form = _einsum_linear(node)
+        if form is None:
+            return None
+        x, w, transposed_default, _ = form
+        b = None
     else:
         return None
     if not isinstance(w, fx.Node) or not isinstance(x, fx.Node) or val(x) is None:
@@ -127,6 +142,105 @@ def linear_info(node: fx.Node) -> LinearInfo | None:
     if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
         return None
     return LinearInfo(node, x, wnode, transposed, b, int(in_f), int(out_f))
+
+
+def _einsum_linear(node: fx.Node) -> tuple[fx.Node, fx.Node, bool, str] | None:
+    """(x, weight operand, weight stored [out, in], the equation with x's leading dims as "...") when
+    `aten.einsum(equation, [a, b])` is a linear on the last dimension of one operand, else None."""
+    eq, operands = (node.args[0], node.args[1]) if len(node.args) >= 2 else (None, None)
+    if not isinstance(eq, str) or not isinstance(operands, (list, tuple)) or len(operands) != 2:
+        return None
+    eq = eq.replace(" ", "")
+    if eq.count("->") != 1:
+        return None  # implicit output (alphabetical order): not worth guessing
+    lhs, out = eq.split("->")
+    subs = lhs.split(",")
+    if len(subs) != 2:
+        return None
+    for wi in (1, 0):
+        w, x, ws, xs = operands[wi], operands[1 - wi], subs[wi], subs[1 - wi]
+        if not isinstance(w, fx.Node) or not isinstance(x, fx.Node) or _param_source(w) is None:
+            continue
+        ellipsis = xs.startswith("...")
+        letters = xs[3:] if ellipsis else xs
+        if len(ws) != 2 or ws[0] == ws[1] or not ws.isalpha() or not letters or not letters.isalpha() \
+                or len(set(letters)) != len(letters):
+            continue
+        c = letters[-1]
+        if c not in ws:
+            continue
+        o = ws[1] if ws[0] == c else ws[0]
+        if o in letters or out != ("..." if ellipsis else "") + letters[:-1] + o:
+            continue
+        pieces = ["..." + c, ws]
+        if wi == 0:
+            pieces.reverse()
+        return x, w, ws[0] == o, ",".join(pieces) + "->..." + o
+    return None
+
+
+def einsum_equation(node: fx.Node) -> str | None:
+    """For an einsum linear (`linear_info` accepts it), its equation with the activation's leading
+    dimensions written as "..." (so a copy of the node runs on any number of leading dims)."""
+    if packet(node) is not aten.einsum:
+        return None
+    form = _einsum_linear(node)
+    return form[3] if form is not None else None
+
+
+def last_dim_part(node: fx.Node) -> tuple[fx.Node | None, fx.Node, int, int] | None:
+    """(split node or None, source, lo, hi) when `node` is the contiguous range [lo, hi) of the last
+    dimension of `source`: `getitem(split/chunk(source, ..., dim=-1), i)`, `slice(source, -1, lo,
+    hi)` (step 1) or `narrow(source, -1, lo, n)`; else None. Sizes must be static."""
+    if node.op != "call_function":
+        return None
+    if node.target is operator.getitem:
+        split, i = node.args[0], node.args[1]
+        if not isinstance(split, fx.Node) or not is_last_dim_split(split) or not isinstance(i, int):
+            return None
+        sizes = [o.shape[-1] for o in split.meta["val"]]
+        if not all(isinstance(s, int) for s in sizes) or not -len(sizes) <= i < len(sizes):
+            return None
+        i %= len(sizes)
+        lo = sum(sizes[:i])
+        return split, split.args[0], lo, lo + sizes[i]
+    p = packet(node)
+    if p not in (aten.slice, aten.narrow) or not isinstance(node.args[0], fx.Node):
+        return None
+    src, v = val(node.args[0]), val(node)
+    if src is None or v is None or src.dim() != v.dim() or _dim_arg(node, 1, 0) % src.dim() != src.dim() - 1:
+        return None
+    n, width = src.shape[-1], v.shape[-1]
+    if not isinstance(n, int) or not isinstance(width, int):
+        return None
+    if p is aten.slice:
+        start = node.args[2] if len(node.args) > 2 else node.kwargs.get("start")
+        step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
+        if step != 1:
+            return None  # strided (interleaved gate/up columns): not a contiguous part
+    else:
+        start = node.args[2] if len(node.args) > 2 else node.kwargs.get("start")
+    if start is None:
+        start = 0
+    if not isinstance(start, int):
+        return None
+    start = max(0, min(n, start + n if start < 0 else start))
+    return None, node.args[0], start, start + width
+
+
+def is_last_dim_split(node: fx.Node) -> bool:
+    """A split / chunk of the last dimension (its outputs are list items)."""
+    if packet(node) not in SPLIT_OPS or not isinstance(node.args[0], fx.Node):
+        return False
+    src, outs = val(node.args[0]), node.meta.get("val")
+    if src is None or src.dim() == 0 or not isinstance(outs, (list, tuple)):
+        return False
+    return _dim_arg(node, 2, 0) % src.dim() == src.dim() - 1
+
+
+def _dim_arg(node: fx.Node, index: int, default: int) -> int:
+    d = node.args[index] if len(node.args) > index else node.kwargs.get("dim", default)
+    return d if isinstance(d, int) else default
 
 
 def is_tokenwise(node: fx.Node) -> bool:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch import nn
 
 from ..errors import MoefxError

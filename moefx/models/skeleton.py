@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
 from torch import nn
 
 __all__ = ["params_on_meta"]

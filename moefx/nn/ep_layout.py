@@ -145,7 +145,7 @@ def exchange(matrix: Tensor, ep_rank: int, experts_per_rank: int, slicing: int) 
     """The splits of a dropless all-to-all from the gathered count matrix [ep, E] (counts of every EP
     rank's rows per expert). The one host synchronisation of a dropless layer."""
     m = matrix.tolist()
-    ep, E = len(m), len(m[0]) if m else 0
+    ep = len(m)
     if slicing > 1:
         owner = [[j // slicing] for j in range(ep)]        # EP rank j holds a slice of expert j // s
     else:

@@ -21,9 +21,12 @@ from torch import Tensor, fx, nn
 class StackedExperts(nn.Module):
     """E FFN experts with stacked weights.
 
-    up_weights: list of [E, d, f] (one per up projection; two for gated FFNs), up_biases: list of
-    [E, f] or None, down_weight: [E, f, d], down_bias: [E, d] or None, middle: a GraphModule taking
-    the up outputs and returning the down input (token-wise, any leading shape).
+    up_weights: list of [E, d, f], one per f-wide input of the middle (one per up projection, two
+    for gated FFNs; a fused up projection d -> k f gives one per part it is cut into, each that
+    chunk of the fused weight), up_biases: list of [E, f] or None, down_weight: [E, f, d],
+    down_bias: [E, d] or None, middle: a GraphModule taking the up outputs and returning the down
+    input (token-wise, any leading shape); elementwise: the middle treats each element of f on its
+    own, so every expert can be sliced over f exactly (`slice_inner`).
     """
 
     def __init__(self, up_weights: list[Tensor], up_biases: list[Tensor | None], down_weight: Tensor,

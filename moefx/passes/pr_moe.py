@@ -29,7 +29,9 @@ expert symmetry) and preservation then holds only approximately.
 Values: every new tensor is built from a recipe (`moefx.recipes`), recorded in
 `gm.meta["moefx_recipes"]`, so a rank can build exactly its own piece later. On the meta device
 the tensors are left empty. Experts are `StackedExperts` (stacked up/down matrices, the FFN's
-token-wise middle copied from the graph) or, for FFNs with inner matrices or parameters in the
+token-wise middle copied from the graph; a fused up projection d -> k f becomes one stacked
+matrix per part the middle reads, each a chunk of the fused weight, so the experts compute the
+dense FFN exactly and stay sliceable over f) or, for FFNs with inner matrices or parameters in the
 middle (and with `generic_experts`), `GenericExperts` (the FFN subgraph vmapped over stacked
 parameters, each expert with its own trainable copy).
 """
@@ -42,7 +44,8 @@ from torch import fx, nn
 
 from .. import meta as M
 from ..analysis.ffn import FFN, find_ffns
-from ..analysis.linear import attr_value, aten, is_side_effect, is_view, linear_info, packet, strip_views, val
+from ..analysis.linear import (attr_value, aten, einsum_equation, is_side_effect, is_view, linear_info, packet,
+                               strip_views, val)
 from ..errors import AnalysisError
 from ..nn.aux import AuxLossSink
 from ..nn.experts import GenericExperts, StackedExperts
@@ -160,7 +163,6 @@ def _erase_region(gm: fx.GraphModule, region: list[fx.Node]) -> None:
 
 def _make_layer(gm: fx.GraphModule, by_name: dict, ffn: FFN, E: int, layer: int, moe, recipes: dict,
                 prefix: str) -> MoELayer:
-    ups = [linear_info(by_name[u]) for u in ffn.ups]
     down = linear_info(by_name[ffn.down])
     ref = attr_value(gm, down.weight.target)
     device, dtype = ref.device, ref.dtype
@@ -172,29 +174,41 @@ def _make_layer(gm: fx.GraphModule, by_name: dict, ffn: FFN, E: int, layer: int,
             t = t.narrow(d, lo, hi - lo)
         return t
 
-    def stacked(local: str, source: str, transpose: bool, tag: str) -> torch.Tensor:
+    def stacked(local: str, source: str, transpose: bool, tag: str, chunk=None, fill: float = 0.0) -> torch.Tensor:
         dense = attr_value(gm, source)
-        recipe = StackExperts(source, E, transpose=transpose, init=moe.init, noise=moe.init_noise,
-                              key=(moe.seed, layer, tag))
+        recipe = StackExperts(source, E, transpose=transpose, chunk=chunk, init=moe.init, noise=moe.init_noise,
+                              key=(moe.seed, layer, tag), fill=fill)
         recipes[f"{prefix}.experts.{local}"] = recipe
         if meta:
             return torch.empty(recipe.shape(tuple(dense.shape)), device="meta", dtype=dense.dtype)
         return recipe.build(read, tuple(dense.shape))
 
     if ffn.stackable and not moe.generic_experts:
-        up_w = [stacked(f"up_weight.{i}", u.weight.target, u.transposed, f"up{i}") for i, u in enumerate(ups)]
-        up_b, j = [], 0
-        for i, u in enumerate(ups):
-            up_b.append(stacked(f"up_bias.{j}", u.bias.target, False, f"up_bias{i}") if u.bias is not None else None)
-            j += u.bias is not None
+        # one stacked up matrix per part: a fused up's parts are separate matrices (chunks of its weight)
+        parts = [(linear_info(by_name[up]), lo, hi) for _, up, lo, hi in _parts(ffn)]
+        up_w, up_b, j = [], [], 0
+        for i, (u, lo, hi) in enumerate(parts):
+            width = hi - lo
+            whole = (lo, hi) == (0, u.out_features)
+            chunk = None if whole else (0 if u.transposed else 1, lo // width, u.out_features // width)
+            up_w.append(stacked(f"up_weight.{i}", u.weight.target, u.transposed, f"up{i}", chunk))
+            if u.bias is not None:
+                bias_chunk = None if whole else (0, lo // width, u.out_features // width)
+                up_b.append(stacked(f"up_bias.{j}", u.bias.target, False, f"up_bias{i}", bias_chunk))
+                j += 1
+            else:
+                up_b.append(None)
         down_w = stacked("down_weight", down.weight.target, down.transposed, "down")
         down_b = stacked("down_bias", down.bias.target, False, "down_bias") if down.bias is not None else None
-        middle, consts = _extract_middle(gm, by_name, ffn, ups, down)
-        experts = StackedExperts(up_w, up_b, down_w, down_b, middle, ffn.activation, elementwise=ffn.elementwise)
+        middle, consts = _extract_middle(gm, by_name, ffn, down)
+        experts = StackedExperts(up_w, up_b, down_w, down_b, middle, ffn.activation,
+                                 elementwise=ffn.middle_elementwise)
         recipes.update({f"{prefix}.experts.middle.{k}": Copy(src) for k, src in consts.items()})
     else:
         template, sources, consts = _extract_region(gm, by_name, ffn)
-        params = {k: stacked(f"expert_params.{k}", src, False, k) for k, src in sources.items()}
+        norm_weights = _norm_weights(by_name, ffn)
+        params = {k: stacked(f"expert_params.{k}", src, False, k, fill=1.0 if src in norm_weights else 0.0)
+                  for k, src in sources.items()}
         experts = GenericExperts(template, params, ffn.d, ffn.f, ffn.activation)
         recipes.update({f"{prefix}.experts.template.{k}": Copy(src) for k, src in consts.items()})
 
@@ -216,20 +230,38 @@ def _make_layer(gm: fx.GraphModule, by_name: dict, ffn: FFN, E: int, layer: int,
     return MoELayer(router, gate, experts, coef, AuxLossSink(moe.aux_loss_coef, moe.z_loss_coef), ffn.block)
 
 
-def _extract_middle(gm: fx.GraphModule, by_name: dict, ffn: FFN, ups, down) -> tuple[fx.GraphModule, dict]:
-    """The FFN's token-wise ops between ups and down as a GraphModule taking the up outputs, and the
-    dense tensor each of its constants copies ({buffer name: dense name}).
+def _norm_weights(by_name: dict, ffn: FFN) -> set[str]:
+    """Targets the FFN region reads as a LayerNorm / RMSNorm weight (init="random" sets them to 1)."""
+    out = set()
+    for name in ffn.nodes:
+        node = by_name[name]
+        if packet(node) in (aten.layer_norm, aten.rms_norm) and len(node.args) > 2:
+            w = node.args[2]
+            if isinstance(w, fx.Node) and w.op == "get_attr":
+                out.add(w.target)
+    return out
 
-    Views are dropped (they only reshape leading dims), so it runs on [E, C, f] as well as [S, f].
-    Constants it reads (buffers, never parameters: FFNs with parameters there use generic experts)
-    are copied into it.
+
+def _parts(ffn: FFN) -> tuple:
+    """The FFN's parts (an FFN built by hand may leave them out: then one whole part per up)."""
+    return ffn.parts or tuple((u, u, 0, ffn.f) for u in ffn.ups)
+
+
+def _extract_middle(gm: fx.GraphModule, by_name: dict, ffn: FFN, down) -> tuple[fx.GraphModule, dict]:
+    """The FFN's token-wise ops between its parts (the up outputs, or the pieces of a fused up) and
+    the down as a GraphModule taking one input per part, and the dense tensor each of its constants
+    copies ({buffer name: dense name}).
+
+    Views are dropped (they only reshape leading dims) and last-dim arguments become -1, so it runs
+    on [E, C, f] as well as [S, f]. Constants it reads (buffers, never parameters: FFNs with
+    parameters there use generic experts) are copied into it.
     """
     graph = fx.Graph()
     root = nn.Module()
     env: dict[fx.Node, fx.Node] = {}
     consts: dict[str, str] = {}
-    for i, u in enumerate(ups):
-        env[u.node] = graph.placeholder(f"h{i}")
+    for i, (node, _, _, _) in enumerate(_parts(ffn)):
+        env[by_name[node]] = graph.placeholder(f"h{i}")
 
     def arg(a: fx.Node) -> fx.Node:
         if a in env:
@@ -248,9 +280,41 @@ def _extract_middle(gm: fx.GraphModule, by_name: dict, ffn: FFN, ups, down) -> t
         if is_view(node):
             env[node] = arg(node.args[0])
             continue
-        env[node] = graph.node_copy(node, arg)
+        env[node] = _copy_last_dim(graph, node, arg)
     graph.output(env[strip_views(down.x)])
     return fx.GraphModule(root, graph, class_name="FFNMiddle"), consts
+
+
+def _copy_last_dim(graph: fx.Graph, node: fx.Node, arg) -> fx.Node:
+    """Copy a token-wise node into `graph`, with a dim argument that names the last dimension written
+    as -1 (the copy then runs on any number of leading dims) and an einsum linear's equation
+    written with "..." leading dims."""
+    new = graph.node_copy(node, arg)
+    p = packet(node)
+    eq = einsum_equation(node)
+    if eq is not None:
+        new.args = (eq, *new.args[1:])
+        return new
+    index = {aten.slice: 1, aten.narrow: 1, aten.split: 2, aten.split_with_sizes: 2, aten.chunk: 2,
+             aten.unsafe_split: 2, aten.unsafe_split_with_sizes: 2, aten.unsafe_chunk: 2,
+             aten.mean: 1, aten.sum: 1, aten.amax: 1, aten.softmax: 1, aten._softmax: 1,
+             aten.log_softmax: 1, aten._log_softmax: 1}.get(p)
+    src = val(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    if index is None or src is None or src.dim() == 0:
+        return new
+    last = src.dim() - 1
+
+    def norm(d):
+        return -1 if isinstance(d, int) and d % src.dim() == last else d
+
+    if len(node.args) > index:
+        d = node.args[index]
+        d = [norm(x) for x in d] if isinstance(d, (list, tuple)) else norm(d)
+        new.args = (*new.args[:index], d, *new.args[index + 1:])
+    elif "dim" in node.kwargs:
+        d = node.kwargs["dim"]
+        new.kwargs = {**new.kwargs, "dim": [norm(x) for x in d] if isinstance(d, (list, tuple)) else norm(d)}
+    return new
 
 
 def _extract_region(gm: fx.GraphModule, by_name: dict, ffn: FFN) -> tuple[fx.GraphModule, dict, dict]:
@@ -289,7 +353,7 @@ def _extract_region(gm: fx.GraphModule, by_name: dict, ffn: FFN) -> tuple[fx.Gra
         if packet(node) in (aten.view, aten.reshape, aten._unsafe_view):
             env[node] = graph.call_function(aten.reshape.default, (arg(node.args[0]), [-1, int(val(node).shape[-1])]))
         else:
-            env[node] = graph.node_copy(node, arg)
+            env[node] = _copy_last_dim(graph, node, arg)
     graph.output(graph.call_function(aten.reshape.default, (env[by_name[ffn.output]], [-1, ffn.d])))
     template = fx.GraphModule(root, graph, class_name="FFNTemplate")
     template._moefx_placeholders = root._moefx_placeholders   # meta on purpose: GenericExperts fills them

@@ -118,7 +118,6 @@ class _Split:
 
     # -- FFNs -------------------------------------------------------------------------------------
     def _ffn(self, by_name: dict, ffn) -> None:
-        gm = self.gm
         region = {by_name[n] for n in ffn.nodes}
         ups = [linear_info(by_name[up]) for up in ffn.ups]
         down = linear_info(by_name[ffn.down])
@@ -222,7 +221,7 @@ class _Split:
         With fewer key / value heads than ranks the k / v projections stay whole (replicated; their
         outputs pass a tp_copy, so every rank's weight gradient sums every rank's heads) and the core
         reads this rank's slice of them. Returns the number of TP collectives inserted."""
-        gm, tp, r = self.gm, self.tp, self.r
+        tp, r = self.tp, self.r
         kv_side = self._kv_side(att)
         infos = {p: linear_info(p) for p in att.projections}
         out_info = linear_info(att.out_proj)

@@ -27,13 +27,14 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ..outputs import main_tensor
 from .launch import init_from_env, progress, say, worker
 
-__all__ = ["main", "build_parser", "worker_argv", "setup", "start_job", "Job", "Rank"]
+__all__ = ["main", "build_parser", "worker_argv", "setup", "start_job", "job_main", "Job", "Rank"]
 
 MODULE = "moefx.runtime.run_model"
 
@@ -275,12 +276,21 @@ def run(args) -> str:
     return f"{head} ok {diff}, {what}"
 
 
-@worker
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    say(run(args))
+def job_main(parser, run) -> Callable[[list[str] | None], None]:
+    """A job module's `main(argv)`: parse with parser(), print run(args)'s summary line in one write,
+    under `worker` (a failure is logged with its rank and exits non-zero)."""
+
+    @worker
+    def main(argv: list[str] | None = None) -> None:
+        args = parser().parse_args(argv)
+        warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        say(run(args))
+
+    return main
+
+
+main = job_main(build_parser, run)
 
 
 if __name__ == "__main__":

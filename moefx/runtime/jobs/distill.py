@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
-from ..launch import say, worker
-from ..run_model import add_model_args
+from ..run_model import add_model_args, job_main
 from .train import add_training_args, run
 
 __all__ = ["main", "build_parser"]
@@ -40,12 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@worker
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    say(run(args))
+main = job_main(build_parser, run)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 
 import torch
 
 from ...parallel import validate_parallel
-from ..launch import progress, say, worker
-from ..run_model import add_model_args, fail_if_asked, peak_rss_mb, replica_batch, start_job, tensor_bytes
+from ..launch import progress, say
+from ..run_model import add_model_args, fail_if_asked, job_main, peak_rss_mb, replica_batch, start_job, tensor_bytes
 
 __all__ = ["main", "build_parser", "add_generation_args", "sampling_kwargs"]
 
@@ -174,12 +173,7 @@ def run(args) -> str:
     return f"{head} ok tokens equal the single-process run, {what}"
 
 
-@worker
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    say(run(args))
+main = job_main(build_parser, run)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 import torch
 
-from ..launch import progress, say, worker
-from ..run_model import add_model_args, fail_if_asked, peak_rss_mb, tensor_bytes
+from ..launch import progress, say
+from ..run_model import add_model_args, fail_if_asked, job_main, peak_rss_mb, tensor_bytes
 
 __all__ = ["main", "build_parser", "add_training_args", "config_from", "run"]
 
@@ -214,12 +213,7 @@ def _check(args, job, config, windows, world, result, distill: bool) -> str | No
     return compare_rows(result.rows, want.rows, args.tolerance)
 
 
-@worker
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    say(run(args))
+main = job_main(build_parser, run)
 
 
 if __name__ == "__main__":
