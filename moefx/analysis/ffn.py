@@ -121,7 +121,7 @@ def find_ffns(gm: fx.GraphModule) -> list[FFN]:
         info = linears[down]
         parts = sorted(parts, key=lambda p: order[p[0]])
         fused = any(node is not up for node, up, _, _ in parts)
-        middle_elementwise = not inner and _elementwise(middle, info.in_features)
+        middle_elementwise = not inner and _elementwise(middle)
         found.append(FFN(
             block=len(found), d=info.out_features, f=info.in_features,
             activation=_classify([n for n in middle], len(parts)), input=x.name, output=out.name,
@@ -139,7 +139,7 @@ def find_ffns(gm: fx.GraphModule) -> list[FFN]:
     return found
 
 
-def _elementwise(middle: list[fx.Node], f: int) -> bool:
+def _elementwise(middle: list[fx.Node]) -> bool:
     """Every middle op treats each element of f on its own and reads no tensor constant or parameter
     with more than one element (a bias or scale over f would have to be split with f)."""
     for n in middle:

@@ -213,13 +213,10 @@ def last_dim_part(node: fx.Node) -> tuple[fx.Node | None, fx.Node, int, int] | N
     n, width = src.shape[-1], v.shape[-1]
     if not isinstance(n, int) or not isinstance(width, int):
         return None
-    if p is aten.slice:
-        start = node.args[2] if len(node.args) > 2 else node.kwargs.get("start")
-        step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
-        if step != 1:
-            return None  # strided (interleaved gate/up columns): not a contiguous part
-    else:
-        start = node.args[2] if len(node.args) > 2 else node.kwargs.get("start")
+    start = node.args[2] if len(node.args) > 2 else node.kwargs.get("start")
+    step = (node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)) if p is aten.slice else 1
+    if step != 1:
+        return None  # strided (interleaved gate / up columns): not a contiguous part
     if start is None:
         start = 0
     if not isinstance(start, int):
