@@ -18,7 +18,7 @@ from .nn.aux import aux_loss
 from .nn.routing import Routing, combine, dispatch, route
 from .passes.pipeline import PIPELINE
 from .passes.shrink import shrink
-from .saving import load, save
+from .saving import load, load_generator, save
 from .plan import LoweringPlan, MoEPlan, ParallelPlan, Plan, StudentPlan
 from .train.distill import DistillError, DistillResult, distill
 
@@ -27,6 +27,6 @@ __all__ = [
     "AnalysisError", "BackendError", "CaptureError", "MoefxError", "PassError", "PlanError", "aux_loss", "Routing",
     "combine", "dispatch", "route", "LoweringPlan", "MoEPlan", "ParallelPlan", "Plan", "StudentPlan", "distill",
     "DistillResult", "DistillError", "dump", "distribute", "partitioned_view", "reduce_gradients", "shrink",
-    "convert_generator", "Generator", "save", "load",
+    "convert_generator", "Generator", "save", "load", "load_generator",
 ]
 __version__ = "0.1.0"

@@ -353,8 +353,8 @@ class LoweringPlan:
     experts: how MoE layers run their experts: "buffer" (tokens dispatched into the [E, C, d]
     capacity buffer, batched matmuls: many tokens per expert), "gather" (each token's k experts'
     weights read by index and applied to it: few tokens, static shapes, what a decode step needs),
-    or "auto": "gather" for graphs whose token count is static and at most `gather_max_tokens`
-    (a decode step) when the layer is not expert-parallel, else "buffer".
+    or "auto": "gather" for graphs whose token count S is static and at most `gather_max_tokens`
+    (a decode step) with S * top_k < experts, when the layer is not expert-parallel, else "buffer".
     """
 
     gating: str = "auto"
