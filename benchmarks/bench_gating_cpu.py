@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _timing import median_ms, table  # noqa: E402
+from _timing import interleaved_ms, table  # noqa: E402
 
 from moefx.nn.routing import combine, dispatch, expert_capacity, route  # noqa: E402
 
@@ -77,13 +77,12 @@ def run_point(S: int, E: int, k: int, d: int, cf: float, mem_gb: float, budget_s
     r = route(logits, top_k=k, capacity_factor=cf, min_capacity=4, impl="torch")
     buf = dispatch(tokens, r, E, impl="torch")
     out = combine(buf, r, impl="torch")
-    row["moefx gate"] = median_ms(lambda: route(logits, top_k=k, capacity_factor=cf, min_capacity=4, impl="torch"))
-    row["moefx dispatch"] = median_ms(lambda: dispatch(tokens, r, E, impl="torch"))
-    row["moefx combine"] = median_ms(lambda: combine(buf, r, impl="torch"))
-    moefx_dc = row["moefx dispatch"] + row["moefx combine"]
-
+    variants = {"moefx gate": lambda: route(logits, top_k=k, capacity_factor=cf, min_capacity=4, impl="torch"),
+                "moefx dispatch": lambda: dispatch(tokens, r, E, impl="torch"),
+                "moefx combine": lambda: combine(buf, r, impl="torch")}
     peak = 13 * S * E * C  # bytes: combine_weights + float mask + construction temporaries
     if peak > mem_gb * 2**30:
+        row.update(interleaved_ms(variants, budget_s=budget_s))
         row["einsum gate"] = row["einsum dispatch"] = row["einsum combine"] = "skipped (memory)"
         return row
     cw, mask = onehot_gate(logits, k, cf, 4)
@@ -91,11 +90,14 @@ def run_point(S: int, E: int, k: int, d: int, cf: float, mem_gb: float, budget_s
     eout = einsum_combine(cw, ebuf)
     row["max |diff|"] = float((eout - out).abs().max())
     del ebuf, eout
-    big = S * E * C * d > 5e10  # a few seconds per einsum: fewer repetitions
-    kw = dict(warmup=1, reps=3, budget_s=budget_s) if big else dict(budget_s=budget_s)
-    row["einsum gate"] = median_ms(lambda: onehot_gate(logits, k, cf, 4), **kw)
-    row["einsum dispatch"] = median_ms(lambda: einsum_dispatch(mask, tokens), **kw)
-    row["einsum combine"] = median_ms(lambda: einsum_combine(cw, buf), **kw)
+    variants.update({"einsum gate": lambda: onehot_gate(logits, k, cf, 4),
+                     "einsum dispatch": lambda: einsum_dispatch(mask, tokens),
+                     "einsum combine": lambda: einsum_combine(cw, buf)})
+    big = S * E * C * d > 5e10  # a few seconds per einsum: fewer rounds
+    kw = dict(rounds=2, reps=1) if big else dict(rounds=5, reps=3)
+    # interleaved (every variant in turn, round after round): a shared machine's drift hits all alike
+    row.update(interleaved_ms(variants, budget_s=budget_s, **kw))
+    moefx_dc = row["moefx dispatch"] + row["moefx combine"]
     row["x disp+comb"] = (row["einsum dispatch"] + row["einsum combine"]) / moefx_dc
     row["x total"] = (row["einsum gate"] + row["einsum dispatch"] + row["einsum combine"]) / (
         row["moefx gate"] + moefx_dc)

@@ -8,7 +8,9 @@ Same weights and same routing for all three (top-1, capacity_factor 1.0, min_cap
             weights copied in (skipped when deepspeed is not importable)
   floor     the two batched expert matmuls alone (baddbmm, baddbmm) on a buffer [E, C, d] that
             is already dispatched: what any MoE layer has to spend; 'floor+gelu' adds the GELU.
-Ratios are to the floor measured in the same run. Times: median of several runs after warm-up,
+Ratios are to the floor measured in the same run. The variants are timed interleaved (floor,
+floor+gelu, moefx, deepspeed, then again, `--rounds` rounds of `--reps` calls each), so a shared
+machine's drift hits all of them alike; times are the median of each variant's calls,
 torch.set_num_threads(threads), torch.inference_mode().
 
     python benchmarks/bench_moe_layer_cpu.py
@@ -27,7 +29,7 @@ from torch import fx, nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _timing import median_ms, table  # noqa: E402
+from _timing import interleaved_ms, table  # noqa: E402
 
 from moefx.nn.routing import combine, dispatch, expert_capacity, route  # noqa: E402
 
@@ -74,7 +76,7 @@ def deepspeed_layer(d, f, E, wg, w1, b1, w2, b2):
     return moe
 
 
-def run_size(S, d, f, E, reps, budget_s):
+def run_size(S, d, f, E, rounds, reps, budget_s):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(S, d, generator=g)
     wg = torch.randn(E, d, generator=g) / d ** 0.5
@@ -98,12 +100,9 @@ def run_size(S, d, f, E, reps, budget_s):
     def floor_gelu():
         return torch.baddbmm(b2.unsqueeze(1), F.gelu(torch.baddbmm(b1.unsqueeze(1), buf, w1)), w2)
 
-    kw = dict(reps=reps, budget_s=budget_s)
     with torch.inference_mode():
         out, r = moefx_layer(x)
-        row["floor ms"] = median_ms(floor, **kw)
-        row["floor+gelu ms"] = median_ms(floor_gelu, **kw)
-        row["moefx ms"] = median_ms(lambda: moefx_layer(x), **kw)
+        variants = {"floor ms": floor, "floor+gelu ms": floor_gelu, "moefx ms": lambda: moefx_layer(x)}
         ds = deepspeed_layer(d, f, E, wg, w1, b1, w2, b2)
         if ds is None:
             row["deepspeed ms"] = "not installed"
@@ -115,7 +114,9 @@ def run_size(S, d, f, E, reps, budget_s):
             # order), so only rows both keep are expected to agree.
             both = kept & (ds_out.abs().sum(dim=1) > 0)
             row["rows equal (kept by both)"] = f"{int(same[both].sum())}/{int(both.sum())}"
-            row["deepspeed ms"] = median_ms(lambda: ds(x), **kw)
+            variants["deepspeed ms"] = lambda: ds(x)
+        row.update(interleaved_ms(variants, rounds=rounds, reps=reps, warmup=2, budget_s=budget_s))
+        if ds is not None:
             row["deepspeed / floor"] = row["deepspeed ms"] / row["floor ms"]
             del ds
     row["moefx / floor"] = row["moefx ms"] / row["floor ms"]
@@ -128,16 +129,17 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="*", default=[",".join(map(str, s)) for s in SIZES],
                     help="S,d,f,E tuples")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    ap.add_argument("--reps", type=int, default=3, help="timed calls per variant per round")
     ap.add_argument("--budget-s", type=float, default=30.0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"# one MoE layer forward, CPU, {args.threads} threads, fp32, top-1, capacity_factor 1.0; "
-          "median ms; ratios to the floor (expert matmuls alone) of the same run\n")
+          "median ms, variants interleaved; ratios to the floor (expert matmuls alone) of the same run\n")
     rows = []
     for spec in args.sizes:
         S, d, f, E = (int(v) for v in spec.split(","))
-        rows.append(run_size(S, d, f, E, args.reps, args.budget_s))
+        rows.append(run_size(S, d, f, E, args.rounds, args.reps, args.budget_s))
         print("  ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     cols = ["S", "d", "f", "E", "C", "floor ms", "floor+gelu ms", "moefx ms", "deepspeed ms", "moefx / floor",
             "moefx / floor+gelu", "deepspeed / floor", "rows equal (kept by both)", "experts"]

@@ -99,6 +99,11 @@ def test_gather_and_buffer_paths_agree_on_distinct_experts():
         b = buffer.decode(ids[:, :1], torch.tensor([5]), slots, torch.full((2, 1), 5))
     assert (a - b).abs().max() <= 1e-6 * max(b.abs().max().item(), 1.0)
     assert torch.equal(gather.generate(ids, max_new_tokens=6), buffer.generate(ids, max_new_tokens=6))
+    # 2 decode tokens x top-2: "auto" gathers in the 8-expert layer only (4 < 8, not 4 < 4), "gather_static"
+    # in both; neither in the prefill (its token count is dynamic)
+    for path, want in (("auto", [1]), ("gather_static", [0, 1])):
+        g = convert_generator(model, {**base, "lowering": {"experts": path}}, (ids,), max_cache_len=16)
+        assert (g.decode.meta["moefx_gather_layers"], g.prefill.meta["moefx_gather_layers"]) == (want, []), path
 
 
 def test_the_decode_step_compiles_fullgraph():

@@ -20,7 +20,7 @@ Experts path (`plan.lowering.experts`), per layer: "buffer" keeps dispatch -> ex
 when the layer's token count S is static, S <= `gather_max_tokens`, S * top_k < E (gather copies
 S * k experts' weights where the buffer path reads all E: at batch 8, E = 8, top-1 it is 3x slower,
 benchmarks/results/generate_cpu.md) and the layer will not be expert-parallel (its ep under
-plan.parallel is 1), else buffer. Recorded in the experts node's
+plan.parallel is 1), else buffer; "gather_static" drops the S * top_k < E condition. Recorded in the experts node's
 meta["moefx_experts_path"] (shown by `moefx dump`).
 """
 from __future__ import annotations
@@ -105,11 +105,13 @@ def _path(gm: fx.GraphModule, layer: int, ctx: PassContext, ep: int) -> str:
     if wanted == "gather" and ep > 1:
         raise PlanError(f"lowering.experts = 'gather' but MoE layer {layer} is expert-parallel (ep = {ep}): the "
                         "gather path reads every expert's weights locally; use 'buffer' or 'auto' with ep > 1")
-    if wanted != "auto":
+    if wanted in ("buffer", "gather"):
         return wanted
     mod = gm.get_submodule(f"moe{layer}")
-    # gather copies count * k experts' weights, the buffer path reads all E once: gather only when that is fewer
-    few = static and count <= ctx.plan.lowering.gather_max_tokens and count * mod.gate.top_k < mod.num_experts
+    few = static and count <= ctx.plan.lowering.gather_max_tokens
+    if wanted == "auto":
+        # gather copies count * k experts' weights, the buffer path reads all E once: gather only when that is fewer
+        few = few and count * mod.gate.top_k < mod.num_experts
     return "gather" if few and ep == 1 else "buffer"
 
 
