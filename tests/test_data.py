@@ -95,3 +95,33 @@ def test_errors():
         load_corpus(max_bytes=SMALL, val_fraction=1.5)
     with pytest.raises(ValueError, match="split"):
         corpus_files("test")
+
+
+def test_training_windows_never_read_the_held_out_tokens(tmp_path):
+    import argparse
+
+    import numpy as np
+
+    from moefx.runtime.jobs.train import windows_for
+    from moefx.train.tokens import open_split
+
+    # a token file whose ids are their positions: a window's ids say where it was read
+    np.save(tmp_path / "t.npy", np.arange(2000, dtype=np.int32))
+    args = argparse.Namespace(data=str(tmp_path / "t.npy"), eval_data=None, data_dtype="uint16", tokenizer=None,
+                              weights=None, batch=8, seq=16, seed=0)
+    w = windows_for(args, 4096)
+    train_max = max(int(w.micro_batch(step, i)[1].max()) for step in range(40) for i in range(2))
+    evals = w.eval_batches(4)
+    assert train_max < 1900 and min(int(x.min()) for x, _ in evals) >= 1900        # the last 5%: 1900..1999
+    # the shipped corpus: validation windows come from its validation files
+    train, val = open_split(None)
+    args.data = None
+    w = windows_for(args, None)
+    x, y = w.eval_batches(1)[0]
+    text = bytes(val.tolist())
+    assert all(bytes(row.tolist()) in text for row in x)
+    # a separate validation file
+    np.save(tmp_path / "v.npy", np.arange(5000, 5100, dtype=np.int32))
+    args.data, args.eval_data = str(tmp_path / "t.npy"), str(tmp_path / "v.npy")
+    w = windows_for(args, 8192)
+    assert int(w.micro_batch(0, 0)[1].max()) < 2000 and min(int(x.min()) for x, _ in w.eval_batches(2)) >= 5000

@@ -1,9 +1,10 @@
 """Training tokens: files memory-mapped from disk, text through a local tokenizer, or the shipped corpus,
 cut into deterministic language-model batches that every data-parallel replica draws its share of.
 
-    tokens = open_tokens("corpus.bin")                 # uint16 .bin (nanoGPT), .npy, .txt, or None
-    windows = Windows(tokens, batch=8, seq=256, seed=0)
+    train, val = open_split("corpus.bin")              # uint16 .bin (nanoGPT), .npy, .txt, or None
+    windows = Windows(train, batch=8, seq=256, seed=0, eval_tokens=val)
     ids, targets = windows.micro_batch(step=12, index=3)   # [8, 256] each, the same on every machine
+    held_out = windows.eval_batches(4)                     # validation windows, from `val` only
 
 Sources (`open_tokens`):
 - `.bin`: a flat array of token ids as nanoGPT's `prepare.py` writes (uint16; `dtype="uint32"` for
@@ -12,6 +13,10 @@ Sources (`open_tokens`):
 - `.txt` (any other suffix): UTF-8 text, tokenised with the tokenizer in a local folder
   (`tokenizer=DIR`, never downloaded), or byte-level (ids 0..255) without one;
 - None: the shipped `moefx.data` corpus (the Python standard library's source, byte-level).
+
+Validation data (`open_split`): the shipped corpus has its own validation files; a user file's
+last `HELD_OUT` fraction (5%) is held out, or `eval_path` names a separate file (nanoGPT's val.bin).
+Training windows never read the held-out tokens.
 
 Batches are a pure function of (seed, step, micro-batch index): micro-batch j of optimizer step s
 is `batch` windows of seq + 1 tokens starting at offsets drawn from a generator seeded with
@@ -30,7 +35,9 @@ import torch
 
 from ..errors import MoefxError
 
-__all__ = ["open_tokens", "Windows", "Memmapped", "micro_index"]
+__all__ = ["open_tokens", "open_split", "HELD_OUT", "Windows", "Memmapped", "micro_index"]
+
+HELD_OUT = 0.05
 
 
 def _memmap(path: Path, dtype: str) -> torch.Tensor:
@@ -67,6 +74,9 @@ class Memmapped:
     def max(self):
         return torch.tensor(int(self.arr.max()))
 
+    def split(self, at: int) -> tuple["Memmapped", "Memmapped"]:
+        return Memmapped(self.arr[:at]), Memmapped(self.arr[at:])
+
 
 def open_tokens(path: str | None, *, dtype: str = "uint16", tokenizer: str | None = None):
     """The training tokens of `path` (see the module docstring): a 1-D tensor-like of token ids."""
@@ -91,6 +101,24 @@ def open_tokens(path: str | None, *, dtype: str = "uint16", tokenizer: str | Non
     return torch.tensor(tok(text)["input_ids"], dtype=torch.long)
 
 
+def open_split(path: str | None, *, eval_path: str | None = None, dtype: str = "uint16",
+               tokenizer: str | None = None) -> tuple:
+    """(training tokens, validation tokens) of `path` (see the module docstring): the shipped corpus's
+    own split for None, `eval_path`'s tokens when given, else the last HELD_OUT of the file's tokens."""
+    if path is None and eval_path is None:
+        from ..data import load_corpus
+
+        return load_corpus()
+    train = open_tokens(path, dtype=dtype, tokenizer=tokenizer)
+    if eval_path is not None:
+        return train, open_tokens(eval_path, dtype=dtype, tokenizer=tokenizer)
+    n = train.numel()
+    at = n - max(int(n * HELD_OUT), 1)
+    if at < 2:
+        raise MoefxError(f"--data {path} has {n} tokens: too few to hold out validation tokens; give --eval-data")
+    return train.split(at) if isinstance(train, Memmapped) else (train[:at], train[at:])
+
+
 def micro_index(replica: int, accum_index: int, replicas: int) -> int:
     """The micro-batch index (within a step) replica `replica` reads at accumulation step `accum_index`."""
     return accum_index * replicas + replica
@@ -104,28 +132,38 @@ def _seed(seed: int, step: int, index: int) -> int:
 class Windows:
     """Deterministic LM micro-batches of `batch` x `seq` tokens from `tokens` (see the module docstring)."""
 
-    def __init__(self, tokens, batch: int, seq: int, seed: int = 0, vocab_size: int | None = None):
+    def __init__(self, tokens, batch: int, seq: int, seed: int = 0, vocab_size: int | None = None,
+                 eval_tokens=None):
         if batch < 1 or seq < 1:
             raise MoefxError(f"need --batch >= 1 and --seq >= 1, got {batch} and {seq}")
-        n = tokens.numel()
-        if n < seq + 1:
-            raise MoefxError(f"the data has {n} tokens, fewer than --seq + 1 = {seq + 1}: shorten --seq or give "
-                             "more data")
-        if vocab_size is not None:
-            top = int(tokens.max())
-            if top >= vocab_size:
-                raise MoefxError(f"the data has token id {top} but the model's vocabulary is {vocab_size}: give data "
-                                 "tokenised for this model (or a model with a larger vocabulary)")
+        for what, t in (("the data", tokens), ("the validation data", eval_tokens)):
+            if t is None:
+                continue
+            n = t.numel()
+            if n < seq + 1:
+                raise MoefxError(f"{what} has {n} tokens, fewer than --seq + 1 = {seq + 1}: shorten --seq or give "
+                                 "more data")
+            if vocab_size is not None:
+                top = int(t.max())
+                if top >= vocab_size:
+                    raise MoefxError(f"{what} has token id {top} but the model's vocabulary is {vocab_size}: give "
+                                     "data tokenised for this model (or a model with a larger vocabulary)")
         self.tokens, self.batch, self.seq, self.seed = tokens, batch, seq, seed
+        self.eval_tokens = eval_tokens
 
     def micro_batch(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs [batch, seq], targets [batch, seq]) of micro-batch `index` of optimizer step `step`."""
+        return self._windows(self.tokens, step, index)
+
+    def _windows(self, tokens, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(_seed(self.seed, step, index))
-        starts = torch.randint(0, self.tokens.numel() - self.seq, (self.batch,), generator=g)
+        starts = torch.randint(0, tokens.numel() - self.seq, (self.batch,), generator=g)
         idx = starts[:, None] + torch.arange(self.seq + 1)
-        w = self.tokens[idx.reshape(-1)].reshape(self.batch, self.seq + 1).long()
+        w = tokens[idx.reshape(-1)].reshape(self.batch, self.seq + 1).long()
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
     def eval_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """`n` fixed micro-batches for validation (drawn with the step index -1 - i, never a training step)."""
-        return [self.micro_batch(-1 - i, 0) for i in range(n)]
+        """`n` fixed micro-batches for validation: from `eval_tokens` (held out) when given, else from the
+        training tokens with step index -1 - i (never a training step's windows, but the same text)."""
+        tokens = self.eval_tokens if self.eval_tokens is not None else self.tokens
+        return [self._windows(tokens, -1 - i, 0) for i in range(n)]

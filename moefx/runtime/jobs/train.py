@@ -32,6 +32,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="FILE", help="token file: .bin (flat uint16, as nanoGPT writes; see "
                                                   "--data-dtype), .npy, or a text file (see --tokenizer); default: "
                                                   "the shipped moefx.data corpus (byte-level)")
+    p.add_argument("--eval-data", metavar="FILE", help="validation tokens, same formats as --data (default: the "
+                                                        "shipped corpus's validation files, or the last 5%% of --data)")
     p.add_argument("--data-dtype", default="uint16", choices=("uint16", "uint32"), help="token type of a .bin file")
     p.add_argument("--tokenizer", metavar="DIR", help="folder with a tokenizer for a text --data file (default: "
                                                       "--weights; none: byte-level)")
@@ -78,17 +80,21 @@ def config_from(args, **extra):
 
 
 def windows_for(args, vocab: int | None, *, rank: int = 0):
-    """The data of the options as Windows of --batch x --seq (the shipped corpus folded into a
-    smaller vocabulary with `id % vocab`, said once)."""
-    from ...train.tokens import Windows, open_tokens
+    """The data of the options as Windows of --batch x --seq with held-out validation tokens (the
+    shipped corpus folded into a smaller vocabulary with `id % vocab`, said once)."""
+    from ...train.tokens import HELD_OUT, Windows, open_split
 
-    tokens = open_tokens(args.data, dtype=args.data_dtype, tokenizer=args.tokenizer or args.weights)
+    tokenizer = args.tokenizer or args.weights
+    train, val = open_split(args.data, eval_path=args.eval_data, dtype=args.data_dtype, tokenizer=tokenizer)
     if args.data is None and vocab is not None and vocab < 256:
         if rank == 0:
             say(f"moefx train: the shipped corpus is byte-level (256 ids); folded into this model's vocabulary of "
                 f"{vocab} with id % {vocab}")
-        tokens = tokens % vocab
-    return Windows(tokens, args.batch, args.seq, seed=args.seed, vocab_size=vocab)
+        train, val = train % vocab, val % vocab
+    elif args.data is not None and args.eval_data is None and rank == 0:
+        say(f"moefx train: validating on the last {HELD_OUT:.0%} of {args.data} (held out of training; "
+            "--eval-data FILE to give a validation file)")
+    return Windows(train, args.batch, args.seq, seed=args.seed, vocab_size=vocab, eval_tokens=val)
 
 
 def _compiled(model, args):
