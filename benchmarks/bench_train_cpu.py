@@ -59,6 +59,8 @@ from _timing import load_note  # noqa: E402  (the load average is taken at impor
 BASELINE = "baseline (DeepSpeed-style eager)"
 CLIP, LR = 1.0, 3e-4
 EVAL_BATCHES = 8
+HELD_COL = "held-out validation loss (validation files, what the CLI evaluates)"
+TRAIN_COL = "loss on training-split windows"
 
 # the real run's model (`moefx train benchmarks.bench_train_cpu:run_model`)
 RUN_MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128, "vocab_size": 256, "block_size": 128}
@@ -209,8 +211,8 @@ def throughput(args) -> str:
             table(rows, ["world", "variant", "ms/step", "tokens/s", "vs baseline", "vs moefx eager",
                          "first-step diff vs baseline"])]
     if compiles:
-        text += ["Compile times (`torch.compile(fullgraph=True)`, inductor, forward and backward graphs, fresh "
-                 "cache, rank 0 first, the others after it):",
+        text += ["Compile times: the first call of `torch.compile(fullgraph=True)` (inductor, forward and backward "
+                 "graphs, plus one forward; fresh cache, rank 0 first, the others after it):",
                  table(compiles, ["world", "rank 0 (cold cache) s", "other ranks (after rank 0, max) s"])]
     verdict = []
     for world in sorted({str(r["world"]) for r in rows}):
@@ -225,16 +227,14 @@ def throughput(args) -> str:
 # ------------------------------------------------------------------------- the real run
 
 def _eval_sets(B: int, T: int, n: int) -> dict:
-    """The validation windows: the CLI's (`Windows(open_tokens(None), B, T, seed=0).eval_batches(n)`, what
-    `moefx train --eval-every` evaluates: windows of the training split) and held-out ones (the same
-    windowing over the corpus's validation files, `moefx.data.load_corpus()[1]`, which the training
-    split never contains)."""
-    from moefx.data import load_corpus
-    from moefx.train.tokens import Windows, open_tokens
+    """The validation windows: held-out ones (`Windows(train, B, T, seed=0, eval_tokens=val)`, what
+    `moefx train --eval-every` evaluates: the corpus's validation files, which training never reads)
+    and the same windowing over the training split (an in-sample reference)."""
+    from moefx.train.tokens import Windows, open_split
 
-    _, val = load_corpus()
-    return {"cli": Windows(open_tokens(None), B, T, seed=0).eval_batches(n),
-            "held_out": Windows(val, B, T, seed=0).eval_batches(n)}
+    train, val = open_split(None)
+    return {"held_out": Windows(train, B, T, seed=0, eval_tokens=val).eval_batches(n),
+            "train_split": Windows(train, B, T, seed=0).eval_batches(n)}
 
 
 def _losses_of(checkpoints: list, sets: dict) -> list[dict]:
@@ -294,8 +294,7 @@ def real_run(args) -> str:
     steps = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step"))
     sets = _eval_sets(args.run_batch, args.run_seq, EVAL_BATCHES)
     evals = _losses_of([None] + [os.path.join(ckpt_dir, d) for d in steps], sets)
-    eval_rows = [{"step": 0 if ckpt is None else int(ckpt[4:]), "validation loss (CLI's windows, training split)":
-                  e["cli"], "held-out validation loss (validation files)": e["held_out"]}
+    eval_rows = [{"step": 0 if ckpt is None else int(ckpt[4:]), HELD_COL: e["held_out"], TRAIN_COL: e["train_split"]}
                  for ckpt, e in zip([None] + steps, evals)]
     with open(csv_path) as fh:
         rows = list(csv.DictReader(fh))
@@ -328,19 +327,14 @@ def real_run(args) -> str:
              f"| tokens/s, mean over steps 2.. (CSV) | {sum(tps) / max(len(tps), 1):.0f} |\n"
              f"| tokens/s, median (CSV) | {sorted(tps)[len(tps) // 2] if tps else float('nan'):.0f} |",
              f"Validation losses at every --eval-every step ({EVAL_BATCHES} batches of {args.run_batch} x "
-             f"{args.run_seq}), recomputed here from the checkpoints: the CLI's windows (what --eval-every "
-             "evaluates; its last value must equal the CLI's final validation loss) and the same windowing over "
-             "the corpus's held-out validation files:",
-             table(eval_rows, ["step", "validation loss (CLI's windows, training split)",
-                               "held-out validation loss (validation files)"]),
+             f"{args.run_seq}), recomputed here from the checkpoints: the held-out windows the CLI evaluates (the "
+             "corpus's validation files; the last value must equal the CLI's final validation loss) and the same "
+             "windowing over the training split:",
+             table(eval_rows, ["step", HELD_COL, TRAIN_COL]),
              f"The CLI's summary line: `{summary.strip()}`",
              ("The loss goes down clearly: " if down else "**The loss does NOT go down clearly**: ")
              + f"training {first10:.2f} -> {last10:.2f} (first / last 10 steps), held-out validation "
              f"{untrained:.2f} -> {held_out:.2f} (ln 256 = 5.55 is a uniform guess over bytes).",
-             "Note on the CLI's validation loss: without --data, `moefx train` validates on windows drawn from "
-             "the *training* split of the corpus (`moefx.train.tokens.open_tokens(None)` returns only "
-             "`load_corpus()[0]`, and `Windows.eval_batches` draws from the same tokens), so it is not a held-out "
-             "loss; the held-out column evaluates the same weights on the corpus's validation files.",
              f"Files: `{os.path.relpath(csv_path, ROOT)}` (one row per step), `{os.path.relpath(svg_path, ROOT)}` "
              "(loss curve with the validation points)."]
     return "\n\n".join(lines) + "\n"

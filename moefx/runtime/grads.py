@@ -81,8 +81,13 @@ def grad_norm(local: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
 def clip_grad_norm(local: nn.Module, max_norm: float) -> torch.Tensor:
     """Scale every gradient so the global norm is at most `max_norm`; returns the norm before clipping."""
     norm = grad_norm(local)
+    scale_gradients(local.parameters(), norm, max_norm)
+    return norm
+
+
+def scale_gradients(params, norm: torch.Tensor, max_norm: float) -> None:
+    """Multiply the gradients of `params` by min(1, max_norm / norm) (the clipping step, given the norm)."""
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for p in local.parameters():
+    for p in params:
         if p.grad is not None:
             p.grad.mul_(scale.to(p.grad.dtype))
-    return norm
