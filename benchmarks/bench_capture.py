@@ -26,6 +26,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from _timing import load_note  # noqa: E402  (the load average is taken at import)
 
 
 def swin(quick: bool):
@@ -101,11 +103,10 @@ def main() -> None:
     lines = [
         "# Capture time of a windowed vision Transformer (CPU)",
         "",
-        f"Command: `python benchmarks/bench_capture.py{' --quick' if args.quick else ''}`; torch {torch.__version__}, "
+        f"Command: `{' '.join(['python benchmarks/bench_capture.py', *sys.argv[1:]])}`; torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, {args.threads} threads; "
         f"{'small Swin (64 px, window 4)' if args.quick else 'Swin-T geometry (224 px, window 7, depths 2-2-6-2, embed 48)'}, "
-        "random init. The machine was shared with other jobs (auto / static interleaved, median of "
-        f"{args.rounds} rounds).",
+        f"random init. Auto / static interleaved, median of {args.rounds} rounds. {load_note()}",
         "",
         "| dynamic shapes | capture time | vs moefx default |",
         "|---|---|---|",
