@@ -36,8 +36,8 @@ def _single(plan: dict, config: TrainConfig, **kw):
     from moefx.runtime.build import ModelSpec, build_train_graphs
 
     warnings.filterwarnings("ignore")
-    model, eval_model = build_train_graphs(ModelSpec(name="llama-tiny", seed=2), moefx.Plan.from_dict(plan),
-                                           distributed=False)
+    model, _ = build_train_graphs(ModelSpec(name="llama-tiny", seed=2), moefx.Plan.from_dict(plan),
+                                  distributed=False, with_eval=False)
     return model, train(model, config, _windows(), world=Single(), **kw)
 
 
@@ -68,7 +68,7 @@ def _train_on_ranks(rank, world, parallel, want_rows, want_state, ckpt):
 
     warnings.filterwarnings("ignore")
     plan = moefx.Plan.from_dict({"moe": MOE, "parallel": parallel})
-    model, _ = build_train_graphs(ModelSpec(name="llama-tiny", seed=2), plan)
+    model, _ = build_train_graphs(ModelSpec(name="llama-tiny", seed=2), plan, with_eval=False)
     w = Ranks(model)
     result = train(model, CONFIG, _windows(), world=w, checkpoint_dir=ckpt)
     _close(result.rows, want_rows)
@@ -82,7 +82,7 @@ def _resume_on_ranks(rank, world, parallel, want_rows, ckpt, replicas):
 
     warnings.filterwarnings("ignore")
     plan = moefx.Plan.from_dict({"moe": MOE, "parallel": parallel})
-    model, _ = build_train_graphs(ModelSpec(name="llama-tiny", seed=2), plan)
+    model, _ = build_train_graphs(ModelSpec(name="llama-tiny", seed=2), plan, with_eval=False)
     w = Ranks(model)
     # the same micro-batches per step at world 2 as in the world-4 run: more accumulation per replica
     config = dataclasses.replace(CONFIG, grad_accum=replicas // w.replicas)
@@ -115,7 +115,7 @@ def _bit_exact_on_ranks(rank, world, ckpt):
     config = dataclasses.replace(CONFIG, steps=6)
     runs = []
     for resume in (None, f"{ckpt}/step0000003"):
-        model, _ = build_train_graphs(ModelSpec(name="llama-tiny", seed=2), plan)
+        model, _ = build_train_graphs(ModelSpec(name="llama-tiny", seed=2), plan, with_eval=False)
         result = train(model, config, _windows(), world=Ranks(model), checkpoint_dir=ckpt if resume is None else None,
                        resume=resume)
         runs.append((result.rows, {k: v.detach().clone() for k, v in model.named_parameters()}))

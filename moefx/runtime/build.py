@@ -258,15 +258,16 @@ def fill_generator(prefill: fx.GraphModule, decode: fx.GraphModule, source: Sour
 
 
 def build_train_graphs(spec: ModelSpec, plan, *, device="cpu", distributed: bool = True, tokens_per_rank: int = 4096,
-                       profile=None, measure: bool = False, source: Source | None = None
-                       ) -> tuple[fx.GraphModule, fx.GraphModule]:
+                       profile=None, measure: bool = False, source: Source | None = None, with_eval: bool = True
+                       ) -> tuple[fx.GraphModule, fx.GraphModule | None]:
     """(train-mode graph, eval-mode graph) of this rank (distributed) or of the whole model, sharing
-    every tensor: the train graph keeps the model's dropout, the eval graph has none."""
+    every tensor: the train graph keeps the model's dropout, the eval graph has none. with_eval=False
+    skips the eval graph (one capture less) and returns None in its place."""
     from ..gen.generator import share_tensors
     from .materialize import materialize
 
     train_gm, skel = convert_meta(spec, plan, train=True)
-    eval_gm, _ = convert_meta(spec, plan, train=False)
+    eval_gm = convert_meta(spec, plan, train=False)[0] if with_eval else None
     if distributed:
         import torch.distributed as dist
 
@@ -279,9 +280,11 @@ def build_train_graphs(spec: ModelSpec, plan, *, device="cpu", distributed: bool
             profile = measure_profile(resolved.nodes, resolved.devices_per_node)
         mesh = build_mesh(resolved)
         train_gm = distribute(train_gm, plan, mesh=mesh, tokens_per_rank=tokens_per_rank, profile=profile)
-        eval_gm = distribute(eval_gm, plan, mesh=mesh, tokens_per_rank=tokens_per_rank, profile=profile)
+        if eval_gm is not None:
+            eval_gm = distribute(eval_gm, plan, mesh=mesh, tokens_per_rank=tokens_per_rank, profile=profile)
     source = source if source is not None else dense_source(spec, skel)
     materialize(train_gm, source, device=device, buffers=skel.buffers)
-    share_tensors(eval_gm, train_gm)
-    materialize(eval_gm, source, device=device, buffers=skel.buffers)
+    if eval_gm is not None:
+        share_tensors(eval_gm, train_gm)
+        materialize(eval_gm, source, device=device, buffers=skel.buffers)
     return train_gm, eval_gm

@@ -137,15 +137,15 @@ def _teacher_plan(plan):
     return dataclasses.replace(plan, student=None)
 
 
-def _models(args, job, *, distributed: bool, distill: bool):
-    """(student / model train graph, its eval graph, teacher or None), weights loaded."""
+def _models(args, job, *, distributed: bool, distill: bool, with_eval: bool = True):
+    """(student / model train graph, its eval graph (None without with_eval), teacher or None), weights loaded."""
     from ..build import build_rank, build_reference, build_train_graphs
     from ..checkpoint import load_full, load_sharded
 
     load = load_sharded if distributed else load_full
     model, eval_model = build_train_graphs(job.spec, job.plan, device=job.device, distributed=distributed,
                                            tokens_per_rank=args.batch * args.seq, profile=job.profile,
-                                           measure=distributed)
+                                           measure=distributed, with_eval=with_eval)
     teacher = None
     if distill:
         plan = _teacher_plan(job.plan)
@@ -213,7 +213,7 @@ def _check(args, job, config, windows, world, result, distill: bool) -> str | No
     from ...train.trainer import train
     from ...train.world import Single
 
-    ref, _, teacher = _models(args, job, distributed=False, distill=distill)
+    ref, _, teacher = _models(args, job, distributed=False, distill=distill, with_eval=False)
     single = dataclasses.replace(config, grad_accum=config.grad_accum * world.replicas)
     want = train(ref, single, windows, teacher=teacher, world=Single())
     return compare_rows(result.rows, want.rows, args.tolerance)
