@@ -770,8 +770,8 @@ def main(argv=None):
                 for w, c in compiles.items() for k, v in c.items()]
         text += ["\nCompile times (outside the timed region): the first call of `torch.compile(local, "
                  "fullgraph=True)`, inductor, compilation plus one run, fresh cache, rank 0 first, the others once "
-                 "it is done; train step = forward and backward graphs:\n\n", table(crow, ["world", "graph", "rank 0 (cold cache) s",
-                                              "other ranks (after rank 0, max) s"]), "\n"]
+                 "it is done; train step = forward and backward graphs:\n\n",
+                 table(crow, ["world", "graph", "rank 0 (cold cache) s", "other ranks (after rank 0, max) s"]), "\n"]
     text += ["\nDoes moefx beat the DeepSpeed-style baseline (goal: faster at every world size)?\n\n",
              "\n".join(verdict(e2e)), "\n"]
     if a2a:

@@ -43,8 +43,9 @@ def test_greedy_tokens_equal_hugging_face_generate(name, plan):
     assert gen.prefill.meta["moefx_gather_layers"] == []
     if name == "gpt2-tiny" and plan == "top1-residual":            # and `moefx dump` shows it
         rows = [ln.split() for ln in moefx.dump(gen.decode, "table").splitlines()[2:6]]
-        assert [r[7] for r in rows] == ["-", "gather", "-", "gather"]          # blocks 1 and 3 are MoE
-        assert {layer["experts_path"] for layer in json.loads(moefx.dump(gen.prefill, "json"))["moe_layers"]} == {"buffer"}
+        assert [r[7] for r in rows] == ["-", "gather", "-", "gather"]      # blocks 1 and 3 are MoE
+        layers_json = json.loads(moefx.dump(gen.prefill, "json"))["moe_layers"]
+        assert {layer["experts_path"] for layer in layers_json} == {"buffer"}
 
 
 def test_nanogpt_generates_what_its_own_loop_generates():

@@ -247,11 +247,19 @@ def test_distributed_staged_kd_equals_one_process(tmp_path):
 def test_train_command(tmp_path, capsys):
     from moefx.cli import main
 
-    code = main(["train", "nanogpt-tiny", "--steps", "3", "--batch", "2", "--seq", "16", "--no-progress",
-                 "--metrics-csv", str(tmp_path / "m.csv"), "--eval-every", "3", "--save", str(tmp_path / "w")])
+    code = main(["train", "nanogpt-tiny", "--steps", "3", "--batch", "2", "--seq", "16", "--lr", "0.05",
+                 "--no-progress", "--metrics-csv", str(tmp_path / "m.csv"), "--eval-every", "3",
+                 "--save", str(tmp_path / "w")])
     out = capsys.readouterr().out
     assert code == 0 and "ok 3 steps" in out and "validation loss" in out
     assert (tmp_path / "m.csv").read_text().splitlines()[0] == "step,loss,aux,grad_norm,lr,tokens_per_s"
+    # generate from the saved training weights in one process; without MODEL the checkpoint is refused
+    gen = ["generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]
+    assert main([*gen, "nanogpt-tiny"]) == 0 and main([*gen, "nanogpt-tiny", "--load", str(tmp_path / "w")]) == 0
+    fresh, trained = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("row 0")]
+    assert fresh != trained
+    assert main([*gen, "--load", str(tmp_path / "w")]) == 2
+    assert "is a sharded checkpoint" in capsys.readouterr().err
     data = tmp_path / "tokens.bin"
     torch.randint(0, 300, (5000,), dtype=torch.int32).numpy().astype("uint16").tofile(data)
     assert main(["train", "nanogpt-tiny", "--data", str(data), "--steps", "1", "--no-progress"]) == 2

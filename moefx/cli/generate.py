@@ -3,10 +3,14 @@
     moefx generate llama-tiny --plan plan.toml --prompt-ids 1,2,3 --max-new-tokens 32 [--compile]
     moefx generate - --weights DIR --plan plan.toml --prompt "Once upon a time"   (tokenizer in DIR)
     moefx generate --load saved/ --prompt-ids 1,2,3        (a folder written by moefx.save)
+    moefx generate llama-tiny --plan plan.toml --load ckpt/step0000300    (a training checkpoint)
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import MoefxError
+from ..saving import WEIGHTS
 from .common import check_device, load_plan
 
 
@@ -14,16 +18,26 @@ def _generator(args, batch: int, prompt_len: int, cache: int):
     from ..runtime.build import ModelSpec, build_generator
     from ..saving import load_generator
 
-    if args.load:
+    saved = args.load and (Path(args.load) / WEIGHTS).exists()       # moefx.save's folder, not a DCP checkpoint
+    if saved:
         if args.plan or args.weights or args.model not in (None, "-"):
             raise MoefxError("--load DIR rebuilds the model and plan saved in DIR: give no MODEL, --plan or --weights")
         return load_generator(args.load, batch_size=batch, max_cache_len=cache, device=args.device)
     if args.model in (None, "-") and not args.weights:
+        if args.load:
+            raise MoefxError(f"--load {args.load} is a sharded checkpoint (a training step folder or launch --save): "
+                             "give the MODEL and --plan it was trained with")
         raise MoefxError("give a MODEL (built-in or package.module:function), --weights DIR or --load DIR")
     spec = ModelSpec(name=None if args.model in (None, "-") else args.model, weights=args.weights, init=args.init,
                      seed=args.seed, batch=args.batch, seq=args.seq)
-    return build_generator(spec, load_plan(args.plan), batch_size=batch, max_cache_len=cache,
-                           prompt_len=max(prompt_len, 2), device=args.device, distributed=False)
+    gen = build_generator(spec, load_plan(args.plan), batch_size=batch, max_cache_len=cache,
+                          prompt_len=max(prompt_len, 2), device=args.device, distributed=False)
+    if args.load:                                    # its weights over the built ones (optimizer state ignored)
+        from ..runtime.checkpoint import load_full
+        from ..runtime.jobs.generate import checkpoint_name
+
+        load_full(gen.prefill, args.load, rename=checkpoint_name, strict=False)
+    return gen
 
 
 def cmd_generate(args) -> int:
@@ -82,7 +96,8 @@ def add_parsers(sub) -> None:
     g.add_argument("--init", default="model", choices=("model", "seeded"),
                    help="a built-in's dense weights: its own init or a per-tensor seeded init")
     g.add_argument("--load", metavar="DIR", help="a folder written by moefx.save (a generator or a converted "
-                                                 "model): generate with its graph and weights")
+                                                 "model: generate with its graph and weights), or a sharded "
+                                                 "checkpoint (a training step folder; with MODEL and --plan)")
     g.add_argument("--save", metavar="DIR", help="save the generator (moefx.save) after generating")
     g.add_argument("--tokenizer", metavar="DIR", help="folder with a tokenizer (default: --weights)")
     g.add_argument("--compile", action="store_true", help="run the decode step under torch.compile(fullgraph=True)")

@@ -86,7 +86,7 @@ def _replica_prompts(args, job, replica: int, replicas: int, tokenizer) -> tuple
     return left_pad(replica_rows(rows, replica, replicas))
 
 
-def _rename(name: str) -> str | None:
+def checkpoint_name(name: str) -> str | None:
     """A generation graph's tensor -> its name in a checkpoint of the converted model (the cache: none)."""
     from ...gen.cache import is_cache_buffer
 
@@ -125,7 +125,7 @@ def run(args) -> str:
     gen.agree = _agree(job.device)
     progress("built")
     if args.load:
-        load_sharded(gen.prefill, args.load, rename=_rename, strict=False)
+        load_sharded(gen.prefill, args.load, rename=checkpoint_name, strict=False)
         progress("loaded")
     fail_if_asked(args, job.rank)
     vocab = gen.vocab_size
@@ -162,7 +162,7 @@ def run(args) -> str:
     if args.load:
         from ..checkpoint import load_full
 
-        load_full(ref.prefill, args.load, rename=_rename, strict=False)
+        load_full(ref.prefill, args.load, rename=checkpoint_name, strict=False)
     want = ref.generate(ids, mask, **sampling_kwargs(args))
     if not torch.equal(out, want):
         rows_off = [i for i in range(out.shape[0]) if not torch.equal(out[i], want[i])] if out.shape == want.shape \

@@ -104,10 +104,13 @@ def _compiled(model, args):
 
 
 def _summary(head: str, result, args, model) -> str:
-    last = result.rows[-1] if result.rows else {}
-    tps = [r["tokens_per_s"] for r in result.rows[1:]] or [last.get("tokens_per_s", 0.0)]
-    text = (f"{head} ok {len(result.rows)} steps, loss {last.get('loss', float('nan')):.4f}, grad norm "
-            f"{last.get('grad_norm', float('nan')):.3g}, {sum(tps) / len(tps):.0f} tokens/s")
+    if not result.rows:                      # resumed at (or past) --steps: nothing left to train
+        text = f"{head} ok 0 steps: the checkpoint is at step {result.resumed_from} of --steps {args.steps}"
+    else:
+        last = result.rows[-1]
+        tps = [r["tokens_per_s"] for r in result.rows[1:]] or [last["tokens_per_s"]]
+        text = (f"{head} ok {len(result.rows)} steps, loss {last['loss']:.4f}, grad norm {last['grad_norm']:.3g}, "
+                f"{sum(tps) / len(tps):.0f} tokens/s")
     if result.final_eval_loss is not None:
         text += f", validation loss {result.final_eval_loss:.4f}"
     if result.skipped:
