@@ -65,11 +65,6 @@ def dump(gm: fx.GraphModule, format: str = "code", *, expand: bool = False) -> s
 # layer table
 
 
-def _named_moe_layers(gm: torch.nn.Module) -> list[tuple[str, MoELayer]]:
-    """("moe{L}", module) of every MoE layer of `gm`, in layer order."""
-    return [(f"moe{layer}", m) for layer, m in moe_layers(gm)]
-
-
 def _block_ffn_params(gm: fx.GraphModule) -> dict[int, int]:
     """Parameters of each block's dense FFN (weights/biases read by nodes tagged with the block)."""
     out: dict[int, set] = {}
@@ -212,11 +207,11 @@ def to_json(gm: fx.GraphModule) -> dict:
             entry["shape"] = shape
         nodes.append(entry)
     paths = experts_paths(gm)
-    layers = [{"name": name, "block": m.block, "experts": m.num_experts, "top_k": m.gate.top_k,
-               "experts_path": paths[int(name[3:])],
+    layers = [{"name": f"moe{layer}", "block": m.block, "experts": m.num_experts, "top_k": m.gate.top_k,
+               "experts_path": paths[layer],
                "residual": m.coef is not None, "drop_tokens": m.gate.drop_tokens,
                "capacity_factor": m.gate.capacity_factor, "impl": m.gate.impl,
-               "expert_params": sum(p.numel() for p in m.experts.parameters())} for name, m in _named_moe_layers(gm)]
+               "expert_params": sum(p.numel() for p in m.experts.parameters())} for layer, m in moe_layers(gm)]
     c = count_params(gm)
     return {"passes": list(getattr(gm, "meta", {}).get("moefx_passes", [])), "nodes": nodes, "moe_layers": layers,
             "params": {"total": c.total, "active": c.active, "expert": c.expert}}

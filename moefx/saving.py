@@ -204,10 +204,8 @@ def _generator(record: dict, plan, saved, buffers, device, batch_size: int, max_
 
     meta_model = O.rebuild_model(record["origin"], "meta")
     max_cache_len = max_cache_len or position_limit(meta_model)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
-        prefill, decode = convert_graphs(meta_model, plan, batch_size=batch_size, max_cache_len=max_cache_len,
-                                         prompt_len=record["origin"].get("generator", {}).get("prompt_len", 4))
+    prefill, decode = convert_graphs(meta_model, plan, batch_size=batch_size, max_cache_len=max_cache_len,
+                                     prompt_len=record["origin"].get("generator", {}).get("prompt_len", 4))
     fill_generator(prefill, decode, ChainSource(saved, cache_source(prefill), PrefixedSource(buffers, "model.")),
                    None, device)
     s = record["settings"]

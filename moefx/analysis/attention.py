@@ -132,7 +132,7 @@ def _region(core: fx.Node, kind: str, q: fx.Node, k: fx.Node, v: fx.Node) -> Att
             stack.extend(a for a in n.all_input_nodes if a.op != "get_attr")
     out_proj = _out_projection(core)
     att = Attention(core, sorted(set(projections), key=_order(core.graph)), out_proj, kind, q, k, v)
-    att.heads, att.kv_heads = _head_count(q), _kv_heads(att)
+    att.heads, att.kv_heads = head_count(q), _kv_heads(att)
     if not projections or len(att.projections) > 3:
         att.supported, att.reason = False, f"q/k/v come from {len(att.projections)} projections"
     elif out_proj is None:
@@ -142,7 +142,8 @@ def _region(core: fx.Node, kind: str, q: fx.Node, k: fx.Node, v: fx.Node) -> Att
     return att
 
 
-def _head_count(x: fx.Node) -> int:
+def head_count(x: fx.Node) -> int:
+    """The static size of `x`'s head axis (dim -3 of [B, heads, T, hd]), 0 when unknown."""
     v = val(x)
     return int(v.shape[-3]) if v is not None and v.dim() >= 3 and isinstance(v.shape[-3], int) else 0
 
@@ -156,7 +157,7 @@ def _kv_heads(att: Attention) -> int:
     info = linear_info(own[0]) if len(own) == 1 else None
     if info is not None and head_dim and info.out_features % head_dim == 0:
         return info.out_features // head_dim
-    return _head_count(att.k if att.kind == "sdpa" else att.v)
+    return head_count(att.k if att.kind == "sdpa" else att.v)
 
 
 def _order(graph: fx.Graph):
@@ -257,8 +258,8 @@ def _in_flags(a, flags, ndim: int) -> tuple[bool, ...]:
     return flags[a]
 
 
-def _dims(n: fx.Node, nd: int, default=None) -> list[int]:
-    d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", default)
+def _dims(n: fx.Node, nd: int) -> list[int]:
+    d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
     if d is None:
         return list(range(nd))
     return [x % nd for x in ([d] if isinstance(d, int) else d)]

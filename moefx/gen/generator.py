@@ -109,17 +109,13 @@ def convert_graphs(model: nn.Module, plan, *, batch_size: int, max_cache_len: in
                    ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """(prefill, decode) graphs of `model` with a static cache, both through the plan's convert stage
     and sharing one set of tensors. `model` is used as it is (it may live on the meta device)."""
-    import warnings
-
     from ..convert import as_plan
 
     ctx = PassContext(as_plan(plan))
     pipeline.check(ctx)
     prefill, decode = capture_generator(model, batch_size, max_cache_len, prompt_len=prompt_len)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
-        prefill = pipeline.run(prefill, ctx, "convert")
-        decode = pipeline.run(decode, ctx, "convert")
+    prefill = pipeline.run(prefill, ctx, "convert")
+    decode = pipeline.run(decode, ctx, "convert")
     share_tensors(decode, prefill)
     for gm in (prefill, decode):
         origin.record(gm, model, ctx.plan, generator={"batch_size": batch_size, "max_cache_len": max_cache_len,
@@ -255,7 +251,9 @@ class Generator:
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         bar = _bar(progress, max_new_tokens)
         for step in range(max_new_tokens):
-            token = next_tokens(logits[:, -1].float().cpu(), sampling, gen).to(device)
+            scores = logits[:, -1].float()
+            # sampling draws from a CPU generator (reproducible across devices); greedy stays on the device
+            token = next_tokens(scores.cpu() if sampling.do_sample else scores, sampling, gen).to(device)
             if eos is not None:
                 token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
                 finished |= token == eos

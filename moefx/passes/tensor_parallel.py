@@ -27,7 +27,7 @@ import warnings
 from torch import fx, nn
 
 from .. import meta as M
-from ..analysis.attention import CACHE_UPDATES, find_attention, reaches
+from ..analysis.attention import CACHE_UPDATES, find_attention, head_count, reaches
 from ..analysis.ffn import find_ffns
 from ..analysis.linear import attr_value, aten, linear_info, packet, val
 from ..nn import collectives as C
@@ -206,7 +206,7 @@ class _Split:
 
     def _kv_range(self, att) -> tuple[int, int] | None:
         """The key / value heads at the core this rank's query heads attend with, when they are replicated."""
-        k_heads = _head_count_at(att.k)
+        k_heads = head_count(att.k)
         per_rank = att.heads // self.tp
         lo = self.r * per_rank
         if k_heads == att.heads:                         # repeated to the query heads before the core
@@ -249,7 +249,7 @@ class _Split:
                 n.args = (n.args[0], n.args[1] // tp, *n.args[2:])
             elif p is aten.split_with_sizes and att.flags[n.args[0]][_dim(n)]:
                 n.args = (n.args[0], [s // tp for s in n.args[1]], *n.args[2:])
-            extra += self._slice_per_head_inputs(att, n, kv_side)
+            extra += self._slice_per_head_inputs(att, n)
         for a in params:
             # a parameter the split heads read whole (a per-head q / k norm's weight): its gradient
             # is the sum over the ranks' heads
@@ -286,10 +286,10 @@ class _Split:
                         out.append(a)
         return out
 
-    def _slice_per_head_inputs(self, att, n: fx.Node, kv_side: set) -> int:
+    def _slice_per_head_inputs(self, att, n: fx.Node) -> int:
         """Inputs of `n` outside the region that hold every head (a per-head mask or position bias) get
         this rank's heads, after a tp_copy (the parameters they come from get every head's gradient)."""
-        if n in kv_side or n.op != "call_function" or packet(n) in CACHE_UPDATES:
+        if n.op != "call_function" or packet(n) in CACHE_UPDATES:
             return 0
         out_flags, out_val = att.flags[n], val(n)
         if out_val is None or True not in out_flags:
@@ -359,11 +359,6 @@ class _Split:
         M.tag(joined, NAME, "layout")
         attr_node.replace_all_uses_with(joined)
         gm.graph.erase_node(attr_node)
-
-
-def _head_count_at(x: fx.Node) -> int:
-    v = val(x)
-    return int(v.shape[-3]) if v is not None and v.dim() >= 3 else 0
 
 
 def _non_persistent(gm: fx.GraphModule, target: str) -> bool:

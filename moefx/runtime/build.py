@@ -31,7 +31,7 @@ from ..errors import MoefxError
 from .sources import ModuleSource, SafetensorsSource, SeededSource, Source, tied_aliases
 
 __all__ = ["ModelSpec", "Skeleton", "skeleton", "dense_source", "convert_meta", "build_rank", "build_reference",
-           "build_generator", "build_train_graphs", "INITS"]
+           "build_generator", "build_train_graphs", "partition", "INITS"]
 
 INITS = ("model", "seeded")
 
@@ -166,6 +166,24 @@ def needs_profile(resolved) -> bool:
     return any(lp.hierarchical == "auto" and lp.hier_shape is not None and lp.ep > 1 for lp in resolved.layers)
 
 
+def partition(plan, graphs: list[tuple[fx.GraphModule, int]], *, profile=None, measure: bool = False):
+    """This rank's partitioned graphs of the converted `graphs` ((graph, tokens per rank) pairs, one
+    mesh for all) and the cost profile used: without one, measured on this job's groups first
+    (`moefx.runtime.calibrate`) when `measure` and a layer leaves hierarchical_a2a to the cost model.
+    Needs an initialised process group."""
+    import torch.distributed as dist
+
+    from ..distribute import distribute, resolve
+    from .calibrate import measure_profile
+    from .mesh import build_mesh
+
+    resolved = resolve(graphs[0][0], plan.parallel, dist.get_world_size())
+    if profile is None and measure and needs_profile(resolved):
+        profile = measure_profile(resolved.nodes, resolved.devices_per_node)
+    mesh = build_mesh(resolved)
+    return [distribute(gm, plan, mesh=mesh, tokens_per_rank=tokens, profile=profile) for gm, tokens in graphs], profile
+
+
 def build_rank(spec: ModelSpec, plan, *, device="cpu", train: bool = False, tokens_per_rank: int = 4096,
                profile=None, measure: bool = False, source: Source | None = None):
     """This rank's materialised GraphModule (under an initialised process group) and the skeleton.
@@ -174,19 +192,10 @@ def build_rank(spec: ModelSpec, plan, *, device="cpu", train: bool = False, toke
     `materialize` fills the rank's pieces from the source (`dense_source(spec)` unless given).
     profile: a `moefx.cost.CostProfile` for hierarchical_a2a = "auto"; measure: without one,
     measure it on this job's groups first (`moefx.runtime.calibrate`) when a layer needs it."""
-    import torch.distributed as dist
-
-    from ..distribute import distribute, resolve
-    from .calibrate import measure_profile
     from .materialize import materialize
-    from .mesh import build_mesh
 
     gm, skel = convert_meta(spec, plan, train=train)
-    resolved = resolve(gm, plan.parallel, dist.get_world_size())
-    if profile is None and measure and needs_profile(resolved):
-        profile = measure_profile(resolved.nodes, resolved.devices_per_node)
-    mesh = build_mesh(resolved)
-    local = distribute(gm, plan, mesh=mesh, tokens_per_rank=tokens_per_rank, profile=profile)
+    (local,), profile = partition(plan, [(gm, tokens_per_rank)], profile=profile, measure=measure)
     materialize(local, source if source is not None else dense_source(spec, skel), device=device,
                 buffers=skel.buffers)
     local.meta["moefx_profile"] = profile
@@ -216,18 +225,8 @@ def build_generator(spec: ModelSpec, plan, *, batch_size: int, max_cache_len: in
                                      prompt_len=prompt_len)
     caches = cache_source(prefill)
     if distributed:
-        import torch.distributed as dist
-
-        from ..distribute import distribute, resolve
-        from .calibrate import measure_profile
-        from .mesh import build_mesh
-
-        resolved = resolve(prefill, plan.parallel, dist.get_world_size())
-        if profile is None and measure and needs_profile(resolved):
-            profile = measure_profile(resolved.nodes, resolved.devices_per_node)
-        mesh = build_mesh(resolved)
-        prefill = distribute(prefill, plan, mesh=mesh, tokens_per_rank=batch_size * prompt_len, profile=profile)
-        decode = distribute(decode, plan, mesh=mesh, tokens_per_rank=batch_size, profile=profile)
+        (prefill, decode), _ = partition(plan, [(prefill, batch_size * prompt_len), (decode, batch_size)],
+                                         profile=profile, measure=measure)
     # the generation graphs wrap the LM as `model`: its tensors are model.<name>
     dense = PrefixedSource(source if source is not None else dense_source(spec, skel), "model.")
     fill_generator(prefill, decode, dense, ChainSource(caches, PrefixedSource(skel.buffers, "model.")), device)
@@ -269,19 +268,9 @@ def build_train_graphs(spec: ModelSpec, plan, *, device="cpu", distributed: bool
     train_gm, skel = convert_meta(spec, plan, train=True)
     eval_gm = convert_meta(spec, plan, train=False)[0] if with_eval else None
     if distributed:
-        import torch.distributed as dist
-
-        from ..distribute import distribute, resolve
-        from .calibrate import measure_profile
-        from .mesh import build_mesh
-
-        resolved = resolve(train_gm, plan.parallel, dist.get_world_size())
-        if profile is None and measure and needs_profile(resolved):
-            profile = measure_profile(resolved.nodes, resolved.devices_per_node)
-        mesh = build_mesh(resolved)
-        train_gm = distribute(train_gm, plan, mesh=mesh, tokens_per_rank=tokens_per_rank, profile=profile)
-        if eval_gm is not None:
-            eval_gm = distribute(eval_gm, plan, mesh=mesh, tokens_per_rank=tokens_per_rank, profile=profile)
+        graphs = [gm for gm in (train_gm, eval_gm) if gm is not None]
+        parts, _ = partition(plan, [(gm, tokens_per_rank) for gm in graphs], profile=profile, measure=measure)
+        train_gm, eval_gm = parts if eval_gm is not None else (parts[0], None)
     source = source if source is not None else dense_source(spec, skel)
     materialize(train_gm, source, device=device, buffers=skel.buffers)
     if eval_gm is not None:

@@ -37,8 +37,7 @@ class MetricsCSV:
         w.writerow(self.columns)
         for row in kept:
             w.writerow([row.get(c, "") for c in self.columns])
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, buf.getvalue())
+        write_atomic(self.path, buf.getvalue())       # makes the parent folder
 
     def write(self, row: dict) -> None:
         """Append one row (missing columns empty) and flush it to disk."""

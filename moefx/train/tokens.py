@@ -35,7 +35,7 @@ import torch
 
 from ..errors import MoefxError
 
-__all__ = ["open_tokens", "open_split", "HELD_OUT", "Windows", "Memmapped", "micro_index"]
+__all__ = ["open_tokens", "open_split", "HELD_OUT", "Windows", "Memmapped", "micro_index", "hash_seed"]
 
 HELD_OUT = 0.05
 
@@ -124,8 +124,9 @@ def micro_index(replica: int, accum_index: int, replicas: int) -> int:
     return accum_index * replicas + replica
 
 
-def _seed(seed: int, step: int, index: int) -> int:
-    digest = hashlib.sha256(f"moefx-windows/{seed}/{step}/{index}".encode()).digest()
+def hash_seed(tag: str, seed: int, step: int, index: int) -> int:
+    """A 63-bit seed from (tag, seed, step, index): the same on every machine and Python version."""
+    digest = hashlib.sha256(f"{tag}/{seed}/{step}/{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -156,7 +157,7 @@ class Windows:
         return self._windows(self.tokens, step, index)
 
     def _windows(self, tokens, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(_seed(self.seed, step, index))
+        g = torch.Generator().manual_seed(hash_seed("moefx-windows", self.seed, step, index))
         starts = torch.randint(0, tokens.numel() - self.seq, (self.batch,), generator=g)
         idx = starts[:, None] + torch.arange(self.seq + 1)
         w = tokens[idx.reshape(-1)].reshape(self.batch, self.seq + 1).long()

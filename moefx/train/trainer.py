@@ -27,7 +27,6 @@ non-finite weights. Rank 0 writes the metrics CSV and the loss SVG.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,7 @@ from ..outputs import main_tensor
 from .losses import distill_losses
 from .progress import Progress
 from .schedule import SCHEDULES, scheduler
-from .tokens import Windows, micro_index
+from .tokens import Windows, hash_seed, micro_index
 from .world import Single
 
 __all__ = ["TrainConfig", "TrainResult", "TrainError", "train", "micro_seed"]
@@ -118,8 +117,7 @@ class TrainResult:
 
 def micro_seed(seed: int, step: int, index: int) -> int:
     """The torch seed of micro-batch `index` of step `step` (dropout masks, noisy gates)."""
-    digest = hashlib.sha256(f"moefx-rng/{seed}/{step}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return hash_seed("moefx-rng", seed, step, index)
 
 
 def _autocast(enabled: bool, device: torch.device):
@@ -157,13 +155,13 @@ def optimizer_for(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
 def evaluate(model: nn.Module, batches: list, device, world, bf16: bool = False) -> float:
     """Mean next-token cross-entropy of `model` over `batches` (this replica's), averaged over replicas."""
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=device)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         for ids, targets in batches:
             with _autocast(bf16, device):
                 logits = main_tensor(model(ids.to(device))).float()
             total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                       targets.to(device).reshape(-1)).double().cpu()
+                                                       targets.to(device).reshape(-1)).double()
     return float(world.mean(total / len(batches)))
 
 
@@ -218,7 +216,7 @@ def train(model: nn.Module, config: TrainConfig, windows: Windows, *, eval_model
             model.train()
             opt.zero_grad(set_to_none=True)
             use_kd = teacher is not None and step < config.kd_stop
-            sums = torch.zeros(4, dtype=torch.float64)
+            sums = torch.zeros(4, dtype=torch.float64, device=device)     # on device: NCCL reduces it
             for a in range(config.grad_accum):
                 j = micro_index(world.replica, a, world.replicas)
                 ids, targets = windows.micro_batch(step, j)
@@ -226,7 +224,7 @@ def train(model: nn.Module, config: TrainConfig, windows: Windows, *, eval_model
                 loss, lm, aux, kd = _losses(forward, model, teacher, ids.to(device), targets.to(device), config,
                                             use_kd, device)
                 (loss / config.grad_accum).backward()
-                sums += torch.stack([loss.detach(), lm.detach(), aux.detach(), kd.detach()]).double().cpu()
+                sums += torch.stack([loss.detach(), lm.detach(), aux.detach(), kd.detach()]).double()
             world.reduce_gradients(model)
             norm = world.clip(model, config.clip)
             means = world.mean(sums / config.grad_accum)

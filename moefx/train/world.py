@@ -34,9 +34,6 @@ class Single:
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         return values
 
-    def barrier(self) -> None:
-        pass
-
 
 class Ranks:
     """This rank of a distributed job (the default process group is initialised)."""
@@ -65,8 +62,3 @@ class Ranks:
         out = values.detach().double().clone()
         dist.all_reduce(out)
         return out / self.world
-
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
