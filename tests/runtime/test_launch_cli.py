@@ -165,7 +165,10 @@ def test_calibrate_on_loopback_makes_auto_pick_flat(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     profile = CostProfile.load(out)
     assert "measured on 2 x 2 ranks (gloo)" in profile.source
-    assert profile.launch > 0 and profile.beta_intra > 0
+    # the fit clamps each latency term at 0, so on a noisy machine launch alone may come out 0; a small
+    # message inside a node still costs time, and every link has a bandwidth
+    assert profile.launch >= 0 and profile.launch + profile.alpha_intra > 0
+    assert profile.beta_intra > 0 and profile.beta_inter > 0
     # one host: every link is loopback, and the hierarchical all-to-all's second call costs more than it saves
     for kib in (1, 16, 256):
         assert not profile.choose_hierarchical(kib * 1024, 2, 2), (kib, profile)
