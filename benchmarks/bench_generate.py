@@ -10,9 +10,9 @@ model (the MoE variants get the same upcycled experts, so they route alike):
   dense              moefx.convert_generator(model, {}) (no MoE section: the dense model with the
                      same static-cache mechanics)
   PR-MoE buffer      lowering.experts = "buffer": dispatch into [E, C, d], bmm over all E experts
-  PR-MoE gather      lowering.experts = "gather_static": the decode step on the gather path (each
-                     token's expert weights read by index; checked), the prefill on the buffer path
-                     ("auto" gathers only when batch * top_k < experts: here at batch 1)
+  PR-MoE gather      lowering.experts = "auto": the (static) decode step on the gather path (the
+                     choices sorted by expert, each used expert's weights read once in place;
+                     checked), the (dynamic) prefill on the buffer path
   PR-MoE gather compiled   the gather generator's decode step under Generator.compile()
                      (inductor, fullgraph; compiled once before any timing, seconds reported)
   dense compiled     the dense decode step under Generator.compile(): the
@@ -216,9 +216,8 @@ def run_batch(model: NanoGPT, B: int, args, log) -> tuple[list[dict], dict]:
     t0 = time.perf_counter()
     gens = {DENSE: moefx.convert_generator(model, {}, (ids,), max_cache_len=L),
             BUFFER: moefx.convert_generator(model, moe_plan(args, "buffer"), (ids,), max_cache_len=L),
-            # "gather_static": gather in the (static) decode graph, buffer in the prefill ("gather" would force
-            # the prefill onto the gather path too, which copies each token's expert weights: [B T, d, f] floats)
-            GATHER: moefx.convert_generator(model, moe_plan(args, "gather_static"), (ids,), max_cache_len=L),
+            # "auto": gather in the (static) decode graph, buffer in the (dynamic) prefill
+            GATHER: moefx.convert_generator(model, moe_plan(args, "auto"), (ids,), max_cache_len=L),
             EINSUM: moefx.convert_generator(model, moe_plan(args, "buffer"), (ids,), max_cache_len=L)}
     paths = {name: (sorted(g.decode.meta.get("moefx_gather_layers", [])), sorted(g.prefill.meta.get(
         "moefx_gather_layers", []))) for name, g in gens.items()}

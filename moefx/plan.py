@@ -46,7 +46,7 @@ _NOISY_GATES = (None, "jitter", "rsample")
 _INITS = ("upcycle", "random")
 _COMBINE_WEIGHTS = ("auto", "prob", "unit")
 _GATING_IMPLS = ("auto", "triton", "torch")
-_EXPERT_PATHS = ("auto", "buffer", "gather", "gather_static")
+_EXPERT_PATHS = ("auto", "buffer", "gather")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -351,12 +351,11 @@ class LoweringPlan:
     gating: the route / dispatch / combine nodes: "auto" (Triton on CUDA, else PyTorch), "triton"
     or "torch".
     experts: how MoE layers run their experts: "buffer" (tokens dispatched into the [E, C, d]
-    capacity buffer, batched matmuls: many tokens per expert), "gather" (each token's k experts'
-    weights read by index and applied to it: few tokens, static shapes, what a decode step needs),
-    "auto": "gather" for graphs whose token count S is static and at most `gather_max_tokens`
-    (a decode step) with S * top_k < experts, when the layer is not expert-parallel, else "buffer";
-    or "gather_static": like "auto" without the S * top_k < experts condition (every static decode
-    step gathers).
+    capacity buffer, batched matmuls: many tokens per expert), "gather" (each token's k choices
+    sorted by expert and run through the chosen experts' weights in place: few tokens, static
+    shapes, each used expert read once, what a decode step needs), or "auto": "gather" for graphs
+    whose token count S is static and at most `gather_max_tokens` (a decode step) when the layer is
+    not expert-parallel, else "buffer".
     """
 
     gating: str = "auto"

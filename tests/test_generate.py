@@ -36,10 +36,9 @@ def test_greedy_tokens_equal_hugging_face_generate(name, plan):
     one = gen.generate(ids[1:2], max_new_tokens=6)                 # a smaller batch than the cache holds
     assert torch.equal(one, model.generate(ids[1:2], attention_mask=torch.ones_like(ids[1:2]), max_new_tokens=6,
                                            do_sample=False, pad_token_id=0))
-    # the decode graph (3 tokens) gathers its experts' weights when 3 x top_k < experts, else it runs the
-    # buffer path like the prefill
+    # the decode graph (3 tokens, static) runs every MoE layer on the gather path, the prefill (dynamic) on the buffer
     layers = [layer for layer, _ in moefx.nn.moe.moe_layers(gen.decode)]
-    assert gen.decode.meta["moefx_gather_layers"] == (layers if plan == "top1-residual" else [])
+    assert gen.decode.meta["moefx_gather_layers"] == layers
     assert gen.prefill.meta["moefx_gather_layers"] == []
     if name == "gpt2-tiny" and plan == "top1-residual":            # and `moefx dump` shows it
         rows = [ln.split() for ln in moefx.dump(gen.decode, "table").splitlines()[2:6]]
@@ -100,11 +99,11 @@ def test_gather_and_buffer_paths_agree_on_distinct_experts():
         b = buffer.decode(ids[:, :1], torch.tensor([5]), slots, torch.full((2, 1), 5))
     assert (a - b).abs().max() <= 1e-6 * max(b.abs().max().item(), 1.0)
     assert torch.equal(gather.generate(ids, max_new_tokens=6), buffer.generate(ids, max_new_tokens=6))
-    # 2 decode tokens x top-2: "auto" gathers in the 8-expert layer only (4 < 8, not 4 < 4), "gather_static"
-    # in both; neither in the prefill (its token count is dynamic)
-    for path, want in (("auto", [1]), ("gather_static", [0, 1])):
-        g = convert_generator(model, {**base, "lowering": {"experts": path}}, (ids,), max_cache_len=16)
-        assert (g.decode.meta["moefx_gather_layers"], g.prefill.meta["moefx_gather_layers"]) == (want, []), path
+    # "auto": the 2-token decode step gathers in both layers unless it has more tokens than gather_max_tokens;
+    # never the prefill (its token count is dynamic)
+    for lowering, want in (({"experts": "auto"}, [0, 1]), ({"experts": "auto", "gather_max_tokens": 1}, [])):
+        g = convert_generator(model, {**base, "lowering": lowering}, (ids,), max_cache_len=16)
+        assert (g.decode.meta["moefx_gather_layers"], g.prefill.meta["moefx_gather_layers"]) == (want, []), lowering
 
 
 def test_the_decode_step_compiles_fullgraph():

@@ -23,7 +23,10 @@ class AuxLossSink(nn.Module):
         self.z_coef = float(z_coef)
         self.value: torch.Tensor | None = None
 
-    def forward(self, l_aux: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+    def forward(self, l_aux: torch.Tensor | None, logits: torch.Tensor | None = None) -> None:
+        if l_aux is None:  # the gather path's gate in inference computes none (moefx.nn.routing.route_choices)
+            self.value = None
+            return None
         value = l_aux * self.coef
         if self.z_coef and logits is not None:
             value = value + z_loss(logits) * self.z_coef

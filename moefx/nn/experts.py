@@ -2,9 +2,11 @@
 
 Buffer path, `experts(buf)`: buf [E, C, d] -> [E, C, d], every expert applied to its own C rows,
 batched over the expert dimension (many tokens per expert). Gather path, `experts(tokens, expert)`:
-tokens [S, d] and each token's chosen experts expert [S, k] -> [S, k, d]: the k chosen experts'
-weights are read by index and applied to their token (bmm over S * k): static shapes, no
-capacity, no host synchronisation, the weights each token needs read once (a decode step).
+tokens [S, d] and each token's chosen experts expert [S, k] -> [S, k, d]: the S k choices are
+sorted by expert and each expert's rows multiplied by its weights where they live (`grouped_mm`:
+each used expert read once, nothing copied): static shapes, no capacity, the weights a decode
+step needs read once. Where that op would synchronise with the host (CUDA, not bf16), the chosen
+weights are copied out by index and applied with bmm instead (no synchronisation, CUDA graphs).
 
 `StackedExperts` holds the ups/down weights of E copies of one FFN stacked on a leading expert
 dimension and runs them with bmm/baddbmm: h_j = buf @ W_up_j + b_up_j, m = middle(h_1, ..., h_n)
@@ -16,6 +18,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, fx, nn
+
+from .gating_ops import plain_eager
+from .grouped_ops import copy_free, grouped_mm
 
 
 class StackedExperts(nn.Module):
@@ -97,23 +102,83 @@ class StackedExperts(nn.Module):
         return [next(it) if has else None for has in self.up_has_bias]
 
     def _gather(self, tokens: Tensor, expert: Tensor) -> Tensor:
-        """tokens [S, d], expert [S, k] -> [S, k, d] with each choice's expert weights read by index."""
+        """tokens [S, d], expert [S, k] -> [S, k, d]: each choice through its expert, the weights read
+        in place (plain eager on the CPU: `_gather_loop`; traced or on CUDA: `_gather_grouped`)."""
         S, k = expert.shape
-        idx = (expert - self.first_expert).reshape(-1)
-        x = tokens.repeat_interleave(k, dim=0).unsqueeze(1)                     # [S k, 1, d]
+        idx = (expert - self.first_expert).reshape(-1)                         # [N = S k]
+        x = tokens.repeat_interleave(k, dim=0) if k > 1 else tokens             # [N, d]
+        if x.device.type == "cpu" and plain_eager(x):
+            y = self._gather_loop(x, idx)
+        elif copy_free(x):
+            y = self._gather_grouped(x, idx)
+        else:
+            y = self._gather_copies(x, idx)
+        return y.reshape(S, k, -1)
+
+    def _gather_loop(self, x: Tensor, idx: Tensor) -> Tensor:
+        """x [N, d], idx [N] -> [N, d], planned on the host: the rows of each chosen expert run through
+        its whole FFN with addmm on views of its weights (a decode step's handful of rows: the
+        fewest ops; eager CPU inference only, where reading idx costs nothing)."""
+        ids = idx.tolist()
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        if order != list(range(len(ids))):
+            x = x[order]
+        ys, start = [], 0
+        biases = self._biases()
+        while start < len(order):
+            g = ids[order[start]]
+            end = start + 1
+            while end < len(order) and ids[order[end]] == g:
+                end += 1
+            rows = x[start:end]
+            hs = [torch.mm(rows, w[g].to(rows.dtype)) if b is None else torch.addmm(b[g].to(rows.dtype), rows, w[g].to(rows.dtype))
+                  for w, b in zip(self.up_weight, biases)]
+            m = self.middle(*hs)
+            w2 = self.down_weight[g].to(m.dtype)
+            ys.append(torch.mm(m, w2) if self.down_bias is None else
+                      torch.addmm(self.down_bias[g].to(m.dtype), m, w2, beta=self.bias_scale))
+            start = end
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)
+        if order != list(range(len(ids))):
+            y = torch.empty_like(y).index_copy(0, torch.tensor(order, device=y.device), y)
+        return y
+
+    def _gather_grouped(self, x: Tensor, idx: Tensor) -> Tensor:
+        """x [N, d], idx [N] -> [N, d]: the rows sorted by expert, each group times its expert's
+        weights with `grouped_mm` (static shapes, no host synchronisation in the graph), put back."""
+        N = idx.shape[0]
+        if N > 1:  # static: a decode graph knows N
+            order = idx.argsort(stable=True)
+            idx, x = idx.index_select(0, order), x.index_select(0, order)
+        groups = torch.arange(self.num_experts, device=idx.device, dtype=idx.dtype)
+        offs = torch.searchsorted(idx, groups, right=True).to(torch.int32)    # [E] group ends
         hs = []
         for w, b in zip(self.up_weight, self._biases()):
-            w = w.index_select(0, idx).to(x.dtype)                              # [S k, d, f]
+            h = grouped_mm(x, w.to(x.dtype), offs)
+            hs.append(h if b is None else h + b.index_select(0, idx).to(h.dtype))
+        m = self.middle(*hs)
+        y = grouped_mm(m, self.down_weight.to(m.dtype), offs)
+        if self.down_bias is not None:
+            y = y + self.down_bias.index_select(0, idx).to(y.dtype) * self.bias_scale
+        if N > 1:
+            y = torch.empty_like(y).index_copy(0, order, y)
+        return y
+
+    def _gather_copies(self, x: Tensor, idx: Tensor) -> Tensor:
+        """x [N, d], idx [N] -> [N, d] with each row's expert weights copied out by index_select and
+        applied with bmm: no host synchronisation on any device (CUDA graphs), 3 reads per weight."""
+        x = x.unsqueeze(1)                                                      # [N, 1, d]
+        hs = []
+        for w, b in zip(self.up_weight, self._biases()):
+            w = w.index_select(0, idx).to(x.dtype)                              # [N, d, f]
             hs.append(torch.bmm(x, w) if b is None else torch.baddbmm(b.index_select(0, idx).unsqueeze(1).to(x.dtype),
                                                                       x, w))
         m = self.middle(*hs)
         w2 = self.down_weight.index_select(0, idx).to(m.dtype)
         if self.down_bias is None:
-            y = torch.bmm(m, w2)
-        else:
-            y = torch.baddbmm(self.down_bias.index_select(0, idx).unsqueeze(1).to(m.dtype), m, w2,
-                              beta=self.bias_scale)
-        return y.reshape(S, k, -1)
+            return torch.bmm(m, w2).squeeze(1)
+        return torch.baddbmm(self.down_bias.index_select(0, idx).unsqueeze(1).to(m.dtype), m, w2,
+                             beta=self.bias_scale).squeeze(1)
 
     def select(self, start: int, stop: int) -> "StackedExperts":
         """A new module with experts [start, stop) (weights copied, so shards do not alias)."""

@@ -16,7 +16,7 @@ dispatch with a per-choice scale and the weighted combine are adjoint to each ot
     d combine(y, w) / dy          = dispatch(g, w)         d / dw     = route_dot(g, y)
 
 The public `gate_table` / `dispatch` / `combine` call the implementations directly in plain eager
-inference (no autograd, no tracing: see `_eager`), since a custom op's Python dispatch costs
+inference (no autograd, no tracing: see `plain_eager`), since a custom op's Python dispatch costs
 about as much as these kernels; otherwise they go through the custom ops.
 """
 from __future__ import annotations
@@ -170,7 +170,10 @@ def _route_dot_backward(ctx, grad):
 route_dot_op.register_autograd(_route_dot_backward, setup_context=_route_dot_setup)
 
 
-def _eager(*tensors: Optional[Tensor]) -> bool:
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(*tensors: Optional[Tensor]) -> bool:
     """True when the ops may be bypassed: plain tensors, no autograd, no tracing or dispatch mode.
 
     The custom ops exist for graph capture (fake tensors, export, compile) and autograd; in plain
@@ -183,14 +186,14 @@ def _eager(*tensors: Optional[Tensor]) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
             return False
     return True
 
 
 def gate_table(logits: Tensor, top_k: int, capacity: int, impl: str) -> tuple[Tensor, Tensor, Tensor]:
     """(expert [S, k], slot [S, k], counts [E]) for `capacity` (-1: no limit), by `impl`."""
-    fn = _gate_table_impl if _eager(logits) else gate_table_op
+    fn = _gate_table_impl if plain_eager(logits) else gate_table_op
     return fn(logits, top_k, capacity, impl)
 
 
@@ -198,12 +201,12 @@ def dispatch(tokens: Tensor, expert: Tensor, slot: Tensor, counts: Tensor, num_e
              impl: str, scale: Tensor | None = None) -> Tensor:
     """tokens [S, d] -> [E, C, d] by the table (zeros in empty slots)."""
     args = (tokens, expert, slot, counts, scale, num_experts, capacity, impl)
-    return _dispatch_impl(*args) if _eager(tokens, scale) else dispatch_op(*args)
+    return _dispatch_impl(*args) if plain_eager(tokens, scale) else dispatch_op(*args)
 
 
 def combine(expert_out: Tensor, expert: Tensor, slot: Tensor, counts: Tensor, weight: Tensor | None,
             impl: str) -> Tensor:
     """expert_out [E, C, d] -> [S, d], weighted by `weight` (None: 1) with float32 accumulation."""
-    if _eager(expert_out, weight):
+    if plain_eager(expert_out, weight):
         return _combine_impl(expert_out, expert, slot, weight, impl)
     return combine_op(expert_out, expert, slot, counts, weight, impl)

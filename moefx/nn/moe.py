@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .aux import AuxLossSink
 from .experts import GenericExperts, StackedExperts
-from .routing import Routing, combine, dispatch, route
+from .routing import Routing, combine, dispatch, expert_capacity, route, route_choices
 
 
 class Router(nn.Module):
@@ -41,12 +41,15 @@ class Gate(nn.Module):
     """Routing decision of one MoE layer: logits [S, E] -> Routing (moefx.route).
 
     Uses capacity_factor in training and eval_capacity_factor in eval, like DeepSpeed. `impl` is
-    set by the lower_gating pass.
+    set by the lower_gating pass, and so is `table`: False on the gather path, where no buffer slot
+    is read, so a call that cannot drop a choice (dropless, or S <= capacity: an expert gets at most
+    one choice per token) skips the slot table (`route_choices`, same experts and weights) and, in
+eval without autograd (a decode step), the load-balancing loss (the aux sink then holds None).
     """
 
     def __init__(self, num_experts: int, top_k: int, capacity_factor: float, eval_capacity_factor: float,
                  min_capacity: int, drop_tokens: bool, unit_top1: bool, use_rts: bool = False,
-                 noisy_gate: str | None = None, impl: str = "auto"):
+                 noisy_gate: str | None = None, impl: str = "auto", table: bool = True):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
@@ -58,8 +61,15 @@ class Gate(nn.Module):
         self.use_rts = use_rts
         self.noisy_gate = noisy_gate
         self.impl = impl
+        self.table = table
 
     def forward(self, logits: Tensor) -> Routing:
+        if not self.table and not (self.training and (self.use_rts or self.noisy_gate == "rsample")):
+            S = logits.shape[0]
+            cf = self.capacity_factor if self.training else self.eval_capacity_factor
+            if not self.drop_tokens or S <= expert_capacity(S, self.num_experts, self.top_k, cf, self.min_capacity):
+                return route_choices(logits, top_k=self.top_k, unit_top1=self.unit_top1,
+                                     aux=self.training or torch.is_grad_enabled())
         return route(logits, top_k=self.top_k,
                      capacity_factor=self.capacity_factor if self.training else self.eval_capacity_factor,
                      min_capacity=self.min_capacity, drop_tokens=self.drop_tokens, unit_top1=self.unit_top1,
@@ -76,7 +86,7 @@ class Gate(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
-                f"drop_tokens={self.drop_tokens}, impl={self.impl}")
+                f"drop_tokens={self.drop_tokens}, impl={self.impl}" + ("" if self.table else ", table=False"))
 
 
 class MoELayer(nn.Module):

@@ -44,7 +44,7 @@ from ..errors import BackendError
 from . import gating_ops
 from .table import Routing, claim_order, expert_capacity, gate_choices, rank_within_groups, unflatten_claims
 
-__all__ = ["Routing", "route", "dispatch", "combine", "gather_combine", "expert_capacity", "resolve_impl", "z_loss",
+__all__ = ["Routing", "route", "route_choices", "dispatch", "combine", "gather_combine", "expert_capacity", "resolve_impl", "z_loss",
            "IMPLS"]
 
 IMPLS = ("auto", "torch", "triton")
@@ -113,6 +113,27 @@ def route(logits: Tensor, *, top_k: int = 1, capacity_factor: float = 1.0, min_c
             torch._check(capacity >= 0)
     weight = _combine_weights(probs, expert, slot, top_k, unit_top1)
     return Routing(expert, slot, weight, capacity, counts, _aux_loss(probs, expert, top_k))
+
+
+def route_choices(logits: Tensor, *, top_k: int = 1, unit_top1: bool = False, aux: bool = True) -> Routing:
+    """Routing without a slot table, for the gather path when no choice can be dropped: logits
+    [S, E] -> Routing with route()'s experts and weights (the same ops, bit for bit), slot 0 for
+    every choice (all kept), capacity -1 (no limit), counts None (nothing reads them: the gather path
+    has no buffer) and the aux loss, or None with aux=False (an inference step: nothing trains on it).
+    A decode step at batch 1 runs one gate per MoE layer, where each of route()'s extra ops costs
+    about as much as a kernel, so this one skips them.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"route_choices expects logits of shape [S, E], got {tuple(logits.shape)}")
+    logits = logits.float()
+    probs = F.softmax(logits, dim=1)
+    expert = gate_choices(logits.detach(), top_k, probs.detach())
+    if unit_top1 and top_k == 1 and not (torch.is_grad_enabled() and logits.requires_grad):
+        weight = torch.ones_like(expert, dtype=probs.dtype)   # p / p: exactly 1 (p >= 1 / E for the argmax)
+    else:
+        weight = _combine_weights(probs, expert, torch.zeros_like(expert), top_k, unit_top1)
+    return Routing(expert, torch.zeros_like(expert), weight, -1, None,
+                   _aux_loss(probs, expert, top_k) if aux else None)
 
 
 def _special_table(logits: Tensor, k: int, capacity_factor: float, min_capacity: int, drop_tokens: bool,

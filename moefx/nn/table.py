@@ -31,15 +31,16 @@ class Routing(NamedTuple):
     expert [S, k] int64, slot [S, k] int64 (-1 = dropped), weight [S, k] float (0 = dropped),
     capacity int (C of the [E, C, d] buffer), counts [E] int64 (kept tokens per expert),
     aux_loss scalar (load-balancing loss, plus the router z-loss when asked; differentiable
-    w.r.t. the logits).
+    w.r.t. the logits). The gather path's table-free routing (`moefx.nn.routing.route_choices`)
+    has capacity -1 and counts None, and aux_loss None in inference.
     """
 
     expert: Tensor
     slot: Tensor
     weight: Tensor
     capacity: int
-    counts: Tensor
-    aux_loss: Tensor
+    counts: Tensor | None
+    aux_loss: Tensor | None
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:

@@ -16,12 +16,13 @@ Experts path (`plan.lowering.experts`), per layer: "buffer" keeps dispatch -> ex
     y   = moe{L}.experts(tokens, routing.expert)    [S, k, d]: each token's k experts, by index
     out = moefx.gather_combine(y, routing.weight)   [S, d]
 
-(static shapes, no capacity buffer, no host synchronisation: a decode step). "auto" picks gather
-when the layer's token count S is static, S <= `gather_max_tokens`, S * top_k < E (gather copies
-S * k experts' weights where the buffer path reads all E: at batch 8, E = 8, top-1 it is 3x slower,
-benchmarks/results/generate_cpu.md) and the layer will not be expert-parallel (its ep under
-plan.parallel is 1), else buffer; "gather_static" drops the S * top_k < E condition. Recorded in the experts node's
-meta["moefx_experts_path"] (shown by `moefx dump`).
+(static shapes, no capacity buffer, no host synchronisation: a decode step), and the layer's gate
+skips the slot table when no choice can be dropped (`Gate.table`). "auto" picks gather
+when the layer's token count S is static, S <= `gather_max_tokens` and the layer will not be
+expert-parallel (its ep under plan.parallel is 1), else buffer (the gather path reads each used
+expert once, in place: faster than the buffer path at decode batch 1, 8 and 32 with 8 experts,
+benchmarks/results/generate_cpu.md). Recorded in the experts node's meta["moefx_experts_path"]
+(shown by `moefx dump`).
 """
 from __future__ import annotations
 
@@ -107,11 +108,7 @@ def _path(gm: fx.GraphModule, layer: int, ctx: PassContext, ep: int) -> str:
                         "gather path reads every expert's weights locally; use 'buffer' or 'auto' with ep > 1")
     if wanted in ("buffer", "gather"):
         return wanted
-    mod = gm.get_submodule(f"moe{layer}")
     few = static and count <= ctx.plan.lowering.gather_max_tokens
-    if wanted == "auto":
-        # gather copies count * k experts' weights, the buffer path reads all E once: gather only when that is fewer
-        few = few and count * mod.gate.top_k < mod.num_experts
     return "gather" if few and ep == 1 else "buffer"
 
 
@@ -123,6 +120,8 @@ def _to_gather(gm: fx.GraphModule, layer: int) -> None:
     expert = b.fn(operator.getitem, routing, 0, role="layout")
     weight = b.fn(operator.getitem, routing, 2, role="layout")
     experts.args = (tokens, expert)
+    mod = gm.get_submodule(f"moe{layer}")
+    gm.add_submodule(f"moe{layer}", mod.replaced(gate=mod.gate.with_options(table=False)))
     experts.meta[M.PATH] = "gather"
     b.cursor = experts
     out = b.fn(gather_combine, experts, weight, role="combine")
