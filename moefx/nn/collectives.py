@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 from ..errors import MoefxError
@@ -80,8 +79,14 @@ def group_rank(name: str) -> int:
     return dist.get_rank(group(name))
 
 
-def _wait(t: Tensor) -> Tensor:
-    return funcol.wait_tensor(t) if isinstance(t, funcol.AsyncCollectiveTensor) else t
+# The ops' implementations call torch's functional collective ops directly (not the
+# `_functional_collectives` wrappers, whose AsyncCollectiveTensor subclass costs a Python dispatch
+# per use in eager), and wait at once: each collective's output is a fresh tensor, returned as is.
+_C10D = torch.ops._c10d_functional
+
+
+def _done(t: Tensor) -> Tensor:
+    return _C10D.wait_tensor(t)
 
 
 # ------------------------------------------------------------------------------------- all_to_all
@@ -94,8 +99,7 @@ def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group_nam
     pg = group(group_name)
     if dist.get_world_size(pg) == 1:
         return x.clone()
-    out = funcol.all_to_all_single(x.contiguous(), list(out_splits), list(in_splits), pg)
-    return _wait(out).clone()
+    return _done(_C10D.all_to_all_single(x.contiguous(), list(out_splits), list(in_splits), pg.group_name))
 
 
 @all_to_all.register_fake
@@ -145,7 +149,12 @@ def _pad_to(x: Tensor, dim: int, n: int) -> Tensor:
 
 def _gather(x: Tensor, dim: int, group_name: str, size: int, full: int) -> Tensor:
     pg = _check_size(group_name, size)
-    out = x.clone() if size == 1 else _wait(funcol.all_gather_tensor(x.contiguous(), dim, pg))
+    if size == 1:
+        out = x
+    else:
+        out = _done(_C10D.all_gather_into_tensor(x.contiguous(), size, pg.group_name))   # chunks along dim 0
+        if dim != 0:
+            out = torch.cat(out.chunk(size, dim=0), dim=dim)
     return out.narrow(dim, 0, full).clone()
 
 
@@ -159,7 +168,7 @@ def _all_reduce(x: Tensor, group_name: str) -> Tensor:
     pg = group(group_name)
     if dist.get_world_size(pg) == 1:
         return x.clone()
-    return _wait(funcol.all_reduce(x.contiguous(), "sum", pg)).clone()
+    return _done(_C10D.all_reduce(x.contiguous(), "sum", pg.group_name))
 
 
 def _resized(x: Tensor, dim: int, n) -> Tensor:

@@ -38,7 +38,8 @@ def _records(local: nn.Module) -> list[tuple[str, nn.Parameter, Placement]]:
 def reduce_gradients(local: nn.Module) -> None:
     """All-reduce the .grad of every parameter of `local` (this rank's GraphModule) in place.
 
-    Gradients are bucketed by (group, divisor) and reduced flat, one all-reduce per bucket."""
+    Gradients are bucketed by (group, divisor) and reduced flat, one all-reduce per bucket and dtype,
+    the bucket divided once before it is copied back."""
     buckets: dict[tuple[str, int], list[nn.Parameter]] = {}
     for _, p, rec in _records(local):
         if p.grad is None:
@@ -47,18 +48,19 @@ def reduce_gradients(local: nn.Module) -> None:
     for (name, divisor), params in sorted(buckets.items()):
         pg = group(name)
         grads = [p.grad for p in params]
-        if dist.get_world_size(pg) > 1:
-            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-            for g in grads:
-                by_dtype.setdefault(g.dtype, []).append(g)
-            for dtype, gs in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
-                flat = _flatten_dense_tensors(gs)
-                dist.all_reduce(flat, group=pg)
-                for g, r in zip(gs, _unflatten_dense_tensors(flat, gs)):
-                    g.copy_(r)
-        if divisor != 1:
-            for g in grads:
-                g.div_(divisor)
+        if dist.get_world_size(pg) == 1:
+            if divisor != 1:
+                torch._foreach_div_(grads, divisor)
+            continue
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for dtype, gs in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
+            flat = _flatten_dense_tensors(gs)
+            dist.all_reduce(flat, group=pg)
+            if divisor != 1:
+                flat.div_(divisor)
+            torch._foreach_copy_(gs, _unflatten_dense_tensors(flat, gs))
 
 
 def grad_norm(local: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
