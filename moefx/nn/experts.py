@@ -16,6 +16,8 @@ dimension of every expert (`slice_inner`, expert slicing).
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, fx, nn
 
@@ -121,25 +123,22 @@ class StackedExperts(nn.Module):
         fewest ops; eager CPU inference only, where reading idx costs nothing)."""
         ids = idx.tolist()
         order = sorted(range(len(ids)), key=ids.__getitem__)
-        if order != list(range(len(ids))):
+        permuted = order != list(range(len(ids)))
+        if permuted:
             x = x[order]
-        ys, start = [], 0
-        biases = self._biases()
-        while start < len(order):
-            g = ids[order[start]]
-            end = start + 1
-            while end < len(order) and ids[order[end]] == g:
-                end += 1
+        biases, ys, start = self._biases(), [], 0
+        for g, run in itertools.groupby(order, key=ids.__getitem__):
+            end = start + len(list(run))
             rows = x[start:end]
-            hs = [torch.mm(rows, w[g].to(rows.dtype)) if b is None else torch.addmm(b[g].to(rows.dtype), rows, w[g].to(rows.dtype))
-                  for w, b in zip(self.up_weight, biases)]
+            hs = [torch.mm(rows, w[g].to(rows.dtype)) if b is None else
+                  torch.addmm(b[g].to(rows.dtype), rows, w[g].to(rows.dtype)) for w, b in zip(self.up_weight, biases)]
             m = self.middle(*hs)
             w2 = self.down_weight[g].to(m.dtype)
             ys.append(torch.mm(m, w2) if self.down_bias is None else
                       torch.addmm(self.down_bias[g].to(m.dtype), m, w2, beta=self.bias_scale))
             start = end
         y = ys[0] if len(ys) == 1 else torch.cat(ys)
-        if order != list(range(len(ids))):
+        if permuted:
             y = torch.empty_like(y).index_copy(0, torch.tensor(order, device=y.device), y)
         return y
 
