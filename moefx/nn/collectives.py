@@ -85,10 +85,6 @@ def group_rank(name: str) -> int:
 _C10D = torch.ops._c10d_functional
 
 
-def _done(t: Tensor) -> Tensor:
-    return _C10D.wait_tensor(t)
-
-
 # ------------------------------------------------------------------------------------- all_to_all
 
 
@@ -99,7 +95,7 @@ def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group_nam
     pg = group(group_name)
     if dist.get_world_size(pg) == 1:
         return x.clone()
-    return _done(_C10D.all_to_all_single(x.contiguous(), list(out_splits), list(in_splits), pg.group_name))
+    return _C10D.wait_tensor(_C10D.all_to_all_single(x.contiguous(), list(out_splits), list(in_splits), pg.group_name))
 
 
 @all_to_all.register_fake
@@ -152,7 +148,7 @@ def _gather(x: Tensor, dim: int, group_name: str, size: int, full: int) -> Tenso
     if size == 1:
         out = x
     else:
-        out = _done(_C10D.all_gather_into_tensor(x.contiguous(), size, pg.group_name))   # chunks along dim 0
+        out = _C10D.wait_tensor(_C10D.all_gather_into_tensor(x.contiguous(), size, pg.group_name))  # chunks on dim 0
         if dim != 0:
             out = torch.cat(out.chunk(size, dim=0), dim=dim)
     return out.narrow(dim, 0, full).clone()
@@ -168,7 +164,7 @@ def _all_reduce(x: Tensor, group_name: str) -> Tensor:
     pg = group(group_name)
     if dist.get_world_size(pg) == 1:
         return x.clone()
-    return _done(_C10D.all_reduce(x.contiguous(), "sum", pg.group_name))
+    return _C10D.wait_tensor(_C10D.all_reduce(x.contiguous(), "sum", pg.group_name))
 
 
 def _resized(x: Tensor, dim: int, n) -> Tensor:

@@ -120,7 +120,7 @@ class StackedExperts(nn.Module):
     def _gather_loop(self, x: Tensor, idx: Tensor) -> Tensor:
         """x [N, d], idx [N] -> [N, d], planned on the host: the rows of each chosen expert run through
         its whole FFN with addmm on views of its weights (a decode step's handful of rows: the
-        fewest ops; eager CPU inference only, where reading idx costs nothing)."""
+        fewest ops; untraced CPU only, where reading idx costs nothing)."""
         ids = idx.tolist()
         order = sorted(range(len(ids)), key=ids.__getitem__)
         permuted = order != list(range(len(ids)))

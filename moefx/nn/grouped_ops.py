@@ -8,8 +8,8 @@ read a decode step needs); this op reads each used expert's weight once, where i
         rows offs[g-1] .. offs[g] (offs[-1] = 0) of x times w[g]; rows past offs[G-1] are zero.
 
 Implementations: bf16 on CUDA calls `torch.nn.functional.grouped_mm` (one grouped GEMM, no host
-synchronisation); everywhere else a loop over the non-empty groups with `torch.mm` into views of
-the output, after reading the G offsets on the host (free on the CPU; on CUDA it synchronises,
+synchronisation); everywhere else one `torch.mm` per non-empty group, concatenated, after
+reading the G offsets on the host (free on the CPU; on CUDA it synchronises,
 so `StackedExperts` keeps its copy-free path to the CPU and bf16 CUDA: `copy_free`). The op has a
 fake implementation (torch's own meta function accepts only bf16, so fp32 graphs could not be
 traced through `F.grouped_mm`) and an autograd formula written with the same op and its weight

@@ -44,7 +44,7 @@ class Gate(nn.Module):
     set by the lower_gating pass, and so is `table`: False on the gather path, where no buffer slot
     is read, so a call that cannot drop a choice (dropless, or S <= capacity: an expert gets at most
     one choice per token) skips the slot table (`route_choices`, same experts and weights) and, in
-eval without autograd (a decode step), the load-balancing loss (the aux sink then holds None).
+    eval without autograd (a decode step), the load-balancing loss (the aux sink then holds None).
     """
 
     def __init__(self, num_experts: int, top_k: int, capacity_factor: float, eval_capacity_factor: float,
@@ -64,14 +64,13 @@ eval without autograd (a decode step), the load-balancing loss (the aux sink the
         self.table = table
 
     def forward(self, logits: Tensor) -> Routing:
+        cf = self.capacity_factor if self.training else self.eval_capacity_factor
         if not self.table and not (self.training and (self.use_rts or self.noisy_gate == "rsample")):
             S = logits.shape[0]
-            cf = self.capacity_factor if self.training else self.eval_capacity_factor
             if not self.drop_tokens or S <= expert_capacity(S, self.num_experts, self.top_k, cf, self.min_capacity):
                 return route_choices(logits, top_k=self.top_k, unit_top1=self.unit_top1,
                                      aux=self.training or torch.is_grad_enabled())
-        return route(logits, top_k=self.top_k,
-                     capacity_factor=self.capacity_factor if self.training else self.eval_capacity_factor,
+        return route(logits, top_k=self.top_k, capacity_factor=cf,
                      min_capacity=self.min_capacity, drop_tokens=self.drop_tokens, unit_top1=self.unit_top1,
                      use_rts=self.use_rts and self.training,
                      noisy_gate=self.noisy_gate if self.training and self.noisy_gate == "rsample" else None,

@@ -44,8 +44,8 @@ from ..errors import BackendError
 from . import gating_ops
 from .table import Routing, claim_order, expert_capacity, gate_choices, rank_within_groups, unflatten_claims
 
-__all__ = ["Routing", "route", "route_choices", "dispatch", "combine", "gather_combine", "expert_capacity", "resolve_impl", "z_loss",
-           "IMPLS"]
+__all__ = ["Routing", "route", "route_choices", "dispatch", "combine", "gather_combine", "expert_capacity",
+           "resolve_impl", "z_loss", "IMPLS"]
 
 IMPLS = ("auto", "torch", "triton")
 
@@ -128,11 +128,12 @@ def route_choices(logits: Tensor, *, top_k: int = 1, unit_top1: bool = False, au
     logits = logits.float()
     probs = F.softmax(logits, dim=1)
     expert = gate_choices(logits.detach(), top_k, probs.detach())
+    slot = torch.zeros_like(expert)
     if unit_top1 and top_k == 1 and not (torch.is_grad_enabled() and logits.requires_grad):
         weight = torch.ones_like(expert, dtype=probs.dtype)   # p / p: exactly 1 (p >= 1 / E for the argmax)
     else:
-        weight = _combine_weights(probs, expert, torch.zeros_like(expert), top_k, unit_top1)
-    return Routing(expert, torch.zeros_like(expert), weight, -1, None,
+        weight = _combine_weights(probs, expert, slot, top_k, unit_top1)
+    return Routing(expert, slot, weight, -1, None,
                    _aux_loss(probs, expert, top_k) if aux else None)
 
 
