@@ -10,6 +10,7 @@ import torch
 import moefx
 from moefx.gen.generator import convert_generator
 from moefx.models import load_model
+from moefx.nn.moe import moe_layers
 
 PLANS = {
     "top1-residual": {"moe": {"experts": [4, 8], "every": 2, "top_k": 1, "residual": True, "drop_tokens": False}},
@@ -190,3 +191,25 @@ def test_save_refuses_what_it_cannot_rebuild(tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(moefx.MoefxError, match="not a folder written by moefx.save"):
         moefx.load(tmp_path)
+
+
+def test_moe_layers_follow_the_mode_the_graph_was_captured_in():
+    model, (ids,) = load_model("nanogpt-tiny", batch=2, seq=5, seed=7)
+    gen = convert_generator(model, PLANS["top1-residual"], (ids,), max_cache_len=16)
+    for gm in (gen.prefill, gen.decode):
+        assert not gm.training and not any(m.training for _, layer in moe_layers(gm) for m in layer.modules())
+    # behaviour: an eval-captured graph gates with eval_capacity_factor, not capacity_factor (which drops here)
+    drop = {"experts": 4, "every": 1, "top_k": 1, "drop_tokens": True, "min_capacity": 0, "init": "random"}
+    outs = {}
+    for cf in (0.25, 4.0):
+        gm = moefx.convert(model, {"moe": {**drop, "capacity_factor": cf, "eval_capacity_factor": 4.0}}, (ids,))
+        assert not any(m.training for _, layer in moe_layers(gm) for m in layer.modules())
+        with torch.no_grad():
+            outs[cf] = gm(ids)
+    assert torch.equal(outs[0.25], outs[4.0])
+    train = moefx.convert(model, PLANS["top1-residual"], (ids,), train=True)
+    assert all(m.training for _, m in moe_layers(train))
+    # a no-grad decode step on the gather path computes no load-balancing loss
+    with torch.no_grad():
+        gen.generate(ids, max_new_tokens=2)
+    assert all(m.aux.value is None for _, m in moe_layers(gen.decode))

@@ -112,6 +112,7 @@ def _rewrite(gm: fx.GraphModule, by_name: dict, ffn: FFN, num_experts: int, laye
     d = ffn.d
     prefix = f"moe{layer}"
     mod = _make_layer(gm, by_name, ffn, num_experts, layer, moe, recipes, prefix)
+    mod.train(gm.training)  # an eval-captured graph (a generator's) gates with eval settings, no jitter
     gm.add_submodule(prefix, mod)
 
     b = NodeBuilder(gm.graph, out, NAME, layer, ffn.block)
