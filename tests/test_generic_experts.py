@@ -70,3 +70,28 @@ def test_generic_path_equals_stacked_path():
         out_s, out_g = first_tensor(stacked(*inputs)), first_tensor(generic(*inputs))
     assert (out_s - first_tensor(model(*inputs))).abs().max() > 1e-4  # the perturbation matters
     torch.testing.assert_close(out_g, out_s, rtol=1e-5, atol=1e-6)
+
+
+def test_generic_gather_paths_agree_with_a_per_token_reference():
+    torch.manual_seed(3)
+    model = DeepMLPModel().eval()
+    ids = torch.randint(0, 32, (2, 6))
+    gm = moefx.convert(model, {"moe": {"experts": 4, "every": 1, "top_k": 2, "drop_tokens": False,
+                                       "init": "random"}}, (ids,))
+    ex = gm.moe0.experts
+    assert isinstance(ex, GenericExperts)
+    tokens = torch.randn(5, 16)
+    expert = torch.tensor([[2, 0], [1, 3], [2, 1], [0, 2], [3, 0]])   # unsorted, repeated experts
+    names = list(ex.expert_params)
+    want = torch.stack([torch.stack([
+        torch.func.functional_call(ex.template, {n: ex.expert_params[n][e] for n in names}, (tokens[s:s + 1],))[0]
+        for e in expert[s].tolist()]) for s in range(5)])
+    assert (want[:, 0] - want[:, 1]).abs().max() > 1e-3                  # the experts differ
+    with torch.no_grad():
+        loop = ex(tokens, expert)                                        # plain eager CPU: host-planned loop
+        one = ex(tokens[:3], torch.full((3, 1), 1))                      # one expert for every row
+    copies = ex(tokens.requires_grad_(), expert)                         # autograd: the index_select copies
+    torch.testing.assert_close(loop, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(copies.detach(), want, rtol=1e-5, atol=1e-6)
+    ref_one = torch.func.functional_call(ex.template, {n: ex.expert_params[n][1] for n in names}, (tokens[:3],))
+    torch.testing.assert_close(one[:, 0], ref_one.detach(), rtol=1e-5, atol=1e-6)

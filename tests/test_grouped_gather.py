@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from moefx.gen.weight_layout import long_rows
 from moefx.nn.experts import StackedExperts
 from moefx.nn.grouped_ops import _grouped_mm_op, grouped_mm
 from moefx.nn.moe import Gate
@@ -76,12 +77,18 @@ def _per_token(ex, tokens, expert):
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("layout", ["as built", "long_rows"])
 @pytest.mark.parametrize("bias_scale", [1.0, 0.0])
-@pytest.mark.parametrize("S,k", [(1, 1), (6, 2), (5, 1)])
-def test_gather_paths_agree_with_a_per_token_reference(S, k, bias_scale):
+@pytest.mark.parametrize("S,k", [(1, 1), (6, 2), (5, 1), (3, -1)])   # k = -1: top-1, one expert for every row
+def test_gather_paths_agree_with_a_per_token_reference(S, k, bias_scale, layout):
     ex = _experts(bias_scale)
+    if layout == "long_rows":          # the decode layout: the down weight [E, f, d] stored as [E, d, f]
+        assert long_rows(ex) == 1 and ex.down_weight.stride(1) == 1
     tokens = torch.randn(S, 8)
-    expert = torch.stack([torch.randperm(4)[:k] for _ in range(S)])  # distinct experts per token, unsorted
+    if k == -1:
+        k, expert = 1, torch.full((S, 1), 2)
+    else:
+        expert = torch.stack([torch.randperm(4)[:k] for _ in range(S)])  # distinct experts per token, unsorted
     want = _per_token(ex, tokens, expert)
     x, idx = tokens.repeat_interleave(k, 0), expert.reshape(-1)
     with torch.no_grad():

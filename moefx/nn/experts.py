@@ -2,11 +2,14 @@
 
 Buffer path, `experts(buf)`: buf [E, C, d] -> [E, C, d], every expert applied to its own C rows,
 batched over the expert dimension (many tokens per expert). Gather path, `experts(tokens, expert)`:
-tokens [S, d] and each token's chosen experts expert [S, k] -> [S, k, d]: the S k choices are
-sorted by expert and each expert's rows multiplied by its weights where they live (`grouped_mm`:
-each used expert read once, nothing copied): static shapes, no capacity, the weights a decode
-step needs read once. Where that op would synchronise with the host (CUDA, not bf16), the chosen
-weights are copied out by index and applied with bmm instead (no synchronisation, CUDA graphs).
+tokens [S, d] and each token's chosen experts expert [S, k] -> [S, k, d], no capacity, each used
+expert's weights read once where they live:
+- plain eager on the CPU (`gather_by_expert`): the choices are grouped on the host and each used
+  expert's whole FFN runs on its rows, the fewest ops for a decode step's handful of rows;
+- traced (export, compile) or on CUDA: the S k choices are sorted by expert and each group is
+  multiplied by its expert's weights with `grouped_mm`, static shapes, no host synchronisation;
+- where that op would synchronise with the host (CUDA, not bf16), and for `GenericExperts` when
+  traced: the chosen weights are copied out by index and applied batched (CUDA graphs).
 
 `StackedExperts` holds the ups/down weights of E copies of one FFN stacked on a leading expert
 dimension and runs them with bmm/baddbmm: h_j = buf @ W_up_j + b_up_j, m = middle(h_1, ..., h_n)
@@ -23,6 +26,29 @@ from torch import Tensor, fx, nn
 
 from .gating_ops import plain_eager
 from .grouped_ops import copy_free, grouped_mm
+
+
+def gather_by_expert(x: Tensor, idx: Tensor, ffn) -> Tensor:
+    """x [N, d], idx [N] -> [N, d_out], planned on the host: ffn(g, rows) runs once per used expert g
+    on the rows that chose it (sorted by expert, put back in order). Reads idx on the host, so it is
+    for plain eager use, where that costs nothing: a decode step's handful of rows then takes the
+    fewest ops and reads each used expert's weights once, in place."""
+    ids = idx.tolist()
+    if not ids or all(i == ids[0] for i in ids):   # one expert for every row (batch 1, top-1): no permutation
+        return ffn(ids[0] if ids else 0, x)
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    permuted = order != list(range(len(ids)))
+    if permuted:
+        x = x[order]
+    ys, start = [], 0
+    for g, run in itertools.groupby(order, key=ids.__getitem__):
+        end = start + len(list(run))
+        ys.append(ffn(g, x[start:end]))
+        start = end
+    y = torch.cat(ys)
+    if permuted:
+        y = torch.empty_like(y).index_copy(0, torch.tensor(order, device=y.device), y)
+    return y
 
 
 class StackedExperts(nn.Module):
@@ -107,7 +133,7 @@ class StackedExperts(nn.Module):
         """tokens [S, d], expert [S, k] -> [S, k, d]: each choice through its expert, the weights read
         in place (plain eager on the CPU: `_gather_loop`; traced or on CUDA: `_gather_grouped`)."""
         S, k = expert.shape
-        idx = (expert - self.first_expert).reshape(-1)                         # [N = S k]
+        idx = (expert - self.first_expert if self.first_expert else expert).reshape(-1)   # [N = S k]
         x = tokens.repeat_interleave(k, dim=0) if k > 1 else tokens             # [N, d]
         if x.device.type == "cpu" and plain_eager(x):
             y = self._gather_loop(x, idx)
@@ -118,29 +144,22 @@ class StackedExperts(nn.Module):
         return y.reshape(S, k, -1)
 
     def _gather_loop(self, x: Tensor, idx: Tensor) -> Tensor:
-        """x [N, d], idx [N] -> [N, d], planned on the host: the rows of each chosen expert run through
-        its whole FFN with addmm on views of its weights (a decode step's handful of rows: the
-        fewest ops; untraced CPU only, where reading idx costs nothing)."""
-        ids = idx.tolist()
-        order = sorted(range(len(ids)), key=ids.__getitem__)
-        permuted = order != list(range(len(ids)))
-        if permuted:
-            x = x[order]
-        biases, ys, start = self._biases(), [], 0
-        for g, run in itertools.groupby(order, key=ids.__getitem__):
-            end = start + len(list(run))
-            rows = x[start:end]
-            hs = [torch.mm(rows, w[g].to(rows.dtype)) if b is None else
-                  torch.addmm(b[g].to(rows.dtype), rows, w[g].to(rows.dtype)) for w, b in zip(self.up_weight, biases)]
-            m = self.middle(*hs)
-            w2 = self.down_weight[g].to(m.dtype)
-            ys.append(torch.mm(m, w2) if self.down_bias is None else
-                      torch.addmm(self.down_bias[g].to(m.dtype), m, w2, beta=self.bias_scale))
-            start = end
-        y = ys[0] if len(ys) == 1 else torch.cat(ys)
-        if permuted:
-            y = torch.empty_like(y).index_copy(0, torch.tensor(order, device=y.device), y)
-        return y
+        """x [N, d], idx [N] -> [N, d]: `gather_by_expert` with one whole FFN per used expert
+        (untraced CPU only, where reading idx costs nothing)."""
+        return gather_by_expert(x, idx, self._expert_ffn)
+
+    def _expert_ffn(self, g: int, rows: Tensor) -> Tensor:
+        """rows [n, d] through expert g's FFN -> [n, d], with mm / addmm on views of its weights."""
+        dt = rows.dtype
+        hs = []
+        for w, b in zip(self.up_weight, self._biases()):
+            w = w[g] if w.dtype == dt else w[g].to(dt)
+            hs.append(torch.mm(rows, w) if b is None else torch.addmm(b[g].to(dt), rows, w))
+        m = self.middle.forward(*hs)   # a GraphModule of token-wise ops: its __call__ wrapper costs more
+        w2 = self.down_weight[g] if self.down_weight.dtype == dt else self.down_weight[g].to(dt)
+        if self.down_bias is None:
+            return torch.mm(m, w2)
+        return torch.addmm(self.down_bias[g].to(dt), m, w2, beta=self.bias_scale)
 
     def _gather_grouped(self, x: Tensor, idx: Tensor) -> Tensor:
         """x [N, d], idx [N] -> [N, d]: the rows sorted by expert, each group times its expert's
@@ -261,10 +280,17 @@ class GenericExperts(nn.Module):
         if expert is None:
             return torch.vmap(one)(tuple(self.expert_params[n] for n in names), buf)
         S, k = expert.shape
-        idx = (expert - self.first_expert).reshape(-1)
-        params = tuple(self.expert_params[n].index_select(0, idx) for n in names)
-        x = buf.repeat_interleave(k, dim=0).unsqueeze(1)                        # [S k, 1, d]
-        return torch.vmap(one)(params, x).reshape(S, k, -1)
+        idx = (expert - self.first_expert if self.first_expert else expert).reshape(-1)
+        x = buf.repeat_interleave(k, dim=0) if k > 1 else buf                   # [S k, d]
+        if x.device.type == "cpu" and plain_eager(x):   # weights read in place, once per used expert
+            return gather_by_expert(x, idx, self._expert_ffn).reshape(S, k, -1)
+        params = tuple(self.expert_params[n].index_select(0, idx) for n in names)   # copies: no host sync
+        return torch.vmap(one)(params, x.unsqueeze(1)).reshape(S, k, -1)
+
+    def _expert_ffn(self, g: int, rows: Tensor) -> Tensor:
+        """rows [n, d] through expert g's FFN (the template with views of its parameters) -> [n, d]."""
+        params = {n: p[g] for n, p in self.expert_params.items()}
+        return torch.func.functional_call(self.template, params, (rows,))
 
     def select(self, start: int, stop: int) -> "GenericExperts":
         """A new module with experts [start, stop) (weights copied)."""
