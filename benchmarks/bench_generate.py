@@ -8,7 +8,9 @@ upcycled with init_noise 0.1. Per batch size B, all variants are built from the 
 model (the MoE variants get the same upcycled experts, so they route alike):
 
   dense              moefx.convert_generator(model, {}) (no MoE section: the dense model with the
-                     same static-cache mechanics)
+                     same static-cache mechanics). Like every variant it stores its weight matrices
+                     with the longer dimension contiguous (weight_layout "auto" on the CPU)
+  dense, nn.Linear layout  the same with weight_layout="keep": the layout the model came with
   PR-MoE buffer      lowering.experts = "buffer": dispatch into [E, C, d], bmm over all E experts
   PR-MoE gather      lowering.experts = "auto": the (static) decode step on the gather path (the
                      choices sorted by expert, each used expert's weights read once in place;
@@ -75,7 +77,9 @@ QUICK_OUTPUT = os.path.join(HERE, "results", "generate_cpu_quick.md")
 DENSE, BUFFER, GATHER, COMPILED, EINSUM = ("dense", "PR-MoE buffer", "PR-MoE gather", "PR-MoE gather compiled",
                                            "einsum baseline")
 DENSE_COMPILED = "dense compiled"
-ORDER = (DENSE, DENSE_COMPILED, BUFFER, GATHER, COMPILED, EINSUM)
+DENSE_ROW_MAJOR = "dense, nn.Linear layout"
+DENSES = (DENSE, DENSE_ROW_MAJOR, DENSE_COMPILED)
+ORDER = (DENSE, DENSE_ROW_MAJOR, DENSE_COMPILED, BUFFER, GATHER, COMPILED, EINSUM)
 COPY = "memcpy"
 GOAL_DENSE_RATIO, GOAL_BOUND = 1.3, 2.0
 
@@ -215,6 +219,7 @@ def run_batch(model: NanoGPT, B: int, args, log) -> tuple[list[dict], dict]:
     info: dict = {"batch": B}
     t0 = time.perf_counter()
     gens = {DENSE: moefx.convert_generator(model, {}, (ids,), max_cache_len=L),
+            DENSE_ROW_MAJOR: moefx.convert_generator(model, {}, (ids,), max_cache_len=L, weight_layout="keep"),
             BUFFER: moefx.convert_generator(model, moe_plan(args, "buffer"), (ids,), max_cache_len=L),
             # "auto": gather in the (static) decode graph, buffer in the (dynamic) prefill
             GATHER: moefx.convert_generator(model, moe_plan(args, "auto"), (ids,), max_cache_len=L),
@@ -226,7 +231,7 @@ def run_batch(model: NanoGPT, B: int, args, log) -> tuple[list[dict], dict]:
         raise RuntimeError(f"unexpected experts paths (gather layers of decode, prefill): {paths}")
     info["layers replaced"] = einsum_decode(gens[EINSUM].decode)
     info["convert s"] = time.perf_counter() - t0
-    log(f"  B={B}: 4 generators converted in {info['convert s']:.1f} s")
+    log(f"  B={B}: {len(gens)} generators converted in {info['convert s']:.1f} s")
 
     # warm-up generate: the prefill the timed step attends over (slots 0 .. T-1) and its token (position T)
     with torch.no_grad():
@@ -246,7 +251,7 @@ def run_batch(model: NanoGPT, B: int, args, log) -> tuple[list[dict], dict]:
     # rewrites the same token at position T that the timed step uses
     gen_stats = {}
     with torch.no_grad():
-        for name in (DENSE, BUFFER, GATHER, EINSUM):
+        for name in (DENSE, DENSE_ROW_MAJOR, BUFFER, GATHER, EINSUM):
             gens[name].generate(ids, max_new_tokens=new)
             gen_stats[name] = gens[name].last_stats
         compiled = [] if args.no_compile else [(GATHER, COMPILED)] + ([(DENSE, DENSE_COMPILED)] if args.dense_compiled
@@ -264,7 +269,7 @@ def run_batch(model: NanoGPT, B: int, args, log) -> tuple[list[dict], dict]:
         # correctness: every MoE variant's step logits vs the buffer path's
         logits = {name: fn().float() for name, fn in steps.items()}
         diffs = {name: float((logits[name] - logits[BUFFER]).abs().max()) for name in logits
-                 if name not in (DENSE, DENSE_COMPILED)}
+                 if name not in DENSES}
         used = distinct_experts(gens[GATHER].decode, steps[GATHER])
 
         # the timed part: one decode step per variant + the memory copy, interleaved
@@ -295,7 +300,7 @@ def run_batch(model: NanoGPT, B: int, args, log) -> tuple[list[dict], dict]:
     for name in ORDER:
         if name not in ms:
             continue
-        dense = name in (DENSE, DENSE_COMPILED)
+        dense = name in DENSES
         bound = bound_dense if dense else bound_moe
         st = gen_stats[name]
         rows.append({"batch": B, "variant": name, "ms/step (median)": ms[name], "vs dense": ms[name] / ms[DENSE],
@@ -458,7 +463,11 @@ def main(argv=None) -> int:
         "Notes:",
         "",
         "- dense: `moefx.convert_generator(model, {})`, a plan without a MoE section (accepted): the same "
-        "static-cache graphs as the MoE variants, without MoE layers.",
+        "static-cache graphs as the MoE variants, without MoE layers. Every generator but one stores its weight "
+        "matrices with the longer dimension contiguous (`Generator(weight_layout=\"auto\")` on the CPU, "
+        "`moefx.gen.weight_layout`: matrix-vector products stream them about twice as fast, "
+        "results/gemv_layout_cpu.md); 'dense, nn.Linear layout' is the dense generator with "
+        "`weight_layout=\"keep\"`, the layout the model came with.",
         "- PR-MoE gather compiled shares the gather generator's weights and cache; `Generator.compile()` made it, "
         "compiled once before timing ('compile s' above: the first call, with "
         + ("inductor's usual on-disk cache, possibly warm" if args.warm_cache else "a fresh inductor cache: cold")
