@@ -15,6 +15,9 @@ The variants run interleaved (A B C D E, several rounds), one thread. The decode
 (bench_generate.py) divides the bytes a step must read by the copy rate; a layout that reads at
 half that rate puts even the dense model's step at about 2x its bound.
 
+A second table gives, by rows per product M, the time of nn.Linear's layout over the long-rows
+layout (the weight stored with its longer dimension contiguous, moefx.gen.weight_layout).
+
     python benchmarks/bench_gemv_layout_cpu.py            # writes results/gemv_layout_cpu.md
 """
 from __future__ import annotations
@@ -68,6 +71,7 @@ def main(argv=None) -> None:
             dst.copy_(src)
             times["copy"].append(time.perf_counter() - t0)
     copy_gbs = 2 * numel * 4 / statistics.median(times["copy"]) / 1e9
+    by_rows = _rows_table(d, f, n, args.rounds)
     rows = []
     for name in variants:
         t = statistics.median(times[name])
@@ -79,7 +83,12 @@ def main(argv=None) -> None:
         f"variant, median of {args.rounds} interleaved rounds).", "",
         f"- torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} logical CPUs; "
         + load_note(), f"- copy rate: {copy_gbs:.1f} GB/s (read + write of {args.copy_mb} MB)", "",
-        table(rows, list(rows[0])), ""])
+        table(rows, list(rows[0])), "",
+        "By rows per product (what moefx.gen.weight_layout's \"auto\" rule rests on): F.linear(x [M, in], W) "
+        "time with W stored [out, in] (nn.Linear) divided by the time with the same W stored [in, out] "
+        "(the longer dimension contiguous, `long_rows`); > 1: long rows faster. Interleaved, median of "
+        f"{args.rounds} rounds.", "",
+        table(by_rows, list(by_rows[0])), ""])
     print(text)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     tmp = args.output + ".tmp"
@@ -87,6 +96,30 @@ def main(argv=None) -> None:
         fh.write(text)
     os.replace(tmp, args.output)
     print(f"wrote {args.output}")
+
+
+def _rows_table(d: int, f: int, n: int, rounds: int) -> list[dict]:
+    """Row-major / long-rows time ratio of F.linear for [out, in] = [f, d] (an up projection) and
+    [8 f, d] (an LM head), by rows M of the input (interleaved per M)."""
+    out = []
+    for o, i, label in ((f, d, f"up [{f}, {d}]"), (8 * f, d, f"head [{8 * f}, {d}]")):
+        count = max(2, n * f // o)
+        row_major = [torch.randn(o, i) for _ in range(count)]
+        long_rows = [torch.randn(i, o).t() for _ in range(count)]
+        row = {"matrix (nn.Linear [out, in])": label}
+        for M in (1, 2, 4, 8, 16, 32):
+            x = torch.randn(M, i)
+            t = {"r": [], "l": []}
+            with torch.no_grad():
+                for _ in range(rounds):
+                    for key, mats in (("r", row_major), ("l", long_rows)):
+                        t0 = time.perf_counter()
+                        for w in mats:
+                            F.linear(x, w)
+                        t[key].append(time.perf_counter() - t0)
+            row[f"M={M}"] = statistics.median(t["r"]) / statistics.median(t["l"])
+        out.append(row)
+    return out
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ def test_generators_default_to_long_rows_on_the_cpu_and_decode_the_same():
     assert fast.weight_layout == "long_rows" and keep.weight_layout == "keep"
     assert fast.weight_layout_changed == 2 * model.config.n_layer + 1 + len(moe_layers(fast.decode))
     assert keep.weight_layout_changed == 0 and all(p.is_contiguous() for p in keep.decode.parameters())
+    # four rows per step: a small matrix product, which the layout does not speed up; "auto" keeps it
+    four = convert_generator(model, PLAN, (ids,), batch_size=4, max_cache_len=16)
+    assert four.weight_layout == "keep" and four.weight_layout_changed == 0
     assert torch.equal(fast.generate(ids, max_new_tokens=8), keep.generate(ids, max_new_tokens=8))
     slots = torch.ones(2, 16, dtype=torch.long)
     with torch.no_grad():

@@ -181,17 +181,18 @@ def position_limit(model: nn.Module) -> int:
 class Generator:
     """Prefill and decode-step graphs of one converted model (see the module docstring).
 
-    weight_layout: "auto" (the default) re-strides the weight matrices on the CPU so that each one's
-    longer dimension is contiguous, which streams about twice as fast through a decode step's
-    matrix-vector products (`moefx.gen.weight_layout`; same parameters and values); "long_rows"
-    does so on any device, "keep" leaves the layout alone. `weight_layout_changed` counts them.
+    weight_layout: "auto" (the default) re-strides the weight matrices on the CPU, for a batch of at
+    most 2 rows, so that each one's longer dimension is contiguous, which streams about twice as
+    fast through a decode step's matrix-vector products (`moefx.gen.weight_layout`; same parameters
+    and values); "long_rows" does so always, "keep" leaves the layout alone.
+    `weight_layout_changed` counts the matrices changed.
     """
 
     def __init__(self, prefill: fx.GraphModule, decode: fx.GraphModule, batch_size: int, max_cache_len: int, *,
                  eos_token_id: int | None = None, pad_token_id: int = 0, plan=None, agree=None,
                  weight_layout: str = "auto"):
         self.prefill, self.decode = prefill, decode
-        self.weight_layout = resolve_layout(weight_layout, self.device)
+        self.weight_layout = resolve_layout(weight_layout, self.device, batch_size)
         self.weight_layout_changed = 0
         if self.weight_layout == "long_rows":  # the graphs share parameters: each is re-strided once
             self.weight_layout_changed = long_rows(decode) + long_rows(prefill)

@@ -7,6 +7,10 @@ about half the rate of the same matrix stored with rows of 2048 floats, whether 
 `F.linear(x, W)` or `x @ W` (`benchmarks/bench_gemv_layout_cpu.py`). nn.Linear stores [out, in],
 so every up projection (and a tied embedding / LM head, [vocab, d]) has the slow layout.
 
+The gain is a matrix-vector product's: with 4 or more rows per product MKL runs a small matrix
+product whose speed the layout hardly changes (0.9-1.1x either way), so "auto" re-strides only
+for decode steps of at most `LONG_ROWS_MAX_TOKENS` tokens.
+
 `long_rows(module)` re-strides such parameters in place: same Parameter objects (graphs, tied
 uses and optimizers keep pointing at them), same shapes and values, only the memory order of the
 last two dimensions swapped so the longer one is contiguous. Every op reads strided weights (the
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 LAYOUTS = ("auto", "long_rows", "keep")
+LONG_ROWS_MAX_TOKENS = 2   # rows per decode step up to which "auto" picks long rows (see above)
 
 
 def short_rows(t: torch.Tensor) -> bool:
@@ -41,11 +46,12 @@ def long_rows(module: nn.Module) -> int:
     return changed
 
 
-def resolve(layout: str, device: torch.device) -> str:
-    """The layout to use: "auto" is "long_rows" on the CPU and "keep" elsewhere (GPU matrix products
-    are not bound by this and some kernels want row-major weights)."""
+def resolve(layout: str, device: torch.device, tokens: int = 1) -> str:
+    """The layout to use for decode steps of `tokens` rows on `device`: "auto" is "long_rows" on the
+    CPU for at most LONG_ROWS_MAX_TOKENS rows, else "keep" (GPU matrix products are not bound by
+    this, and some kernels want row-major weights)."""
     if layout not in LAYOUTS:
         raise ValueError(f"weight_layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
     if layout == "auto":
-        return "long_rows" if device.type == "cpu" else "keep"
+        return "long_rows" if device.type == "cpu" and tokens <= LONG_ROWS_MAX_TOKENS else "keep"
     return layout
