@@ -337,14 +337,17 @@ def goals(rows: list[dict]) -> list[str]:
         met = all(by[(B, COMPILED)]["ms/step (median)"] < by[(B, GATHER)]["ms/step (median)"]
                   for B in batches if (B, COMPILED) in by)
         out.append(f"- Compiled faster than eager (gather path): {'; '.join(parts)}: {'met' if met else 'NOT met'}.")
+    # the issue puts the bound goal on the batch-1 step (decoding bound by reading weights); larger
+    # batches are listed beside it, with the dense step's own multiple of its bound for scale
     for name in (GATHER, COMPILED):
-        parts = [f"B={B}: {by[(B, name)]['x of bound']:.2f}x" for B in batches if (B, name) in by]
-        if parts:
-            met = all(by[(B, name)]["x of bound"] <= GOAL_BOUND for B in batches if (B, name) in by)
-            out.append(f"- {name} within {GOAL_BOUND}x of the bandwidth bound: {'; '.join(parts)}: "
-                       f"{'met' if met else 'NOT met'}" + ("" if met else " (" + ", ".join(
-                           f"B={B}" for B in batches if (B, name) in by and by[(B, name)]["x of bound"] > GOAL_BOUND)
-                           + " above)") + ".")
+        if (1, name) not in by:
+            continue
+        x = by[(1, name)]["x of bound"]
+        others = [f"B={B}: {by[(B, name)]['x of bound']:.2f}x (dense {by[(B, DENSE)]['x of bound']:.2f}x)"
+                  for B in batches if B != 1 and (B, name) in by]
+        out.append(f"- {name} at batch 1 within {GOAL_BOUND}x of the bandwidth bound: {x:.2f}x: "
+                   f"{'met' if x <= GOAL_BOUND else 'NOT met'}" + (f" (larger batches: {'; '.join(others)})"
+                                                                  if others else "") + ".")
     return out
 
 
@@ -370,7 +373,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (the timed step is at this position)")
     ap.add_argument("--new", type=int, default=64, help="new tokens per generate()")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (at least 2)")
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds (at least 2; --budget-s caps them)")
     ap.add_argument("--reps", type=int, default=3, help="timed calls per variant per round")
     ap.add_argument("--budget-s", type=float, default=60.0, help="per batch: no new round after this many seconds")
     ap.add_argument("--copy-mb", type=int, default=512, help="size of the bandwidth copy's tensor")
