@@ -137,10 +137,12 @@ def _open(folder: str | os.PathLike, verify: bool):
     return record, info, _plan(info["plan"]), saved, ModuleSource(_real_buffers(info))
 
 
-def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu", verify: bool = True):
+def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu", verify: bool = True,
+         weight_layout: str = "auto"):
     """The converted GraphModule or Generator saved in `folder`, its tensors on `device`.
 
-    verify: check the weights file's SHA-256 first (MoefxError when it differs)."""
+    verify: check the weights file's SHA-256 first (MoefxError when it differs); weight_layout: a
+    Generator's (see `moefx.gen.Generator`)."""
     from .convert import convert
     from .runtime.materialize import materialize
     from .runtime.sources import ChainSource
@@ -148,7 +150,7 @@ def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu", verif
     record, info, plan, saved, buffers = _open(folder, verify)
     if record["kind"] == "generator":
         s = record["settings"]
-        return _generator(record, plan, saved, buffers, device, s["batch_size"], s["max_cache_len"])
+        return _generator(record, plan, saved, buffers, device, s["batch_size"], s["max_cache_len"], weight_layout)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
         gm = convert(O.rebuild_model(info, "meta"), plan, O.example_inputs(info), copy_weights=False,
@@ -157,9 +159,10 @@ def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu", verif
 
 
 def load_generator(folder: str | os.PathLike, *, batch_size: int | None = None, max_cache_len: int | None = None,
-                   device: str | torch.device = "cpu", verify: bool = True):
+                   device: str | torch.device = "cpu", verify: bool = True, weight_layout: str = "auto"):
     """A Generator from a saved Generator or a saved converted graph (e.g. a trained model), with a
-    cache of batch_size x max_cache_len (default: the saved generator's, or 1 x the model's limit)."""
+    cache of batch_size x max_cache_len (default: the saved generator's, or 1 x the model's limit).
+    weight_layout: see `moefx.gen.Generator`."""
     from .runtime.sources import PrefixedSource
 
     record, info, plan, saved, buffers = _open(folder, verify)
@@ -167,7 +170,7 @@ def load_generator(folder: str | os.PathLike, *, batch_size: int | None = None, 
     if record["kind"] == "graph":
         saved = PrefixedSource(saved, "model.")           # the generation graphs wrap the LM as `model`
     return _generator(record, plan, saved, buffers, device, batch_size or s.get("batch_size", 1),
-                      max_cache_len or s.get("max_cache_len"))
+                      max_cache_len or s.get("max_cache_len"), weight_layout)
 
 
 def _plan(d: dict):
@@ -197,7 +200,8 @@ def _real_buffers(info: dict) -> nn.Module:
         return O.rebuild_model(info, "cpu")
 
 
-def _generator(record: dict, plan, saved, buffers, device, batch_size: int, max_cache_len: int | None):
+def _generator(record: dict, plan, saved, buffers, device, batch_size: int, max_cache_len: int | None,
+               weight_layout: str = "auto"):
     from .gen.generator import Generator, convert_graphs, position_limit, special_tokens
     from .runtime.build import cache_source, fill_generator
     from .runtime.sources import ChainSource, PrefixedSource
@@ -210,4 +214,5 @@ def _generator(record: dict, plan, saved, buffers, device, batch_size: int, max_
                    None, device)
     s = record["settings"]
     eos, pad = special_tokens(meta_model, s.get("eos_token_id"), s.get("pad_token_id"))
-    return Generator(prefill, decode, batch_size, max_cache_len, eos_token_id=eos, pad_token_id=pad, plan=plan)
+    return Generator(prefill, decode, batch_size, max_cache_len, eos_token_id=eos, pad_token_id=pad, plan=plan,
+                     weight_layout=weight_layout)

@@ -207,8 +207,11 @@ def test_moe_layers_follow_the_mode_the_graph_was_captured_in():
         with torch.no_grad():
             outs[cf] = gm(ids)
     assert torch.equal(outs[0.25], outs[4.0])
-    train = moefx.convert(model, PLANS["top1-residual"], (ids,), train=True)
+    train = moefx.convert(model, {"moe": {**drop, "capacity_factor": 0.25, "eval_capacity_factor": 4.0}}, (ids,),
+                          train=True)
     assert all(m.training for _, m in moe_layers(train))
+    with torch.no_grad():
+        assert not torch.equal(train(ids), outs[4.0])   # in train mode capacity_factor 0.25 drops tokens
     # a no-grad decode step on the gather path computes no load-balancing loss
     with torch.no_grad():
         gen.generate(ids, max_new_tokens=2)

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import moefx
-from moefx.gen.generator import convert_generator
+from moefx.gen.generator import Generator, convert_generator
 from moefx.gen.weight_layout import long_rows
 from moefx.models import load_model
 from moefx.nn.moe import moe_layers
@@ -82,3 +84,29 @@ def test_an_unknown_weight_layout_is_refused_before_any_work():
     model, (ids,) = _nanogpt()
     with pytest.raises(ValueError, match="weight_layout must be one of 'auto', 'long_rows', 'keep'"):
         convert_generator(model, PLAN, (ids,), max_cache_len=16, weight_layout="column")
+
+
+def test_a_weight_the_graph_views_keeps_its_layout():
+    class TwoWeights(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.randn(8, 4))
+            self.b = nn.Parameter(torch.randn(8, 4))
+
+        def forward(self, x):
+            return F.linear(x, self.a) + F.linear(x, self.b.view(4, 8).t())   # b is viewed: needs contiguous
+
+    gm = moefx.capture(TwoWeights(), (torch.randn(3, 4),))
+    x = torch.randn(3, 4)
+    want = gm(x)
+    assert long_rows(gm) == 1
+    assert gm.a.stride() == (1, 8) and gm.b.is_contiguous()
+    torch.testing.assert_close(gm(x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_the_generator_constructor_keeps_the_layout_unless_asked():
+    model, (ids,) = _nanogpt()
+    gen = convert_generator(model, PLAN, (ids,), max_cache_len=16, weight_layout="keep")
+    again = Generator(gen.prefill, gen.decode, 2, 16)          # graphs whose parameters may be someone else's
+    assert again.weight_layout == "keep" and all(p.is_contiguous() for p in gen.decode.parameters())
+    assert Generator(gen.prefill, gen.decode, 2, 16, weight_layout="auto").weight_layout_changed > 0

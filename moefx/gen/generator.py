@@ -181,21 +181,22 @@ def position_limit(model: nn.Module) -> int:
 class Generator:
     """Prefill and decode-step graphs of one converted model (see the module docstring).
 
-    weight_layout: "auto" (the default) re-strides the weight matrices on the CPU, for a batch of at
-    most 2 rows, so that each one's longer dimension is contiguous, which streams about twice as
-    fast through a decode step's matrix-vector products (`moefx.gen.weight_layout`; same parameters
-    and values); "long_rows" does so always, "keep" leaves the layout alone.
-    `weight_layout_changed` counts the matrices changed.
+    weight_layout: "auto" re-strides the weight matrices on the CPU, for a batch of at most 2 rows,
+    so that each one's longer dimension is contiguous, which streams about twice as fast through a
+    decode step's matrix-vector products (`moefx.gen.weight_layout`; same parameters and values,
+    changed in place); "long_rows" does so always; "keep" (the default here, since the graphs'
+    parameters may be the caller's) leaves the layout alone. `convert_generator`, `moefx.load`
+    and the launcher's generators own their weights and pass "auto". `weight_layout_changed`
+    counts the matrices changed.
     """
 
     def __init__(self, prefill: fx.GraphModule, decode: fx.GraphModule, batch_size: int, max_cache_len: int, *,
                  eos_token_id: int | None = None, pad_token_id: int = 0, plan=None, agree=None,
-                 weight_layout: str = "auto"):
+                 weight_layout: str = "keep"):
         self.prefill, self.decode = prefill, decode
-        self.weight_layout = resolve_layout(weight_layout, self.device, batch_size)
-        self.weight_layout_changed = 0
-        if self.weight_layout == "long_rows":  # the graphs share parameters: each is re-strided once
-            self.weight_layout_changed = long_rows(decode) + long_rows(prefill)
+        self.weight_layout = resolve_layout(weight_layout, self.device if weight_layout == "auto" else None,
+                                            batch_size)
+        self.weight_layout_changed = long_rows(decode, prefill) if self.weight_layout == "long_rows" else 0
         # agree(done) -> bool: whether every rank is done (distributed: all ranks run the same steps)
         self.agree = agree
         self.batch_size, self.max_cache_len = batch_size, max_cache_len

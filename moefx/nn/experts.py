@@ -8,8 +8,9 @@ expert's weights read once where they live:
   expert's whole FFN runs on its rows, the fewest ops for a decode step's handful of rows;
 - traced (export, compile) or on CUDA: the S k choices are sorted by expert and each group is
   multiplied by its expert's weights with `grouped_mm`, static shapes, no host synchronisation;
-- where that op would synchronise with the host (CUDA, not bf16), and for `GenericExperts` when
-  traced: the chosen weights are copied out by index and applied batched (CUDA graphs).
+- where that op would synchronise with the host (CUDA, not bf16), and for `GenericExperts` other
+  than in plain eager on the CPU: the chosen weights are copied out by index and applied batched
+  (no host synchronisation: CUDA graphs).
 
 `StackedExperts` holds the ups/down weights of E copies of one FFN stacked on a leading expert
 dimension and runs them with bmm/baddbmm: h_j = buf @ W_up_j + b_up_j, m = middle(h_1, ..., h_n)
@@ -155,11 +156,12 @@ class StackedExperts(nn.Module):
         for w, b in zip(self.up_weight, self._biases()):
             w = w[g] if w.dtype == dt else w[g].to(dt)
             hs.append(torch.mm(rows, w) if b is None else torch.addmm(b[g].to(dt), rows, w))
-        m = self.middle.forward(*hs)   # a GraphModule of token-wise ops: its __call__ wrapper costs more
-        w2 = self.down_weight[g] if self.down_weight.dtype == dt else self.down_weight[g].to(dt)
+        m = self.middle.forward(*hs)   # a GraphModule of token-wise ops (no hooks): its __call__ costs more
+        dm = m.dtype                   # the middle may cast (T5 casts to the down weight's dtype)
+        w2 = self.down_weight[g] if self.down_weight.dtype == dm else self.down_weight[g].to(dm)
         if self.down_bias is None:
             return torch.mm(m, w2)
-        return torch.addmm(self.down_bias[g].to(dt), m, w2, beta=self.bias_scale)
+        return torch.addmm(self.down_bias[g].to(dm), m, w2, beta=self.bias_scale)
 
     def _gather_grouped(self, x: Tensor, idx: Tensor) -> Tensor:
         """x [N, d], idx [N] -> [N, d]: the rows sorted by expert, each group times its expert's

@@ -214,9 +214,10 @@ def build_reference(spec: ModelSpec, plan, *, device="cpu", train: bool = False,
 
 def build_generator(spec: ModelSpec, plan, *, batch_size: int, max_cache_len: int, prompt_len: int = 4,
                     device="cpu", distributed: bool = True, profile=None, measure: bool = False,
-                    source: Source | None = None):
+                    source: Source | None = None, weight_layout: str = "auto"):
     """A `moefx.gen.Generator` of this rank's prefill and decode graphs (distributed=False: the
-    whole single-process model), built on meta and materialised as `build_rank` does."""
+    whole single-process model), built on meta and materialised as `build_rank` does;
+    weight_layout: see `moefx.gen.Generator`."""
     from ..gen.generator import Generator, convert_graphs, special_tokens
     from .sources import ChainSource, PrefixedSource
 
@@ -231,7 +232,8 @@ def build_generator(spec: ModelSpec, plan, *, batch_size: int, max_cache_len: in
     dense = PrefixedSource(source if source is not None else dense_source(spec, skel), "model.")
     fill_generator(prefill, decode, dense, ChainSource(caches, PrefixedSource(skel.buffers, "model.")), device)
     eos, pad = special_tokens(skel.model)
-    return Generator(prefill, decode, batch_size, max_cache_len, eos_token_id=eos, pad_token_id=pad, plan=plan)
+    return Generator(prefill, decode, batch_size, max_cache_len, eos_token_id=eos, pad_token_id=pad, plan=plan,
+                     weight_layout=weight_layout)
 
 
 def cache_source(prefill: fx.GraphModule):
