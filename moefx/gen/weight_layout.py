@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from ..analysis.linear import attr_value
 from ..nn.experts import StackedExperts
 
 LAYOUTS = ("auto", "long_rows", "keep")
@@ -56,15 +57,15 @@ def _read_as_matrix(node: fx.Node) -> bool:
     return True
 
 
-def restridable(gm: fx.GraphModule) -> list[nn.Parameter]:
-    """The parameters of gm that `long_rows` may re-stride, each once: those of get_attr nodes whose
+def restridable(gm: fx.GraphModule) -> dict[int, nn.Parameter]:
+    """The parameters of gm that `long_rows` may re-stride, by id: those of get_attr nodes whose
     every use is a matrix op, and those of the Linear / Embedding / StackedExperts modules the graph
     calls."""
     ok: dict[int, nn.Parameter] = {}
     bad: set[int] = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            t = _attr(gm, node.target)
+            t = attr_value(gm, node.target)
             if isinstance(t, nn.Parameter):
                 if _read_as_matrix(node):
                     ok[id(t)] = t
@@ -74,14 +75,7 @@ def restridable(gm: fx.GraphModule) -> list[nn.Parameter]:
             mod = gm.get_submodule(node.target)
             if isinstance(mod, _MODULE_READS):
                 ok.update((id(p), p) for p in mod.parameters())
-    return [p for key, p in ok.items() if key not in bad]
-
-
-def _attr(root: nn.Module, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
+    return {key: p for key, p in ok.items() if key not in bad}
 
 
 def long_rows(*graphs: fx.GraphModule) -> int:
@@ -92,7 +86,7 @@ def long_rows(*graphs: fx.GraphModule) -> int:
     allowed: dict[int, nn.Parameter] = {}
     refused: set[int] = set()
     for gm in graphs:
-        mine = {id(p): p for p in restridable(gm)}
+        mine = restridable(gm)
         allowed.update(mine)
         refused |= {id(p) for p in gm.parameters()} - set(mine)
     changed = 0
