@@ -130,6 +130,13 @@ class StackedExperts(nn.Module):
         it = iter(self.up_bias)
         return [next(it) if has else None for has in self.up_has_bias]
 
+    def _up_pairs(self) -> list[tuple[Tensor, Tensor | None]]:
+        """(up weight, its bias or None) per up projection, read from the lists' parameter dicts:
+        iterating a ParameterList costs an attribute lookup per item, which a decode step feels."""
+        biases = iter(self.up_bias._parameters.values())
+        return [(w, next(biases) if has else None)
+                for w, has in zip(self.up_weight._parameters.values(), self.up_has_bias)]
+
     def _gather(self, tokens: Tensor, expert: Tensor) -> Tensor:
         """tokens [S, d], expert [S, k] -> [S, k, d]: each choice through its expert, the weights read
         in place (plain eager on the CPU: `_gather_loop`; traced or on CUDA: `_gather_grouped`)."""
@@ -150,18 +157,34 @@ class StackedExperts(nn.Module):
         return gather_by_expert(x, idx, self._expert_ffn)
 
     def _expert_ffn(self, g: int, rows: Tensor) -> Tensor:
-        """rows [n, d] through expert g's FFN -> [n, d], with mm / addmm on views of its weights."""
+        """rows [n, d] through expert g's FFN -> [n, d], with mm / addmm on views of its weights.
+
+        Called once per used expert and MoE layer in an eager decode step, where each Python-level
+        step is paid with caches just flushed by the weight reads: no casts or lookups it can skip."""
         dt = rows.dtype
         hs = []
-        for w, b in zip(self.up_weight, self._biases()):
-            w = w[g] if w.dtype == dt else w[g].to(dt)
-            hs.append(torch.mm(rows, w) if b is None else torch.addmm(b[g].to(dt), rows, w))
+        for w, b in self._up_pairs():
+            w = w[g]
+            if w.dtype != dt:
+                w = w.to(dt)
+            if b is None:
+                hs.append(torch.mm(rows, w))
+            else:
+                b = b[g]
+                hs.append(torch.addmm(b if b.dtype == dt else b.to(dt), rows, w))
         m = self.middle.forward(*hs)   # a GraphModule of token-wise ops (no hooks): its __call__ costs more
         dm = m.dtype                   # the middle may cast (T5 casts to the down weight's dtype)
-        w2 = self.down_weight[g] if self.down_weight.dtype == dm else self.down_weight[g].to(dm)
+        w2 = self.down_weight[g]
+        if w2.dtype != dm:
+            w2 = w2.to(dm)
         if self.down_bias is None:
             return torch.mm(m, w2)
-        return torch.addmm(self.down_bias[g].to(dm), m, w2, beta=self.bias_scale)
+        b2 = self.down_bias[g]
+        if b2.dtype != dm:
+            b2 = b2.to(dm)
+        if self.bias_scale != 1.0:
+            return torch.addmm(b2, m, w2, beta=self.bias_scale)
+        return torch.addmm(b2, m, w2)
 
     def _gather_grouped(self, x: Tensor, idx: Tensor) -> Tensor:
         """x [N, d], idx [N] -> [N, d]: the rows sorted by expert, each group times its expert's

@@ -7,9 +7,10 @@ read a decode step needs); this op reads each used expert's weight once, where i
     grouped_mm(x [N, d], w [G, d, f], offs [G] int32) -> [N, f]
         rows offs[g-1] .. offs[g] (offs[-1] = 0) of x times w[g]; rows past offs[G-1] are zero.
 
-Implementations: bf16 on CUDA calls `torch.nn.functional.grouped_mm` (one grouped GEMM, no host
-synchronisation); everywhere else one `torch.mm` per non-empty group, concatenated, after
-reading the G offsets on the host (free on the CPU; on CUDA it synchronises,
+Implementations: `torch.nn.functional.grouped_mm` (one grouped GEMM, no host synchronisation) for
+bf16 on CUDA and for fp32 / bf16 on the CPU, where it gives the per-group products bit for bit in
+one call; everywhere else (other dtypes, unaligned views) one `torch.mm` per non-empty group,
+concatenated, after reading the G offsets on the host (free on the CPU; on CUDA it synchronises,
 so `StackedExperts` keeps its copy-free path to the CPU and bf16 CUDA: `copy_free`). The op has a
 fake implementation (torch's own meta function accepts only bf16, so fp32 graphs could not be
 traced through `F.grouped_mm`) and an autograd formula written with the same op and its weight
@@ -49,8 +50,11 @@ def _groups(offs: Tensor):
         start = max(start, end)
 
 
+_NATIVE = {"cuda": (torch.bfloat16,), "cpu": (torch.float32, torch.bfloat16)}   # dtypes F.grouped_mm takes
+
+
 def _grouped_mm_impl(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
-    if x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == x.dtype and _aligned(x, w):
+    if x.dtype in _NATIVE.get(x.device.type, ()) and w.dtype == x.dtype and _aligned(x, w):
         out = F.grouped_mm(x, w, offs=offs)
         end = int(x.shape[0])
         return out if out.shape[0] == end else out[:end]

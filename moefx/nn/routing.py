@@ -258,6 +258,8 @@ def gather_combine(expert_out: Tensor, weight: Tensor) -> Tensor:
     by weight [S, k] (0 for dropped choices), accumulated in float32 like `combine`."""
     acc = torch.promote_types(torch.float32, expert_out.dtype)
     if expert_out.shape[1] == 1:   # top-1: the sum over one choice is the product itself
+        if expert_out.dtype == acc and weight.dtype == acc:   # no-op casts still cost a call each
+            return expert_out[:, 0] * weight
         return (expert_out[:, 0].to(acc) * weight.to(acc)).to(expert_out.dtype)
     out = (expert_out.to(acc) * weight.to(acc).unsqueeze(-1)).sum(dim=1)
     return out.to(expert_out.dtype)
