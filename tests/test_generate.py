@@ -119,6 +119,28 @@ def test_the_decode_step_compiles_fullgraph():
     assert torch.equal(gen.generate(ids, max_new_tokens=6), eager)
     assert sum(counters["graph_break"].values()) == 0
 
+    # guards="inputs" (the default) drops the guards on the graphs' modules: parameters are still read on
+    # every call (an in-place update is seen), but a module attribute changed after compiling is not;
+    # guards="all" keeps torch's guards, which recompile for it
+    experts = [m.experts for _, m in moe_layers(gen.decode)]
+    args = (ids[:, :1], torch.tensor([5]), torch.ones(2, 16, dtype=torch.long), torch.full((2, 1), 5))
+    for guards, seen in (("all", True), ("inputs", False)):
+        torch._dynamo.reset()
+        gen.compile(backend="aot_eager", guards=guards)
+        with torch.no_grad():
+            for e in experts:
+                e.bias_scale = 1.0
+            before = gen._decode_fn(*args)
+            for e in experts:
+                e.down_bias.add_(0.5)                # in place: seen under either setting
+            updated = gen._decode_fn(*args)
+            for e in experts:
+                e.bias_scale = 0.0                   # drops the experts' down bias in the gather path
+            assert not torch.equal(updated, before)
+            assert torch.equal(gen._decode_fn(*args), updated) is not seen, guards
+    with pytest.raises(moefx.MoefxError, match="guards='none'"):
+        gen.compile(guards="none")
+
 
 def test_sampling_is_seeded_and_eos_stops_rows():
     model, ids, mask = _left_padded("llama-tiny")

@@ -216,11 +216,32 @@ class Generator:
     def device(self) -> torch.device:
         return next(self.prefill.parameters()).device
 
-    def compile(self, *, backend: str = "inductor", prefill: bool = False, **kwargs) -> "Generator":
-        """Run the decode step (and, with prefill=True, the prefill) under torch.compile(fullgraph=True)."""
-        self._decode_fn = torch.compile(self.decode, fullgraph=True, backend=backend, **kwargs)
+    def compile(self, *, backend: str = "inductor", prefill: bool = False, guards: str = "inputs",
+                **kwargs) -> "Generator":
+        """Run the decode step (and, with prefill=True, the prefill) under torch.compile(fullgraph=True);
+        returns self. kwargs go to torch.compile.
+
+        guards="inputs" (the default) keeps Dynamo's guards on the step's inputs and drops those on
+        the graphs' modules and parameters (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`):
+        a generator owns its graphs and never replaces a parameter or flips a module's mode, and
+        checking every parameter on every call costs about 0.2-0.3 ms per decode step on the CPU
+        (benchmarks/bench_generate.py). guards="all" keeps torch's default guards, for code that does
+        change the graphs' modules after compiling.
+        """
+        if guards not in ("inputs", "all"):
+            raise MoefxError(f"Generator.compile(guards={guards!r}): use 'inputs' (guard the step's inputs only, "
+                             "the default) or 'all' (torch's default guards)")
+        options = kwargs.pop("options", None) or {}
+
+        def compiled(graph, **extra):
+            opts = dict(options)   # torch.compile pops guard_filter_fn from the dict it is given
+            if guards == "inputs":
+                opts.setdefault("guard_filter_fn", torch.compiler.skip_guard_on_all_nn_modules_unsafe)
+            return torch.compile(graph, fullgraph=True, backend=backend, options=opts or None, **extra, **kwargs)
+
+        self._decode_fn = compiled(self.decode)
         if prefill:
-            self._prefill_fn = torch.compile(self.prefill, fullgraph=True, backend=backend, dynamic=True, **kwargs)
+            self._prefill_fn = compiled(self.prefill, dynamic=True)
         return self
 
     def _check(self, prompt_ids: torch.Tensor, max_new_tokens: int) -> None:
