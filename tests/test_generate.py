@@ -122,11 +122,11 @@ def test_the_decode_step_compiles_fullgraph():
     # guards="inputs" (the default) drops the guards on the graphs' modules: parameters are still read on
     # every call (an in-place update is seen), but a module attribute changed after compiling is not;
     # guards="all" keeps torch's guards, which recompile for it
-    experts = [m.experts for _, m in moe_layers(gen.decode)]
     args = (ids[:, :1], torch.tensor([5]), torch.ones(2, 16, dtype=torch.long), torch.full((2, 1), 5))
     for guards, seen in (("all", True), ("inputs", False)):
         torch._dynamo.reset()
         gen.compile(backend="aot_eager", guards=guards)
+        experts = [m.experts for _, m in moe_layers(gen.compiled_graph)]   # the graph compiled (see products)
         with torch.no_grad():
             for e in experts:
                 e.bias_scale = 1.0

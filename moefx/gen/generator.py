@@ -32,7 +32,8 @@ from ..passes import pipeline
 from ..passes.base import PassContext
 from .cache import cached_lm
 from .sampling import Sampling, next_tokens
-from .weight_layout import long_rows
+from ..passes.reduce_products import REDUCE_MAX_ROWS, reduce_products
+from .weight_layout import input_contiguous, long_rows
 from .weight_layout import resolve as resolve_layout
 
 __all__ = ["Generator", "GenerationStats", "convert_generator", "convert_graphs", "capture_generator", "share_tensors",
@@ -204,6 +205,8 @@ class Generator:
         self.plan = plan
         self.last_stats = GenerationStats()
         self._prefill_fn, self._decode_fn = prefill, decode
+        self.compiled_graph: fx.GraphModule | None = None   # the decode graph compile() handed to torch.compile
+        self.products: str | None = None                   # compile()'s resolved products
 
     @property
     def vocab_size(self) -> int | None:
@@ -217,20 +220,33 @@ class Generator:
         return next(self.prefill.parameters()).device
 
     def compile(self, *, backend: str = "inductor", prefill: bool = False, guards: str = "inputs",
-                **kwargs) -> "Generator":
+                products: str = "auto", **kwargs) -> "Generator":
         """Run the decode step (and, with prefill=True, the prefill) under torch.compile(fullgraph=True);
         returns self. kwargs go to torch.compile.
+
+        products: "reduce" hands torch.compile a copy of the decode graph whose matrix products of
+        at most `REDUCE_MAX_ROWS` rows are reductions (`moefx.passes.reduce_products`), and stores
+        their weights with the summed dimension contiguous (`weight_layout.input_contiguous`, in
+        place: the eager graphs share them); inductor's loops stream those weights faster than MKL's
+        matrix-vector products on the CPU (benchmarks/results/gemv_layout_cpu.md). "matmul" compiles
+        the decode graph as it is. "auto" (the default) is "reduce" on the CPU when a decode step has at
+        most REDUCE_MAX_ROWS rows (batch_size), else "matmul". `compiled_graph` is the graph compiled.
 
         guards="inputs" (the default) keeps Dynamo's guards on the step's inputs and drops those on
         the graphs' modules and parameters (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`):
         a generator owns its graphs and never replaces a parameter or flips a module's mode, and
-        checking every parameter on every call costs about 0.2-0.3 ms per decode step on the CPU
-        (benchmarks/bench_generate.py). guards="all" keeps torch's default guards, for code that does
-        change the graphs' modules after compiling.
+        checking every parameter on every call costs about 0.2-0.3 ms per decode step on the CPU.
+        Parameters are still read on every call (in-place updates are seen). guards="all" keeps
+        torch's default guards, for code that changes the graphs' modules after compiling.
         """
         if guards not in ("inputs", "all"):
             raise MoefxError(f"Generator.compile(guards={guards!r}): use 'inputs' (guard the step's inputs only, "
                              "the default) or 'all' (torch's default guards)")
+        if products not in ("auto", "reduce", "matmul"):
+            raise MoefxError(f"Generator.compile(products={products!r}): use 'auto', 'reduce' (few-row products "
+                             "as reductions) or 'matmul' (the graph's matrix products as captured)")
+        if products == "auto":
+            products = "reduce" if self.device.type == "cpu" and self.batch_size <= REDUCE_MAX_ROWS else "matmul"
         options = kwargs.pop("options", None) or {}
 
         def compiled(graph, **extra):
@@ -239,7 +255,13 @@ class Generator:
                 opts.setdefault("guard_filter_fn", torch.compiler.skip_guard_on_all_nn_modules_unsafe)
             return torch.compile(graph, fullgraph=True, backend=backend, options=opts or None, **extra, **kwargs)
 
-        self._decode_fn = compiled(self.decode)
+        self.compiled_graph = self.decode
+        if products == "reduce":
+            self.compiled_graph = reduce_products(self.decode)
+            self.weight_layout_changed += input_contiguous(self.compiled_graph)
+            self.weight_layout = "input_contiguous"
+        self.products = products
+        self._decode_fn = compiled(self.compiled_graph)
         if prefill:
             self._prefill_fn = compiled(self.prefill, dynamic=True)
         return self

@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from ..analysis.linear import attr_value
 from ..nn.experts import StackedExperts
+from ..nn.products import linear_by_reduction
 
 LAYOUTS = ("auto", "long_rows", "keep")
 LONG_ROWS_MAX_TOKENS = 2   # rows per decode step up to which "auto" picks long rows (see above)
@@ -95,6 +96,35 @@ def long_rows(*graphs: fx.GraphModule) -> int:
             if key not in refused and short_rows(p):
                 p.data = p.data.transpose(-1, -2).contiguous().transpose(-1, -2)
                 changed += 1
+    return changed
+
+
+def input_contiguous(gm: fx.GraphModule) -> int:
+    """Re-stride, in place, the weights that the reductions of a `reduce_products` graph read, so
+    that each stores the dimension its product sums over contiguously: every `linear_by_reduction`
+    weight row-major (nn.Linear's own [out, in]; making a tensor contiguous never breaks another
+    use) and the stacked weights of every experts module with products "reduce" ([E, d, f] up and
+    [E, f, d] down, dimension -2 contiguous; StackedExperts take any strides). The same Parameter
+    objects change, so graphs sharing them see the new layout. Returns how many changed."""
+    params: dict[int, tuple[nn.Parameter, str]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is linear_by_reduction:
+            p = attr_value(gm, node.args[1].target)
+            params[id(p)] = (p, "rows")
+        elif node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, StackedExperts) and mod.products == "reduce":
+                params.update((id(p), (p, "columns")) for p in (*mod.up_weight, mod.down_weight))
+    changed = 0
+    with torch.no_grad():
+        for p, order in params.values():
+            if order == "rows" and not p.is_contiguous():
+                p.data = p.data.contiguous()
+            elif order == "columns" and p.stride(-2) != 1:
+                p.data = p.data.transpose(-1, -2).contiguous().transpose(-1, -2)
+            else:
+                continue
+            changed += 1
     return changed
 
 

@@ -27,6 +27,7 @@ from torch import Tensor, fx, nn
 
 from .gating_ops import plain_eager
 from .grouped_ops import copy_free, grouped_mm
+from .products import rows_by_reduction
 
 
 def gather_by_expert(x: Tensor, idx: Tensor, ffn) -> Tensor:
@@ -77,6 +78,9 @@ class StackedExperts(nn.Module):
         self.first_expert = first_expert  # global index of expert 0 of this module (after partition)
         self.bias_scale = bias_scale  # 0 on all but one rank when the inner dim is sliced
         self.elementwise = elementwise  # the middle treats each element of f on its own
+        # how a traced gather path multiplies: "grouped" (grouped_mm) or "reduce" (rows_by_reduction,
+        # set on a compiled decode graph's copy by moefx.passes.reduce_products)
+        self.products = "grouped"
 
     @property
     def sliceable(self) -> bool:
@@ -139,12 +143,15 @@ class StackedExperts(nn.Module):
 
     def _gather(self, tokens: Tensor, expert: Tensor) -> Tensor:
         """tokens [S, d], expert [S, k] -> [S, k, d]: each choice through its expert, the weights read
-        in place (plain eager on the CPU: `_gather_loop`; traced or on CUDA: `_gather_grouped`)."""
+        in place (plain eager on the CPU: `_gather_loop`; traced or on CUDA: `_gather_grouped`, or
+        `_gather_reduce` when `products` is "reduce")."""
         S, k = expert.shape
         idx = (expert - self.first_expert if self.first_expert else expert).reshape(-1)   # [N = S k]
         x = tokens.repeat_interleave(k, dim=0) if k > 1 else tokens             # [N, d]
         if x.device.type == "cpu" and plain_eager(x):
             y = self._gather_loop(x, idx)
+        elif self.products == "reduce":
+            y = self._gather_reduce(x, idx)
         elif copy_free(x):
             y = self._gather_grouped(x, idx)
         else:
@@ -205,6 +212,20 @@ class StackedExperts(nn.Module):
             y = y + self.down_bias.index_select(0, idx).to(y.dtype) * self.bias_scale
         if N > 1:
             y = torch.empty_like(y).index_copy(0, order, y)
+        return y
+
+    def _gather_reduce(self, x: Tensor, idx: Tensor) -> Tensor:
+        """x [N, d], idx [N] -> [N, d]: each row times its own expert's weights as reductions
+        (`rows_by_reduction`), for a compiled step of a few rows: no sort, no offsets, no custom op;
+        a weight two rows share is read twice, so it is for N of at most a few rows."""
+        hs = []
+        for w, b in zip(self.up_weight, self._biases()):
+            h = rows_by_reduction(x, w.to(x.dtype), idx)
+            hs.append(h if b is None else h + b.index_select(0, idx).to(h.dtype))
+        m = self.middle(*hs)
+        y = rows_by_reduction(m, self.down_weight.to(m.dtype), idx)
+        if self.down_bias is not None:
+            y = y + self.down_bias.index_select(0, idx).to(y.dtype) * self.bias_scale
         return y
 
     def _gather_copies(self, x: Tensor, idx: Tensor) -> Tensor:

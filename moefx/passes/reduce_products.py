@@ -1,0 +1,102 @@
+"""Lower a compiled decode step's few-row matrix products to reductions (CPU decoding).
+
+Not a pipeline pass: `Generator.compile` runs it on the decode graph it hands to torch.compile,
+never on the graphs moefx runs eagerly (run eagerly the rewritten products materialise
+[rows, out, in]; see `moefx.nn.products`).
+
+    reduce_products(gm, max_rows) -> GraphModule
+
+Input: a captured graph with static shapes. Output: a new GraphModule over a copy of the graph
+that shares every parameter and module of gm, except that
+- every `aten.linear(x, W[, b])` whose weight W is a 2-D parameter (get_attr) and whose x has at
+  most max_rows rows (the product of its leading sizes) calls `moefx.nn.products.linear_by_reduction`;
+- every gather-path `StackedExperts` call (meta PATH "gather") with at most max_rows routed rows
+  (tokens x k) runs a shallow copy of its module with `products = "reduce"` (same parameters),
+  installed in a shallow copy of its MoE layer.
+What changed is recorded in `out.meta["moefx_reduced_products"]` ({"linears": n, "experts": [layer, ...]}).
+The products sum in a different order than MKL's (a few ulps). `REDUCE_MAX_ROWS` is where the
+reduction stops beating MKL on this project's CPU (`benchmarks/results/gemv_layout_cpu.md`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import fx
+
+from .. import meta as M
+from ..analysis.linear import attr_value
+from ..nn.experts import StackedExperts
+from ..nn.products import linear_by_reduction
+from .base import verify
+from .graph import copy_graph_module
+
+REDUCE_MAX_ROWS = 4
+META_KEY = "moefx_reduced_products"
+_SAME_NUMEL = {torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten.flatten.using_ints,
+               torch.ops.aten.contiguous.default, torch.ops.aten.clone.default}
+
+
+def _rows(node) -> int | None:
+    """Static row count of a [..., features] value (None when unknown or symbolic)."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() < 1:
+        return None
+    lead = val.shape[:-1]
+    if not all(isinstance(s, int) for s in lead):
+        return None
+    return math.prod(lead)
+
+
+def _numel(node) -> int | None:
+    """Static element count of node's value, through the reshapes a pass inserted without metadata."""
+    while isinstance(node, fx.Node):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            n = val.numel()
+            return n if isinstance(n, int) else None
+        if node.op != "call_function" or node.target not in _SAME_NUMEL or not node.args:
+            return None
+        node = node.args[0]
+    return None
+
+
+def _weight_param(gm: fx.GraphModule, node) -> bool:
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return False
+    t = attr_value(gm, node.target)
+    return isinstance(t, torch.nn.Parameter) and t.dim() == 2
+
+
+def reduce_products(gm: fx.GraphModule, max_rows: int = REDUCE_MAX_ROWS) -> fx.GraphModule:
+    """See the module docstring: gm (unchanged) -> a new GraphModule with its small products as reductions."""
+    new = copy_graph_module(gm)
+    linears = 0
+    for node in list(new.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.linear.default:
+            x, w = node.args[0], node.args[1]
+            rows = _rows(x)
+            if rows is not None and rows <= max_rows and _weight_param(new, w):
+                node.target = linear_by_reduction
+                linears += 1
+    experts_layers = []
+    for node in new.graph.nodes:
+        if node.op != "call_module" or node.meta.get(M.PATH) != "gather":
+            continue
+        mod = new.get_submodule(node.target)
+        parent, _, child = node.target.rpartition(".")
+        layer = new.get_submodule(parent) if parent else None
+        if not isinstance(mod, StackedExperts) or not hasattr(layer, "replaced"):   # MoELayer: kept whole by the copy
+            continue
+        numel = _numel(node.args[0])
+        if numel is None or numel // mod.d * layer.gate.top_k > max_rows:   # routed rows: tokens x k
+            continue
+        switched = copy.copy(mod)
+        switched.products = "reduce"
+        new.add_submodule(parent, layer.replaced(**{child: switched}))
+        experts_layers.append(node.meta.get(M.LAYER))
+    new.meta[META_KEY] = {"linears": linears, "experts": experts_layers}
+    new.recompile()
+    verify(new)
+    return new
