@@ -18,6 +18,11 @@ or a transpose feeding one; the BLAS calls take a transposed operand at no cost)
 expert weights (`StackedExperts`, which run bmm / mm / grouped_mm); a weight that is viewed,
 flattened or convolved keeps its layout. Matrix products may sum in a different order (a few
 ulps). `moefx.save` writes contiguous copies; a state_dict of the graph holds the strided tensors.
+
+A compiled decode step whose products are reductions (`Generator.compile(products="reduce")`,
+`moefx.passes.reduce_products`) wants the opposite for its linears: `input_contiguous` stores
+each weight those reductions read with the dimension they sum over contiguous (nn.Linear's own
+layout for linears; dimension -2 for stacked experts), in place like `long_rows`.
 """
 from __future__ import annotations
 
