@@ -10,13 +10,17 @@ the read rate (matrix bytes / time) and its ratio to the copy rate measured in t
     up   [d, f] stacked expert  torch.mm(x [1, d], W [d, f])      (rows of f floats)
     down [d, f] nn.Linear       F.linear(h [1, f], W [d, f])      (rows of f floats)
     down [f, d] stacked expert  torch.mm(h [1, f], W [f, d])      (rows of d floats)
+    up / down nn.Linear         compiled linear_by_reduction       (moefx.nn.products: one
+                                 torch.compile'd call for all 24 matrices, inductor's loops)
 
 The variants run interleaved (A B C D E, several rounds), one thread. The decode benchmark's bound
 (bench_generate.py) divides the bytes a step must read by the copy rate; a layout that reads at
 half that rate puts even the dense model's step at about 2x its bound.
 
 A second table gives, by rows per product M, the time of nn.Linear's layout over the long-rows
-layout (the weight stored with its longer dimension contiguous, moefx.gen.weight_layout).
+layout (the weight stored with its longer dimension contiguous, moefx.gen.weight_layout); a third,
+the faster of those two over a compiled reduction (moefx.nn.products.linear_by_reduction under
+torch.compile, inductor) on nn.Linear's layout: where the compiled decode step's products change.
 
     python benchmarks/bench_gemv_layout_cpu.py            # writes results/gemv_layout_cpu.md
 """
@@ -37,6 +41,9 @@ sys.path.insert(0, HERE)
 
 from _timing import load_note, table  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(HERE))
+from moefx.nn.products import linear_by_reduction  # noqa: E402
+
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -56,6 +63,15 @@ def main(argv=None) -> None:
         "down [d, f] nn.Linear: F.linear(h, W)": (lambda w: F.linear(h, w), [torch.randn(d, f) for _ in range(n)]),
         "down [f, d] stacked expert: mm(h, W)": (lambda w: torch.mm(h, w), [torch.randn(f, d) for _ in range(n)]),
     }
+    reduce_up = torch.compile(_all_by_reduction, fullgraph=True, dynamic=False)
+    reduce_down = torch.compile(_all_by_reduction, fullgraph=True, dynamic=False)
+    variants["up [f, d] nn.Linear: compiled linear_by_reduction(x, W)"] = (
+        lambda ws: reduce_up(x, *ws), [[torch.randn(f, d) for _ in range(n)]])
+    variants["down [d, f] nn.Linear: compiled linear_by_reduction(h, W)"] = (
+        lambda ws: reduce_down(h, *ws), [[torch.randn(d, f) for _ in range(n)]])
+    with torch.no_grad():
+        for fn, mats in list(variants.values())[-2:]:
+            fn(mats[0])                                  # compile before timing
     numel = args.copy_mb * 2**20 // 4
     src, dst = torch.randn(numel), torch.empty(numel)
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -71,7 +87,7 @@ def main(argv=None) -> None:
             dst.copy_(src)
             times["copy"].append(time.perf_counter() - t0)
     copy_gbs = 2 * numel * 4 / statistics.median(times["copy"]) / 1e9
-    by_rows = _rows_table(d, f, n, args.rounds)
+    by_rows, by_rows_reduction = _rows_table(d, f, n, args.rounds)
     rows = []
     for name in variants:
         t = statistics.median(times[name])
@@ -88,7 +104,13 @@ def main(argv=None) -> None:
         "time with W stored [out, in] (nn.Linear) divided by the time with the same W stored [in, out] "
         "(the longer dimension contiguous, `long_rows`); > 1: long rows faster. Interleaved, median of "
         f"{args.rounds} rounds.", "",
-        table(by_rows, list(by_rows[0])), ""])
+        table(by_rows, list(by_rows[0])), "",
+        "By rows per product, compiled reductions (what `Generator.compile(products=\"auto\")` and "
+        "`moefx.passes.reduce_products.REDUCE_MAX_ROWS` rest on): the faster of F.linear's two layouts divided by "
+        "`torch.compile(moefx.nn.products.linear_by_reduction)` on the nn.Linear layout (the summed dimension "
+        "contiguous), one compiled call for all the matrices (as a decode step makes one call for all its "
+        "products); > 1: the reduction faster.", "",
+        table(by_rows_reduction, list(by_rows_reduction[0])), ""])
     print(text)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     tmp = args.output + ".tmp"
@@ -98,28 +120,43 @@ def main(argv=None) -> None:
     print(f"wrote {args.output}")
 
 
-def _rows_table(d: int, f: int, n: int, rounds: int) -> list[dict]:
-    """Row-major / long-rows time ratio of F.linear for [out, in] = [f, d] (an up projection) and
-    [8 f, d] (an LM head), by rows M of the input (interleaved per M)."""
-    out = []
+def _all_by_reduction(x, *weights):
+    return [linear_by_reduction(x, w) for w in weights]
+
+
+def _rows_table(d: int, f: int, n: int, rounds: int) -> tuple[list[dict], list[dict]]:
+    """By rows M of the input, for [out, in] = [f, d] (an up projection) and [8 f, d] (an LM head),
+    interleaved per M: (row-major / long-rows time ratio of F.linear, best-of-both-layouts F.linear
+    time / compiled `linear_by_reduction` time on row-major weights)."""
+    layout, reduction = [], []
     for o, i, label in ((f, d, f"up [{f}, {d}]"), (8 * f, d, f"head [{8 * f}, {d}]")):
         count = max(2, n * f // o)
         row_major = [torch.randn(o, i) for _ in range(count)]
         long_rows = [torch.randn(i, o).t() for _ in range(count)]
-        row = {"matrix (nn.Linear [out, in])": label}
+        row, red = {"matrix (nn.Linear [out, in])": label}, {"matrix (nn.Linear [out, in])": label}
         for M in (1, 2, 4, 8, 16, 32):
             x = torch.randn(M, i)
-            t = {"r": [], "l": []}
+            t = {"r": [], "l": [], "c": []}
+            torch._dynamo.reset()        # one static graph per shape, as a decode step has
+            # one compiled call for all the matrices, as a decode step makes one for all its products
+            compiled = torch.compile(_all_by_reduction, fullgraph=True, dynamic=False)
             with torch.no_grad():
+                compiled(x, *row_major)                  # compile before timing
                 for _ in range(rounds):
                     for key, mats in (("r", row_major), ("l", long_rows)):
                         t0 = time.perf_counter()
                         for w in mats:
                             F.linear(x, w)
                         t[key].append(time.perf_counter() - t0)
-            row[f"M={M}"] = statistics.median(t["r"]) / statistics.median(t["l"])
-        out.append(row)
-    return out
+                    t0 = time.perf_counter()
+                    compiled(x, *row_major)
+                    t["c"].append(time.perf_counter() - t0)
+            r, l, c = (statistics.median(t[k]) for k in "rlc")
+            row[f"M={M}"] = r / l
+            red[f"M={M}"] = min(r, l) / c
+        layout.append(row)
+        reduction.append(red)
+    return layout, reduction
 
 
 if __name__ == "__main__":

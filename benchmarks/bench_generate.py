@@ -16,7 +16,7 @@ model (the MoE variants get the same upcycled experts, so they route alike):
                      choices sorted by expert, each used expert's weights read once in place;
                      checked), the (dynamic) prefill on the buffer path
   PR-MoE gather compiled   a gather generator's decode step under Generator.compile()
-                     (inductor, fullgraph; products="auto": at batch <= 4 the few-row matrix
+                     (inductor, fullgraph; products="auto": at batch <= 2 the few-row matrix
                      products become reductions, moefx.passes.reduce_products; compiled once
                      before any timing, seconds reported)
   dense compiled     the dense decode step under Generator.compile(): the
@@ -503,7 +503,7 @@ def main(argv=None) -> int:
         "too (it speeds up matrix-vector products, not matrix products), so the two dense rows time the same graph.",
         "- Compiled variants are generators of their own (same model, same upcycled experts), each made by "
         "`Generator.compile()` (inductor, fullgraph, guards on the step's inputs only). With the default "
-        "products=\"auto\" a decode step of at most 4 rows (batch <= 4) is compiled from a copy of the decode graph "
+        "products=\"auto\" a decode step of at most 2 rows (batch <= 2) is compiled from a copy of the decode graph "
         "whose few-row matrix products are reductions (`moefx.passes.reduce_products`; weights stored with the "
         "summed dimension contiguous, `weight_layout.input_contiguous`); the 'matmul products' rows compile the "
         "decode graph as captured (MKL matrix products), timed only where the two differ. Each was compiled "

@@ -2,10 +2,13 @@
 
 A decode step at batch 1 multiplies one row by every weight matrix: a matrix-vector product, bound
 by how fast the weights stream from memory. With one thread MKL streams a [2048, 512] matrix at
-about 20 GB/s in its best layout, while the loop torch.compile (inductor) generates for
-`(x[:, None, :] * W).sum(-1)`, a reduction over W's contiguous input dimension, streams it at about
-27 GB/s, and at 2 and 4 rows still beats MKL (from 8 rows on MKL's matrix product wins:
-`benchmarks/bench_gemv_layout_cpu.py`). `moefx.passes.reduce_products` rewrites a compiled decode
+about 18 GB/s in its best layout, while the loop torch.compile (inductor) generates for
+`(x[:, None, :] * W).sum(-1)`, a reduction over W's contiguous input dimension, streams it at
+22-25 GB/s; at 2 rows the two are about even (0.93-1.31x) and from 4 rows on MKL's matrix
+product wins (`benchmarks/results/gemv_layout_cpu.md`). Inside a compiled decode step the
+reductions also fuse with their neighbours (bias, activation, residual) and drop the experts'
+sort / offsets / custom op: the batch-1 step compiles 1.4-1.7x faster than with MKL's products
+(`benchmarks/results/generate_cpu.md`). `moefx.passes.reduce_products` rewrites a compiled decode
 graph's small linears to `linear_by_reduction` and switches its gather-path experts to
 `rows_by_reduction`; `moefx.gen.weight_layout.input_contiguous` stores each of those weights
 with the summed dimension contiguous.

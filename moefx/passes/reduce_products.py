@@ -32,7 +32,7 @@ from ..nn.products import linear_by_reduction
 from .base import verify
 from .graph import copy_graph_module
 
-REDUCE_MAX_ROWS = 4
+REDUCE_MAX_ROWS = 2
 META_KEY = "moefx_reduced_products"
 _SAME_NUMEL = {torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten.flatten.using_ints,
                torch.ops.aten.contiguous.default, torch.ops.aten.clone.default}
