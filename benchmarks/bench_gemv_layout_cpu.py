@@ -21,6 +21,8 @@ A second table gives, by rows per product M, the time of nn.Linear's layout over
 layout (the weight stored with its longer dimension contiguous, moefx.gen.weight_layout); a third,
 the faster of those two over a compiled reduction (moefx.nn.products.linear_by_reduction under
 torch.compile, inductor) on nn.Linear's layout: where the compiled decode step's products change.
+The compiled variants make one call for all the matrices while the MKL ones make one Python call per
+matrix (a few microseconds each, as an eager decode step does), which favours the reductions a little.
 
     python benchmarks/bench_gemv_layout_cpu.py            # writes results/gemv_layout_cpu.md
 """

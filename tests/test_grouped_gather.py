@@ -23,14 +23,17 @@ def _loop_reference(x, w, offs):
     return out
 
 
+# float64 takes the per-group loop, fp32 / bf16 F.grouped_mm on the CPU
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ends", [[1, 3, 3, 6], [0, 0, 6, 6], [2, 2, 2, 4]])  # empty groups; rows past the end
-def test_grouped_mm_matches_per_group_matmuls(ends):
+def test_grouped_mm_matches_per_group_matmuls(ends, dtype):
     torch.manual_seed(0)
-    x, w = torch.randn(6, 5, dtype=torch.float64), torch.randn(4, 5, 3, dtype=torch.float64)
+    x, w = torch.randn(6, 8, dtype=dtype), torch.randn(4, 8, 8, dtype=dtype)   # 16-byte aligned rows
     offs = torch.tensor(ends, dtype=torch.int32)
     want = _loop_reference(x, w, offs)
-    assert torch.equal(grouped_mm(x, w, offs), want)
-    assert torch.equal(_grouped_mm_op(x, w, offs), want)
+    for _ in range(3):                                # fresh outputs: unwritten rows would hold garbage
+        assert torch.equal(grouped_mm(x, w, offs), want)
+        assert torch.equal(_grouped_mm_op(x, w, offs), want)
     if ends[-1] < 6:
         assert torch.count_nonzero(want[ends[-1]:]) == 0
 

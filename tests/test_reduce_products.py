@@ -48,8 +48,20 @@ def test_the_pass_rewrites_the_small_products_of_a_copy_sharing_every_parameter(
         assert mine.experts is not theirs.experts and mine.experts.down_weight is theirs.experts.down_weight
         assert (mine.experts.products, theirs.experts.products) == ("reduce", "grouped")
     assert not any(n.target is linear_by_reduction for n in gen.decode.graph.nodes)   # the input is unchanged
-    # more rows than max_rows: nothing changes
+    # more rows than max_rows: nothing changes; experts=False leaves the experts alone
     assert reduce_products(gen.decode, max_rows=0).meta[META_KEY] == {"linears": 0, "experts": []}
+    assert reduce_products(gen.decode, experts=False).meta[META_KEY] == {"linears": 17, "experts": []}
+    # the experts copy shares the parameters but not the registries: a parameter added to one is not in the other
+    copy = moe_layers(out)[0][1].experts
+    copy.register_parameter("extra", torch.nn.Parameter(torch.zeros(1)))
+    assert not hasattr(moe_layers(gen.decode)[0][1].experts, "extra")
+
+
+def test_top2_at_batch_2_reduces_the_linears_but_not_the_four_expert_rows():
+    model, (ids,) = load_model("nanogpt-tiny", batch=2, seq=6, seed=3)
+    gen = convert_generator(model, TOP2, (ids,), max_cache_len=12)
+    # 2 rows per linear, 4 routed rows per MoE layer; no residual MLP: 4 x 2 attention + 2 x 2 MLP + the head
+    assert reduce_products(gen.decode).meta[META_KEY] == {"linears": 13, "experts": []}
 
 
 @pytest.mark.parametrize("plan,batch", [(TOP1, 1), (TOP2, 2)], ids=["top1-residual-b1", "top2-b2"])
@@ -99,3 +111,7 @@ def test_compile_picks_reductions_for_few_rows_and_decodes_the_same_tokens():
     assert wide.compile(backend="aot_eager").products == "matmul" and wide.compiled_graph is wide.decode
     with pytest.raises(moefx.MoefxError, match="products='fast'"):
         gen.compile(products="fast")
+    # torch.compile refuses mode and options together: with guards="inputs" the mode becomes its options
+    torch._dynamo.reset()
+    gen.compile(backend="aot_eager", mode="max-autotune-no-cudagraphs")
+    assert torch.equal(gen.generate(ids, max_new_tokens=6), eager)

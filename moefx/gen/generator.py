@@ -183,12 +183,13 @@ class Generator:
     """Prefill and decode-step graphs of one converted model (see the module docstring).
 
     weight_layout: "auto" re-strides the weight matrices on the CPU, for a batch of at most 2 rows,
-    so that each one's longer dimension is contiguous, which streams about twice as fast through a
+    so that each one's longer dimension is contiguous, which streams 1.5-1.7x as fast through a
     decode step's matrix-vector products (`moefx.gen.weight_layout`; same parameters and values,
     changed in place); "long_rows" does so always; "keep" (the default here, since the graphs'
     parameters may be the caller's) leaves the layout alone. `convert_generator`, `moefx.load`
-    and the launcher's generators own their weights and pass "auto". `weight_layout_changed`
-    counts the matrices changed.
+    and the launcher's generators own their weights and pass "auto". `compile()` may re-stride
+    them again (then `weight_layout` reads "input_contiguous"), except under "keep".
+    `weight_layout_changed` counts the matrices changed.
     """
 
     def __init__(self, prefill: fx.GraphModule, decode: fx.GraphModule, batch_size: int, max_cache_len: int, *,
@@ -227,17 +228,23 @@ class Generator:
         products: "reduce" hands torch.compile a copy of the decode graph whose matrix products of
         at most `REDUCE_MAX_ROWS` rows are reductions (`moefx.passes.reduce_products`), and stores
         their weights with the summed dimension contiguous (`weight_layout.input_contiguous`, in
-        place: the eager graphs share them); inductor's loops stream those weights faster than MKL's
-        matrix-vector products on the CPU (benchmarks/results/gemv_layout_cpu.md). "matmul" compiles
-        the decode graph as it is. "auto" (the default) is "reduce" on the CPU when a decode step has at
-        most REDUCE_MAX_ROWS rows (batch_size), else "matmul". `compiled_graph` is the graph compiled.
+        place: the eager graphs share them; not under weight_layout "keep", whose linears already
+        are). On the CPU the batch-1 step then runs 1.4-1.7x faster than with MKL's matrix products
+        (benchmarks/results/generate_cpu.md), and its compile generates more kernels (takes longer).
+        "matmul" compiles the decode graph as it is. "auto" (the default) is "reduce" on the CPU when
+        a decode step has at most REDUCE_MAX_ROWS rows (batch_size), else "matmul".
+        `compiled_graph` is the graph compiled. Compile a generator once: weights re-strided by a
+        later call would not match what an earlier one compiled (a previously compiled prefill is
+        dropped back to eager then, unless prefill=True recompiles it).
 
         guards="inputs" (the default) keeps Dynamo's guards on the step's inputs and drops those on
         the graphs' modules and parameters (`torch.compiler.skip_guard_on_all_nn_modules_unsafe`):
         a generator owns its graphs and never replaces a parameter or flips a module's mode, and
         checking every parameter on every call costs about 0.2-0.3 ms per decode step on the CPU.
         Parameters are still read on every call (in-place updates are seen). guards="all" keeps
-        torch's default guards, for code that changes the graphs' modules after compiling.
+        torch's default guards, for code that changes the graphs' modules after compiling. torch.compile
+        takes a `mode` or `options`, not both, so with guards="inputs" a `mode` is passed as the
+        inductor options it stands for (`torch._inductor.list_mode_options`).
         """
         if guards not in ("inputs", "all"):
             raise MoefxError(f"Generator.compile(guards={guards!r}): use 'inputs' (guard the step's inputs only, "
@@ -248,6 +255,13 @@ class Generator:
         if products == "auto":
             products = "reduce" if self.device.type == "cpu" and self.batch_size <= REDUCE_MAX_ROWS else "matmul"
         options = kwargs.pop("options", None) or {}
+        mode = kwargs.pop("mode", None)
+        if mode is not None and guards == "inputs":
+            from torch._inductor import list_mode_options
+
+            options = {**list_mode_options(mode), **options}
+        elif mode is not None:
+            kwargs["mode"] = mode
 
         def compiled(graph, **extra):
             opts = dict(options)   # torch.compile pops guard_filter_fn from the dict it is given
@@ -257,9 +271,14 @@ class Generator:
 
         self.compiled_graph = self.decode
         if products == "reduce":
-            self.compiled_graph = reduce_products(self.decode)
-            self.weight_layout_changed += input_contiguous(self.compiled_graph)
-            self.weight_layout = "input_contiguous"
+            # under "keep" the stacked experts stay as they are: their reductions would stride
+            self.compiled_graph = reduce_products(self.decode, experts=self.weight_layout != "keep")
+            if self.weight_layout != "keep":
+                moved = input_contiguous(self.compiled_graph)
+                self.weight_layout_changed += moved
+                self.weight_layout = "input_contiguous"
+                if moved and not prefill:
+                    self._prefill_fn = self.prefill    # compiled for the old strides, if it was compiled
         self.products = products
         self._decode_fn = compiled(self.compiled_graph)
         if prefill:

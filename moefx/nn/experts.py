@@ -20,6 +20,7 @@ dimension of every expert (`slice_inner`, expert slicing).
 """
 from __future__ import annotations
 
+import copy
 import itertools
 
 import torch
@@ -202,14 +203,7 @@ class StackedExperts(nn.Module):
             idx, x = idx.index_select(0, order), x.index_select(0, order)
         groups = torch.arange(self.num_experts, device=idx.device, dtype=idx.dtype)
         offs = torch.searchsorted(idx, groups, right=True).to(torch.int32)    # [E] group ends
-        hs = []
-        for w, b in zip(self.up_weight, self._biases()):
-            h = grouped_mm(x, w.to(x.dtype), offs)
-            hs.append(h if b is None else h + b.index_select(0, idx).to(h.dtype))
-        m = self.middle(*hs)
-        y = grouped_mm(m, self.down_weight.to(m.dtype), offs)
-        if self.down_bias is not None:
-            y = y + self.down_bias.index_select(0, idx).to(y.dtype) * self.bias_scale
+        y = self._ffn_by(x, idx, lambda rows, w: grouped_mm(rows, w, offs))
         if N > 1:
             y = torch.empty_like(y).index_copy(0, order, y)
         return y
@@ -218,12 +212,17 @@ class StackedExperts(nn.Module):
         """x [N, d], idx [N] -> [N, d]: each row times its own expert's weights as reductions
         (`rows_by_reduction`), for a compiled step of a few rows: no sort, no offsets, no custom op;
         a weight two rows share is read twice, so it is for N of at most a few rows."""
+        return self._ffn_by(x, idx, lambda rows, w: rows_by_reduction(rows, w, idx))
+
+    def _ffn_by(self, x: Tensor, idx: Tensor, product) -> Tensor:
+        """x [N, d] -> [N, d] through each row's expert (idx [N] picks the biases): product(rows, w)
+        multiplies the rows by their experts' slices of a stacked weight w [E, in, out]."""
         hs = []
         for w, b in zip(self.up_weight, self._biases()):
-            h = rows_by_reduction(x, w.to(x.dtype), idx)
+            h = product(x, w.to(x.dtype))
             hs.append(h if b is None else h + b.index_select(0, idx).to(h.dtype))
         m = self.middle(*hs)
-        y = rows_by_reduction(m, self.down_weight.to(m.dtype), idx)
+        y = product(m, self.down_weight.to(m.dtype))
         if self.down_bias is not None:
             y = y + self.down_bias.index_select(0, idx).to(y.dtype) * self.bias_scale
         return y
@@ -243,6 +242,14 @@ class StackedExperts(nn.Module):
             return torch.bmm(m, w2).squeeze(1)
         return torch.baddbmm(self.down_bias.index_select(0, idx).unsqueeze(1).to(m.dtype), m, w2,
                              beta=self.bias_scale).squeeze(1)
+
+    def with_products(self, products: str) -> "StackedExperts":
+        """A copy sharing every parameter, buffer and submodule, whose traced gather path multiplies
+        by `products` ("grouped" or "reduce"); registering on one never changes the other."""
+        new = copy.copy(self)
+        new._parameters, new._buffers, new._modules = dict(self._parameters), dict(self._buffers), dict(self._modules)
+        new.products = products
+        return new
 
     def select(self, start: int, stop: int) -> "StackedExperts":
         """A new module with experts [start, stop) (weights copied, so shards do not alias)."""

@@ -55,9 +55,13 @@ _NATIVE = {"cuda": (torch.bfloat16,), "cpu": (torch.float32, torch.bfloat16)}   
 
 def _grouped_mm_impl(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
     if x.dtype in _NATIVE.get(x.device.type, ()) and w.dtype == x.dtype and _aligned(x, w):
-        out = F.grouped_mm(x, w, offs=offs)
-        end = int(x.shape[0])
-        return out if out.shape[0] == end else out[:end]
+        N = int(x.shape[0])
+        out = F.grouped_mm(x, w, offs=offs)[:N]
+        # F.grouped_mm leaves the rows past the last group unwritten; the contract says zero
+        if x.device.type == "cpu":
+            end = int(offs[-1])                   # free on the CPU
+            return out if end >= N else torch.cat([out[:end], out.new_zeros(N - end, out.shape[1])])
+        return torch.where((torch.arange(N, device=x.device) < offs[-1])[:, None], out, 0)   # no host sync
     # one mm per used expert, concatenated (mm into views of a zeroed output is ~10% slower at batch 1)
     parts, covered = [], 0
     for g, start, end in _groups(offs):

@@ -11,15 +11,14 @@ that shares every parameter and module of gm, except that
 - every `aten.linear(x, W[, b])` whose weight W is a 2-D parameter (get_attr) and whose x has at
   most max_rows rows (the product of its leading sizes) calls `moefx.nn.products.linear_by_reduction`;
 - every gather-path `StackedExperts` call (meta PATH "gather") with at most max_rows routed rows
-  (tokens x k) runs a shallow copy of its module with `products = "reduce"` (same parameters),
-  installed in a shallow copy of its MoE layer.
+  (tokens x k) runs a copy of its module with `products = "reduce"` (`StackedExperts.with_products`:
+  the same parameters), installed in a shallow copy of its MoE layer (`MoELayer.replaced`).
 What changed is recorded in `out.meta["moefx_reduced_products"]` ({"linears": n, "experts": [layer, ...]}).
 The products sum in a different order than MKL's (a few ulps). `REDUCE_MAX_ROWS` is where the
 reduction stops beating MKL on this project's CPU (`benchmarks/results/gemv_layout_cpu.md`).
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -28,6 +27,7 @@ from torch import fx
 from .. import meta as M
 from ..analysis.linear import attr_value
 from ..nn.experts import StackedExperts
+from ..nn.moe import MoELayer
 from ..nn.products import linear_by_reduction
 from .base import verify
 from .graph import copy_graph_module
@@ -69,8 +69,9 @@ def _weight_param(gm: fx.GraphModule, node) -> bool:
     return isinstance(t, torch.nn.Parameter) and t.dim() == 2
 
 
-def reduce_products(gm: fx.GraphModule, max_rows: int = REDUCE_MAX_ROWS) -> fx.GraphModule:
-    """See the module docstring: gm (unchanged) -> a new GraphModule with its small products as reductions."""
+def reduce_products(gm: fx.GraphModule, max_rows: int = REDUCE_MAX_ROWS, experts: bool = True) -> fx.GraphModule:
+    """See the module docstring: gm (unchanged) -> a new GraphModule with its small products as
+    reductions (experts=False: the linears only)."""
     new = copy_graph_module(gm)
     linears = 0
     for node in list(new.graph.nodes):
@@ -81,20 +82,18 @@ def reduce_products(gm: fx.GraphModule, max_rows: int = REDUCE_MAX_ROWS) -> fx.G
                 node.target = linear_by_reduction
                 linears += 1
     experts_layers = []
-    for node in new.graph.nodes:
+    for node in new.graph.nodes if experts else ():
         if node.op != "call_module" or node.meta.get(M.PATH) != "gather":
             continue
         mod = new.get_submodule(node.target)
         parent, _, child = node.target.rpartition(".")
         layer = new.get_submodule(parent) if parent else None
-        if not isinstance(mod, StackedExperts) or not hasattr(layer, "replaced"):   # MoELayer: kept whole by the copy
+        if not isinstance(mod, StackedExperts) or not isinstance(layer, MoELayer):   # kept whole by the copy
             continue
         numel = _numel(node.args[0])
         if numel is None or numel // mod.d * layer.gate.top_k > max_rows:   # routed rows: tokens x k
             continue
-        switched = copy.copy(mod)
-        switched.products = "reduce"
-        new.add_submodule(parent, layer.replaced(**{child: switched}))
+        new.add_submodule(parent, layer.replaced(**{child: mod.with_products("reduce")}))
         experts_layers.append(node.meta.get(M.LAYER))
     new.meta[META_KEY] = {"linears": linears, "experts": experts_layers}
     new.recompile()
