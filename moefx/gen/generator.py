@@ -271,9 +271,9 @@ class Generator:
 
         self.compiled_graph = self.decode
         if products == "reduce":
-            # under "keep" the stacked experts stay as they are: their reductions would stride
-            self.compiled_graph = reduce_products(self.decode, experts=self.weight_layout != "keep")
-            if self.weight_layout != "keep":
+            restride = self.weight_layout != "keep"    # under "keep" the stacked experts' reductions would stride
+            self.compiled_graph = reduce_products(self.decode, experts=restride)
+            if restride:
                 moved = input_contiguous(self.compiled_graph)
                 self.weight_layout_changed += moved
                 self.weight_layout = "input_contiguous"

@@ -132,8 +132,8 @@ class StackedExperts(nn.Module):
         return torch.baddbmm(self.down_bias.unsqueeze(1).to(m.dtype), m, w2)
 
     def _biases(self) -> list[Tensor | None]:
-        it = iter(self.up_bias)
-        return [next(it) if has else None for has in self.up_has_bias]
+        """The up projections' biases, None where one has none."""
+        return [b for _, b in self._up_pairs()]
 
     def _up_pairs(self) -> list[tuple[Tensor, Tensor | None]]:
         """(up weight, its bias or None) per up projection, read from the lists' parameter dicts:
@@ -218,7 +218,7 @@ class StackedExperts(nn.Module):
         """x [N, d] -> [N, d] through each row's expert (idx [N] picks the biases): product(rows, w)
         multiplies the rows by their experts' slices of a stacked weight w [E, in, out]."""
         hs = []
-        for w, b in zip(self.up_weight, self._biases()):
+        for w, b in self._up_pairs():
             h = product(x, w.to(x.dtype))
             hs.append(h if b is None else h + b.index_select(0, idx).to(h.dtype))
         m = self.middle(*hs)
@@ -232,7 +232,7 @@ class StackedExperts(nn.Module):
         applied with bmm: no host synchronisation on any device (CUDA graphs), 3 reads per weight."""
         x = x.unsqueeze(1)                                                      # [N, 1, d]
         hs = []
-        for w, b in zip(self.up_weight, self._biases()):
+        for w, b in self._up_pairs():
             w = w.index_select(0, idx).to(x.dtype)                              # [N, d, f]
             hs.append(torch.bmm(x, w) if b is None else torch.baddbmm(b.index_select(0, idx).unsqueeze(1).to(x.dtype),
                                                                       x, w))

@@ -19,7 +19,6 @@ reduction stops beating MKL on this project's CPU (`benchmarks/results/gemv_layo
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import fx
@@ -38,17 +37,6 @@ _SAME_NUMEL = {torch.ops.aten.reshape.default, torch.ops.aten.view.default, torc
                torch.ops.aten.contiguous.default, torch.ops.aten.clone.default}
 
 
-def _rows(node) -> int | None:
-    """Static row count of a [..., features] value (None when unknown or symbolic)."""
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or val.dim() < 1:
-        return None
-    lead = val.shape[:-1]
-    if not all(isinstance(s, int) for s in lead):
-        return None
-    return math.prod(lead)
-
-
 def _numel(node) -> int | None:
     """Static element count of node's value, through the reshapes a pass inserted without metadata."""
     while isinstance(node, fx.Node):
@@ -62,11 +50,12 @@ def _numel(node) -> int | None:
     return None
 
 
-def _weight_param(gm: fx.GraphModule, node) -> bool:
+def _weight_param(gm: fx.GraphModule, node) -> torch.nn.Parameter | None:
+    """The 2-D parameter a get_attr node reads, else None."""
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
-        return False
+        return None
     t = attr_value(gm, node.target)
-    return isinstance(t, torch.nn.Parameter) and t.dim() == 2
+    return t if isinstance(t, torch.nn.Parameter) and t.dim() == 2 else None
 
 
 def reduce_products(gm: fx.GraphModule, max_rows: int = REDUCE_MAX_ROWS, experts: bool = True) -> fx.GraphModule:
@@ -76,9 +65,8 @@ def reduce_products(gm: fx.GraphModule, max_rows: int = REDUCE_MAX_ROWS, experts
     linears = 0
     for node in list(new.graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.aten.linear.default:
-            x, w = node.args[0], node.args[1]
-            rows = _rows(x)
-            if rows is not None and rows <= max_rows and _weight_param(new, w):
+            w, numel = _weight_param(new, node.args[1]), _numel(node.args[0])
+            if w is not None and numel is not None and numel // w.shape[1] <= max_rows:   # rows of x [..., in]
                 node.target = linear_by_reduction
                 linears += 1
     experts_layers = []
