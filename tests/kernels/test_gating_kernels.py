@@ -25,12 +25,15 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpret():
-    if DEV == "cuda":
-        yield
-        return
+    """The interpreter on CPU, compiled kernels on CUDA, for this module's tests only."""
+    outer = os.environ.get("TRITON_INTERPRET")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
+        if DEV == "cuda":
+            mp.delenv("TRITON_INTERPRET", raising=False)
+        else:
+            mp.setenv("TRITON_INTERPRET", "1")
         yield
+    assert os.environ.get("TRITON_INTERPRET") == outer, "TRITON_INTERPRET leaked out of the kernel tests"
 
 
 @pytest.fixture(autouse=True)
@@ -309,6 +312,20 @@ def test_eager_fast_path_equals_the_custom_ops():
                        G.combine_op(buf, r.expert, r.slot, r.counts, r.weight, T))
 
 
-def test_interpreter_is_scoped_to_this_module():
-    if DEV == "cpu":
-        assert os.environ.get("TRITON_INTERPRET") == "1"
+@kernels
+def test_kernels_are_interpreted_on_cpu_and_compiled_on_cuda(monkeypatch):
+    """The module's fixture picks how the kernels run, and they run that way (and right) on every device:
+    Triton's interpreter without a GPU, the JIT-compiled kernels on CUDA."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    interpret = DEV == "cpu"
+    assert os.environ.get("TRITON_INTERPRET") == ("1" if interpret else None)
+    assert K._interpreting() is interpret and K.can_run(torch.empty(1, device=DEV))
+    ran = []
+    kernel = K._kernel
+    monkeypatch.setattr(K, "_kernel", lambda fn: ran.append(kernel(fn)) or ran[-1])
+    logits = _logits(37, 5)
+    for got, want in zip(G.gate_table_op(logits, 2, 9, T), R.gate_table(logits, 2, 9), strict=True):
+        assert got.device.type == DEV and torch.equal(got, want)
+    assert ran and all(type(k) is (InterpretedFunction if interpret else JITFunction) for k in ran), ran

@@ -156,19 +156,111 @@ def test_stopping_moefx_launch_leaves_no_process_of_it(tmp_path, sig):
 
 
 @pytest.mark.dist
-def test_calibrate_on_loopback_makes_auto_pick_flat(tmp_path):
+def test_calibrate_on_loopback_writes_a_profile_a_job_accepts(tmp_path):
+    """Smoke test: `moefx calibrate` runs on loopback and writes a profile that `--profile` reads back.
+
+    What the profile decides is not checked here: these timings come from a (possibly loaded) shared
+    machine. The decision is checked on fixed timings below.
+    """
+    import dataclasses
+    import json
+    import math
+
     from moefx.cost import CostProfile
+    from moefx.runtime.run_model import start_job
 
     out = tmp_path / "profile.json"
     r = _moefx("calibrate", "--nnodes", "1", "--nproc-per-node", "4", "--nodes", "2", "--devices-per-node", "2",
                "-o", str(out), "--reps", "3", "--timeout", "100")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"moefx calibrate: wrote {out}" in r.stdout
+    assert sorted(json.loads(out.read_text())) == sorted(f.name for f in dataclasses.fields(CostProfile))
     profile = CostProfile.load(out)
     assert "measured on 2 x 2 ranks (gloo)" in profile.source
-    # the fit clamps each latency term at 0, so on a noisy machine launch alone may come out 0; a small
-    # message inside a node still costs time, and every link has a bandwidth
-    assert profile.launch >= 0 and profile.launch + profile.alpha_intra > 0
-    assert profile.beta_intra > 0 and profile.beta_inter > 0
-    # one host: every link is loopback, and the hierarchical all-to-all's second call costs more than it saves
-    for kib in (1, 16, 256):
-        assert not profile.choose_hierarchical(kib * 1024, 2, 2), (kib, profile)
+    latencies = (profile.launch, profile.alpha_intra, profile.alpha_inter)
+    bandwidths = (profile.beta_intra, profile.beta_inter, profile.beta_mem)
+    assert all(math.isfinite(v) and v >= 0 for v in latencies), profile
+    # the fit clamps each latency term at 0, but launch + alpha_intra is the intra-node small-message time
+    assert profile.launch + profile.alpha_intra > 0, profile
+    assert all(math.isfinite(v) and v > 0 for v in bandwidths), profile
+    # the job's --profile option reads it back, and the decision it feeds can be made
+    plan = _plan(tmp_path, "hier.toml", 'nodes = 2\ndevices_per_node = 2\nep = 4\nhierarchical_a2a = "auto"\n')
+    job = start_job(build_parser().parse_args(["gpt2-tiny", "--plan", plan, "--profile", str(out)]), distributed=False)
+    assert job.profile == profile
+    for kib in (1, 256):
+        assert 0 < profile.flat_time(kib * 1024, 2, 2) < math.inf
+        assert 0 < profile.hierarchical_time(kib * 1024, 2, 2) < math.inf
+        assert isinstance(profile.choose_hierarchical(kib * 1024, 2, 2), bool)
+
+
+LOOPBACK = dict(launch=2e-4, alpha_intra=5e-6, alpha_inter=5e-6, beta_intra=2e9, beta_inter=2e9, beta_mem=5e9)
+SLOW_INTER = dict(LOOPBACK, alpha_inter=2e-3, beta_inter=2e8)      # two real nodes on a slow network
+
+
+def test_hierarchical_decision_flat_on_loopback_and_hierarchical_across_slow_links():
+    """The decision a calibrated profile drives, on fixed costs of 2 nodes x 2 ranks: on one host every
+    link is loopback (inter-node costs = intra-node costs) and the hierarchical all-to-all's second call
+    costs more than it saves at every size; across a slow inter-node link it wins for small and medium
+    messages (it saves a slow message per rank) and loses for large ones (it moves and copies the data
+    twice)."""
+    from moefx.cost import CostProfile
+
+    loopback = CostProfile(**LOOPBACK, source="fixed loopback-like costs")
+    for kib in (1, 16, 256, 4096):
+        assert not loopback.choose_hierarchical(kib * 1024, 2, 2), (kib, loopback)
+    slow = CostProfile(**SLOW_INTER, source="fixed slow inter-node link")
+    # hierarchical - flat = launch - alpha_inter + V (1/(4 beta_intra) + 2/beta_mem) < 0 for V < ~3.4 MB
+    for kib in (1, 16, 256, 1024):
+        assert slow.choose_hierarchical(kib * 1024, 2, 2), (kib, slow)
+    for kib in (8192, 65536):
+        assert not slow.choose_hierarchical(kib * 1024, 2, 2), (kib, slow)
+    assert not slow.choose_hierarchical(1024, 1, 4)       # one node: nothing to save
+
+
+def _fit(monkeypatch, nodes: int, per_node: int, *, launch: float, alpha_intra: float, alpha_inter: float,
+         beta_intra: float, beta_inter: float, beta_mem: float):
+    """measure_profile's fit, run on fixed timings (what the alpha-beta model gives for these costs)
+    instead of timed all-to-alls: no process group, no noise."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import moefx.dist.mesh as mesh_module
+    import moefx.runtime.calibrate as C
+
+    N, G = nodes, per_node
+    p = N * G
+    sizes = {"world": p, "intra": G, "inter": N}
+
+    def a2a_time(group: str, nbytes: int, device, reps: int) -> float:
+        q = sizes[group]
+        if q == 1:
+            return 0.0
+        local, remote = {"world": (G - 1, p - G), "intra": (G - 1, 0), "inter": (0, N - 1)}[group]
+        return (launch + local * alpha_intra + remote * alpha_inter
+                + nbytes * local / (q * beta_intra) + nbytes * remote / (q * beta_inter))
+
+    fake_dist = SimpleNamespace(get_world_size=lambda group=None: p if group is None else sizes[group],
+                                get_backend=lambda: "fixed", group=SimpleNamespace(WORLD="world"))
+    names = {"world": "world", "intra_node": "intra", "inter_node": "inter"}
+    fake_mesh = lambda resolved: SimpleNamespace(group=names.__getitem__)  # noqa: E731
+    monkeypatch.setattr(C, "dist", fake_dist)
+    monkeypatch.setattr(mesh_module, "build_mesh", fake_mesh)
+    monkeypatch.setattr(C, "build_mesh", fake_mesh, raising=False)       # imported at module level or in the call
+    monkeypatch.setattr(C, "_a2a_time", a2a_time)
+    monkeypatch.setattr(C, "_timed", lambda fn, group, reps: C.LARGE / beta_mem)    # the local copy
+    return C.measure_profile(N, G, device=torch.device("cpu"), reps=1)
+
+
+def test_calibrate_fit_of_fixed_timings_recovers_the_costs_and_the_decision(monkeypatch):
+    """measure_profile on fixed timings: the fit gives back the costs the timings were made of, so a
+    loopback machine's profile picks flat and a slow inter-node link's picks hierarchical for small
+    messages."""
+    import math
+
+    for costs, hierarchical in ((LOOPBACK, [False, False]), (SLOW_INTER, [True, False])):
+        profile = _fit(monkeypatch, 2, 2, **costs)
+        assert profile.source == "measured on 2 x 2 ranks (fixed)"
+        for key, want in costs.items():
+            assert math.isclose(getattr(profile, key), want, rel_tol=0.02), (key, want, profile)
+        assert [profile.choose_hierarchical(kib * 1024, 2, 2) for kib in (1, 65536)] == hierarchical, profile

@@ -1,0 +1,95 @@
+"""Gradient reduction and the global gradient norm of a partitioned model, from placement records.
+
+Global loss = mean over data-parallel replicas of each replica's loss. Every parameter's record
+(`moefx.placement.Placement`) says over which group its identical copies live and how many times
+one replica's tokens reached it: its gradient is all-reduced (SUM) over `replicated_over` and
+divided by `grad_divisor`. Dense parameters (replicated or TP-sharded): the "dp" group (the TP
+peers already hold equal gradients), divided by dp. Expert parameters of MoE layer l: their local
+gradient sums every token of the EP group routed to them, so they are summed over the layer's
+expert-data-parallel group and divided by dp (coordinated TP: each token reached them once) or
+by the world (every TP rank sent it). Every rank joins every all-reduce, in the same order,
+whatever its gradients (a missing gradient counts as zeros).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from ..nn.collectives import group
+from ..placement import Placement, placements
+
+__all__ = ["reduce_gradients", "grad_norm", "clip_grad_norm"]
+
+
+def _records(local: nn.Module) -> list[tuple[str, nn.Parameter, Placement]]:
+    recs = placements(local)
+    out = []
+    for name, p in local.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name not in recs:
+            raise KeyError(f"parameter {name} has no placement record: was this module made by moefx.distribute?")
+        out.append((name, p, recs[name]))
+    return out
+
+
+def reduce_gradients(local: nn.Module) -> None:
+    """All-reduce the .grad of every parameter of `local` (this rank's GraphModule) in place.
+
+    Gradients are bucketed by (group, divisor) and reduced flat, one all-reduce per bucket and dtype,
+    the bucket divided once before it is copied back."""
+    buckets: dict[tuple[str, int], list[nn.Parameter]] = {}
+    for _, p, rec in _records(local):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        buckets.setdefault((rec.replicated_over, rec.grad_divisor), []).append(p)
+    for (name, divisor), params in sorted(buckets.items()):
+        pg = group(name)
+        grads = [p.grad for p in params]
+        if dist.get_world_size(pg) == 1:
+            if divisor != 1:
+                torch._foreach_div_(grads, divisor)
+            continue
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for dtype, gs in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
+            flat = _flatten_dense_tensors(gs)
+            dist.all_reduce(flat, group=pg)
+            if divisor != 1:
+                flat.div_(divisor)
+            torch._foreach_copy_(gs, _unflatten_dense_tensors(flat, gs))
+
+
+def grad_norm(local: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
+    """The global gradient norm over the whole (unpartitioned) model: every TP shard and expert piece
+    counted once, replicated parameters once. Collective over the world. Call after
+    `reduce_gradients`."""
+    if norm_type != 2.0:
+        raise ValueError("grad_norm computes the 2-norm only")
+    device = next((p.device for p in local.parameters()), torch.device("cpu"))
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for _, p, rec in _records(local):
+        if p.grad is None or not rec.counts:
+            continue
+        total = total + p.grad.detach().double().pow(2).sum() / rec.copies
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total, group=group("world"))
+    return total.sqrt()
+
+
+def clip_grad_norm(local: nn.Module, max_norm: float) -> torch.Tensor:
+    """Scale every gradient so the global norm is at most `max_norm`; returns the norm before clipping."""
+    norm = grad_norm(local)
+    scale_gradients(local.parameters(), norm, max_norm)
+    return norm
+
+
+def scale_gradients(params, norm: torch.Tensor, max_norm: float) -> None:
+    """Multiply the gradients of `params` by min(1, max_norm / norm) (the clipping step, given the norm)."""
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale.to(p.grad.dtype))
