@@ -1,4 +1,7 @@
-"""Autograd-capable all-to-all with uneven splits: flat and hierarchical (DeepSpeed-MoE).
+"""Eager flat and hierarchical all-to-all on ProcessGroups, for the all-to-all micro-benchmark
+(`bench_distributed_cpu.py`): the baseline a rank graph's all-to-all nodes are compared with.
+
+Autograd-capable all-to-all with uneven splits: flat and hierarchical (DeepSpeed-MoE).
 
 Every function moves rows (dim 0) of a tensor between the ranks of a group and is built on
 `torch.distributed._functional_collectives.all_to_all_single_autograd`, whose backward is the
@@ -33,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
-from ..nn.ep_layout import HierarchicalSplits, permute_chunks, unpermute_chunks
+from moefx.nn.ep_layout import HierarchicalSplits, permute_chunks, unpermute_chunks
 
 __all__ = ["exchange_counts", "flat_all_to_all", "HierarchicalSplits", "hierarchical_splits",
            "hierarchical_all_to_all", "hierarchical_all_to_all_inverse", "permute_chunks", "unpermute_chunks"]

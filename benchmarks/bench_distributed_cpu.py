@@ -38,11 +38,11 @@ Every rank is a process on this host (loopback gloo, one thread per rank, `dist_
       into a fresh inductor cache and the other ranks start compiling once it is done (they mostly
       hit its cache); both times are reported.
     - forward: under no_grad, eval-mode graph; training step: train-mode graph, forward + next-token
-      cross-entropy + aux loss, backward, gradient reduction (`moefx.runtime.grads.reduce_gradients`).
+      cross-entropy + aux loss, backward, gradient reduction (`moefx.dist.grads.reduce_gradients`).
     Throughput = world * B * T / (slowest rank's median time per call). All variants of a world are
     timed round by round (`_timing.interleaved_ms`: A B C D E F, A B C ...), so noise from the
     shared machine hits them alike; ratios are against the baseline of the same run.
-(a) all-to-all: flat vs hierarchical (`moefx.runtime.all_to_all`), even splits, the count exchange
+(a) all-to-all: flat vs hierarchical (`_eager_a2a.py`), even splits, the count exchange
     left out of both (precomputed `HierarchicalSplits`).
 Results: printed and written to benchmarks/results/distributed_cpu.md.
 """
@@ -226,7 +226,7 @@ def baseline_grad_norm(base: nn.Module) -> torch.Tensor:
 
 def baseline_clip(base: nn.Module, max_norm: float) -> torch.Tensor:
     """Scale the baseline's gradients to global norm <= max_norm (DeepSpeed's clip over all ranks)."""
-    from moefx.runtime.grads import scale_gradients
+    from moefx.dist.grads import scale_gradients
 
     norm = baseline_grad_norm(base)
     scale_gradients(base.parameters(), norm, max_norm)
@@ -365,8 +365,8 @@ def interleaved_world(variants: dict, rounds: int, reps: int, warmup: int) -> di
 def _a2a_rows(rank, world, nodes, sizes_kib, reps):
     from moefx.parallel import validate_parallel
     from moefx.plan import ParallelPlan
-    from moefx.runtime.all_to_all import HierarchicalSplits, flat_all_to_all, hierarchical_all_to_all
-    from moefx.runtime.mesh import build_mesh
+    from _eager_a2a import HierarchicalSplits, flat_all_to_all, hierarchical_all_to_all
+    from moefx.dist.mesh import build_mesh
 
     G = world // nodes
     resolved = validate_parallel(ParallelPlan(nodes=nodes, devices_per_node=G, ep=world), world, [world])
@@ -397,6 +397,7 @@ def _bytes_rows(rank, world, B, T):
     import torch.distributed as dist
 
     import moefx
+    from moefx.facts import facts
     from moefx.runtime.stats import bytes_by_layer, collective_bytes
 
     rows = []
@@ -410,7 +411,7 @@ def _bytes_rows(rank, world, B, T):
                                                                    "ep": world, "hierarchical_a2a": False,
                                                                    "coordinated_a2a": coordinated}})
             local = moefx.distribute(gm, plan, tokens_per_rank=B * T)
-            replica = local.meta["moefx_parallel"].dp_rank(rank)       # TP peers share their replica's batch
+            replica = facts(local).parallel.dp_rank(rank)       # TP peers share their replica's batch
             inputs, _ = batch(replica, B, T)
             sent = bytes_by_layer(collective_bytes(local, *inputs))
             per_rank = [None] * world
@@ -436,7 +437,7 @@ def _model_rows(rank, world, B, T, rounds, reps, compile_: bool):
     import torch.distributed as dist
 
     import moefx
-    from moefx.runtime.grads import grad_norm, reduce_gradients
+    from moefx.dist.grads import grad_norm, reduce_gradients
 
     model, gm = build()
     _, gm_train = build(train=True)

@@ -16,13 +16,13 @@ model (the MoE variants get the same upcycled experts, so they route alike):
                      choices sorted by expert, each used expert's weights read once in place;
                      checked), the (dynamic) prefill on the buffer path
   PR-MoE gather compiled   a gather generator's decode step under Generator.compile()
-                     (inductor, fullgraph; products="auto": at batch <= 2 the few-row matrix
+                     (inductor, fullgraph; products="reduce": at batch <= 2 the few-row matrix
                      products become reductions, moefx.passes.reduce_products; compiled once
                      before any timing, seconds reported)
   dense compiled     the dense decode step under Generator.compile(): the
                      like-for-like reference for the compiled PR-MoE step
   ... , matmul products    the same compiled with products="matmul" (the captured matrix
-                     products, MKL), at the batches where "auto" picks reductions
+                     products, MKL), at the batches where reductions are asked for
   einsum baseline    the buffer generator's decode graph with every MoE layer's route /
                      dispatch / combine replaced by DeepSpeed-paper top-1 gating in its one-hot form
                      (bench_gating_cpu.onehot_gate, capacity C = S: dropless with static shapes),
@@ -73,6 +73,7 @@ import moefx  # noqa: E402
 from moefx import meta as M  # noqa: E402
 from moefx.models import NanoGPT, NanoGPTConfig  # noqa: E402
 from moefx.nn.moe import MoELayer, moe_layers  # noqa: E402
+from moefx.facts import gather_layers  # noqa: E402
 from moefx.passes.reduce_products import REDUCE_MAX_ROWS  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -234,18 +235,18 @@ def run_batch(model: NanoGPT, B: int, args, log) -> tuple[list[dict], dict]:
             GATHER: moefx.convert_generator(model, moe_plan(args, "auto"), (ids,), max_cache_len=L),
             EINSUM: moefx.convert_generator(model, moe_plan(args, "buffer"), (ids,), max_cache_len=L)}
     # compiled variants: generators of their own (compile() may re-stride the weights it compiles)
-    compiled = {} if args.no_compile else {COMPILED: (GATHER, "auto")}
+    few = "reduce" if B <= REDUCE_MAX_ROWS else "matmul"
+    compiled = {} if args.no_compile else {COMPILED: (GATHER, few)}
     if not args.no_compile and args.dense_compiled:
-        compiled[DENSE_COMPILED] = (DENSE, "auto")
-    if not args.no_compile and B <= REDUCE_MAX_ROWS:     # where "auto" picks reductions: also time matmul products
+        compiled[DENSE_COMPILED] = (DENSE, few)
+    if not args.no_compile and B <= REDUCE_MAX_ROWS:     # where reductions are asked for: also time matmul products
         compiled[COMPILED_MM] = (GATHER, "matmul")
         if args.dense_compiled:
             compiled[DENSE_COMPILED_MM] = (DENSE, "matmul")
     for name, (base, _) in compiled.items():
         gens[name] = moefx.convert_generator(model, moe_plan(args, "auto") if base == GATHER else {}, (ids,),
                                              max_cache_len=L)
-    paths = {name: (sorted(g.decode.meta.get("moefx_gather_layers", [])), sorted(g.prefill.meta.get(
-        "moefx_gather_layers", []))) for name, g in gens.items()}
+    paths = {name: (sorted(gather_layers(g.decode)), sorted(gather_layers(g.prefill))) for name, g in gens.items()}
     all_layers = [index for index, _ in moe_layers(gens[GATHER].decode)]
     if paths[GATHER][0] != all_layers or paths[GATHER][1] or paths[BUFFER][0]:
         raise RuntimeError(f"unexpected experts paths (gather layers of decode, prefill): {paths}")
@@ -502,8 +503,8 @@ def main(argv=None) -> int:
         "`weight_layout=\"keep\"`, the layout the model came with; at larger batches \"auto\" keeps that layout "
         "too (it speeds up matrix-vector products, not matrix products), so the two dense rows time the same graph.",
         "- Compiled variants are generators of their own (same model, same upcycled experts), each made by "
-        "`Generator.compile()` (inductor, fullgraph, guards on the step's inputs only). With the default "
-        "products=\"auto\" a decode step of at most 2 rows (batch <= 2) is compiled from a copy of the decode graph "
+        "`Generator.compile()` (inductor, fullgraph, guards on the step's inputs only). With "
+        "products=\"reduce\" a decode step of at most 2 rows (batch <= 2) is compiled from a copy of the decode graph "
         "whose few-row matrix products are reductions (`moefx.passes.reduce_products`; weights stored with the "
         "summed dimension contiguous, `weight_layout.input_contiguous`); the 'matmul products' rows compile the "
         "decode graph as captured (MKL matrix products), timed only where the two differ. Each was compiled "

@@ -242,7 +242,7 @@ def _losses_of(checkpoints: list, sets: dict) -> list[dict]:
     checkpoint (None: the untrained model)."""
     import moefx
     from moefx.runtime.build import ModelSpec, build_reference
-    from moefx.runtime.checkpoint import load_full
+    from moefx.dist.checkpoint import load_full
 
     warnings.filterwarnings("ignore")
     out = []

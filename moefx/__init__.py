@@ -12,14 +12,14 @@ from .convert import convert
 from .count import ParamCount, count_params
 from .distribute import distribute, partitioned_view, reduce_gradients
 from .dump import dump
-from .gen.generator import Generator, convert_generator
 from .errors import AnalysisError, BackendError, CaptureError, MoefxError, PassError, PlanError
+from .gen.generator import Generator, convert_generator
 from .nn.aux import aux_loss
 from .nn.routing import Routing, combine, dispatch, route
 from .passes.pipeline import PIPELINE
 from .passes.shrink import shrink
-from .saving import load, load_generator, save
 from .plan import LoweringPlan, MoEPlan, ParallelPlan, Plan, StudentPlan
+from .saving import load, load_generator, save
 from .train.distill import DistillError, DistillResult, distill
 
 __all__ = [

@@ -33,6 +33,7 @@ from torch import fx, nn
 from torch.export import Dim
 
 from .errors import CaptureError, MoefxError
+from .facts import record_facts
 
 __all__ = ["capture", "graph_module", "is_captured", "mark_captured", "InputError", "default_dynamic_dims"]
 
@@ -51,7 +52,7 @@ def capture(model: nn.Module, example_inputs: tuple = (), example_kwargs: dict |
     sequence dims by input kind, see the module docstring), None (every size static) or
     torch.export's dynamic_shapes;
     train: capture in train mode (dropout active). Returns a GraphModule whose nodes carry shape
-    metadata; `gm.meta["moefx_capture_seconds"]` is how long export took. Raises CaptureError
+    metadata; `facts(gm).capture_seconds` is how long export took. Raises CaptureError
     naming the failing op/line and what to try.
     """
     if is_captured(model):
@@ -92,7 +93,8 @@ def graph_module(ep: torch.export.ExportedProgram, name: str, *, train: bool = F
     if hasattr(out, "_guards_fn"):
         out._guards_fn = _NamedGuards(out._guards_fn)
     out.train(train)
-    out.meta = {"moefx_capture_seconds": seconds, "moefx_train_capture": train}
+    out.meta = {}
+    record_facts(out, capture_seconds=seconds, train_capture=train)
     out.register_forward_pre_hook(_device_check)
     setattr(out, _CAPTURED, True)
     return out
@@ -225,7 +227,7 @@ def _device_check(module: nn.Module, args) -> None:
             continue
         if device.type == "meta":
             raise InputError("this model's parameters are on the meta device (it was converted without weights): "
-                             "it cannot run on real inputs; materialise it (moefx.runtime.materialize / moefx "
+                             "it cannot run on real inputs; materialise it (moefx.weights.materialize / moefx "
                              "launch) or convert a model with weights")
         raise InputError(f"the model's parameters are on {device} but an input is on {t.device}: move the inputs "
                          f"to {device} (or the model to {t.device})")

@@ -23,7 +23,7 @@ def as_plan(plan: Plan | dict | None) -> Plan:
 
 def convert(model: nn.Module, plan: Plan | dict | None = None, example_inputs: tuple = (),
             example_kwargs: dict | None = None, *, copy_weights: bool = True,
-            dump_dir: str | Path | None = None, **capture_options) -> fx.GraphModule:
+            dump_dir: str | Path | None = None, target: str | None = None, **capture_options) -> fx.GraphModule:
     """Turn a dense Transformer into a (PR-)MoE GraphModule as `plan` describes.
 
     Takes a module (or a GraphModule from moefx.capture / torch.export), a Plan (or its dict
@@ -31,11 +31,13 @@ def convert(model: nn.Module, plan: Plan | dict | None = None, example_inputs: t
     batch size / sequence length the model allows; `moefx.aux_loss(gm)` gives its load-balancing
     loss after a forward. copy_weights=False shares the dense weights with `model` (saves memory;
     training the result then also changes `model`). dump_dir: write the code after every pass.
-    capture_options go to `moefx.capture` (dynamic_shapes, train). Works on the meta device (no
-    memory allocated). The plan is checked before any work (PlanError names the fix).
+    target: the device type the result will run on ("cpu" / "cuda"), which device-dependent
+    lowering decides for (Triton gating on CUDA); default: the model's device. capture_options go
+    to `moefx.capture` (dynamic_shapes, train). Works on the meta device (no memory allocated). The
+    plan is checked before any work (PlanError names the fix).
     """
     plan = as_plan(plan)
-    ctx = PassContext(plan)
+    ctx = PassContext(plan, target=target)
     pipeline.check(ctx, model if isinstance(model, fx.GraphModule) else None)
     moe = plan.moe
     if moe is not None and moe.init == "upcycle" and moe.drop_tokens:

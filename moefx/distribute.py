@@ -11,13 +11,18 @@ from __future__ import annotations
 import copy
 import warnings
 
+import torch.distributed as dist
 from torch import fx
 
+from .dist.grads import reduce_gradients as _reduce
+from .dist.mesh import build_mesh
 from .errors import PlanError
+from .facts import placements, record_facts
 from .nn.moe import moe_layers
 from .parallel import ResolvedParallel, validate_parallel
 from .passes import pipeline
 from .passes.base import PassContext
+from .placement import complete
 from .plan import ParallelPlan, Plan
 
 
@@ -34,20 +39,16 @@ def distribute(gm: fx.GraphModule, plan: Plan, *, mesh=None, tokens_per_rank: in
     """This rank's GraphModule: weights sharded, collectives inserted as graph nodes.
 
     Takes a converted GraphModule and a plan with a [parallel] section; needs an initialised
-    torch.distributed default group (moefx.runtime.init_from_env()). mesh: from
-    `moefx.runtime.mesh.build_mesh` (built here when None; collective over all ranks; it binds
+    torch.distributed default group (moefx.dist.worker.init_from_env()). mesh: from
+    `moefx.dist.mesh.build_mesh` (built here when None; collective over all ranks; it binds
     the group names the graph's collectives use). tokens_per_rank: message-size estimate for
     hierarchical_a2a = "auto"; profile: a measured `moefx.cost.CostProfile` for that decision.
-    The result shares no tensor with `gm`; `.meta["moefx_placements"]` records where every tensor
+    The result shares no tensor with `gm`; `facts(local).placements` records where every tensor
     sits (read by `reduce_gradients`, checkpoints and dumps).
     """
-    import torch.distributed as dist
-
-    from .runtime.mesh import build_mesh
-
     if not dist.is_initialized():
         raise PlanError("distribute needs torch.distributed initialised: run under torchrun / `moefx launch` "
-                        "and call moefx.runtime.init_from_env() first")
+                        "and call moefx.dist.worker.init_from_env() first")
     resolved = resolve(gm, plan.parallel, dist.get_world_size())
     mesh = mesh if mesh is not None else build_mesh(resolved)
     ctx = PassContext(plan, rank=dist.get_rank(), resolved=resolved, tokens_per_rank=tokens_per_rank,
@@ -59,11 +60,9 @@ def distribute(gm: fx.GraphModule, plan: Plan, *, mesh=None, tokens_per_rank: in
 
 def _finish(local: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Record the rank and degrees, and a placement for every tensor (whatever the passes placed)."""
-    from .placement import KEY, complete, placements
-
     local.meta = dict(local.meta)
-    local.meta["moefx_rank"], local.meta["moefx_parallel"] = ctx.rank, ctx.resolved
-    local.meta[KEY] = complete(local, placements(local), ctx.resolved)
+    record_facts(local, rank=ctx.rank, parallel=ctx.resolved,
+                 placements=complete(local, placements(local), ctx.resolved))
     return local
 
 
@@ -91,7 +90,5 @@ def partitioned_view(gm: fx.GraphModule, plan: Plan, rank: int, world_size: int 
 
 
 def reduce_gradients(local: fx.GraphModule) -> None:
-    """All-reduce the gradients of a distributed GraphModule (see moefx.runtime.grads)."""
-    from .runtime.grads import reduce_gradients as _reduce
-
+    """All-reduce the gradients of a distributed GraphModule (see moefx.dist.grads)."""
     _reduce(local)

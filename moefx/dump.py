@@ -19,9 +19,11 @@ import torch
 from torch import fx
 
 from . import meta as M
+from .analysis.blocks import find_blocks
+from .analysis.linear import attr_value
 from .count import count_params, human
 from .errors import MoefxError
-from .analysis.linear import attr_value
+from .facts import facts, gather_layers
 from .nn.moe import MoELayer, moe_layers
 
 FORMATS = ("code", "table", "dot", "svg", "json")
@@ -84,9 +86,8 @@ def _block_ffn_params(gm: fx.GraphModule) -> dict[int, int]:
 
 def _parallel_of(gm: fx.GraphModule):
     """(ResolvedParallel, rank) of a partitioned graph, or (None, None)."""
-    gmeta = getattr(gm, "meta", None) or {}
-    resolved = gmeta.get("moefx_parallel")
-    return (resolved, gmeta.get("moefx_rank", 0)) if resolved is not None else (None, None)
+    f = facts(gm)
+    return (f.parallel, f.rank or 0) if f.parallel is not None else (None, None)
 
 
 def experts_held(lp, rank: int, experts: torch.nn.Module | None = None) -> str:
@@ -117,7 +118,7 @@ def _rank_header(resolved, rank: int) -> str:
 
 def experts_paths(gm: fx.GraphModule) -> dict[int, str]:
     """MoE layer -> how its experts run: "gather" (weights read per token) or "buffer" ([E, C, d])."""
-    gathered = set(getattr(gm, "meta", {}).get("moefx_gather_layers", ()))
+    gathered = set(gather_layers(gm))
     return {layer: "gather" if layer in gathered else "buffer" for layer, _ in moe_layers(gm)}
 
 
@@ -142,7 +143,7 @@ def layer_table(gm: fx.GraphModule) -> str:
     """One row per block: dense FFN or (PR-)MoE layer, experts, top-k, residual, impl, experts path
     (buffer / gather), parameters.
 
-    For a partitioned graph (gm.meta["moefx_parallel"] set) a header line gives the rank's tp /
+    For a partitioned graph (`facts(gm).parallel` set) a header line gives the rank's tp /
     dp / ep degrees, and each MoE row adds its ep, edp and the experts this rank holds;
     parameters are then this rank's.
     """
@@ -213,7 +214,7 @@ def to_json(gm: fx.GraphModule) -> dict:
                "capacity_factor": m.gate.capacity_factor, "impl": m.gate.impl,
                "expert_params": sum(p.numel() for p in m.experts.parameters())} for layer, m in moe_layers(gm)]
     c = count_params(gm)
-    return {"passes": list(getattr(gm, "meta", {}).get("moefx_passes", [])), "nodes": nodes, "moe_layers": layers,
+    return {"passes": list(facts(gm).passes), "nodes": nodes, "moe_layers": layers,
             "params": {"total": c.total, "active": c.active, "expert": c.expert}}
 
 
@@ -260,8 +261,6 @@ def block_of_nodes(gm: fx.GraphModule) -> dict[fx.Node, int]:
     by_name = {n.name: n for n in gm.graph.nodes}
     out: dict[fx.Node, int] = {}
     try:
-        from .analysis.blocks import find_blocks
-
         for b in find_blocks(gm):
             for name in b.nodes:
                 if name in by_name:

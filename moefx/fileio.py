@@ -12,6 +12,7 @@ New files get the permissions the user's umask gives (mkstemp's 0600 would hide 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -96,3 +97,12 @@ def publish_folder(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
     if old is not None and old.exists() and old != version:
         shutil.rmtree(old, ignore_errors=True)
     return version
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,6 +1,6 @@
 """Where a converted graph came from, recorded so it can be rebuilt later (`moefx.save` / `moefx.load`).
 
-`convert` stores in `gm.meta["moefx_origin"]`:
+`convert` stores in `facts(gm).origin`:
 
     model    {"name": "llama-tiny"} (a built-in or package.module:function, tagged by load_model)
              or {"transformers_class": "LlamaForCausalLM", "config": {...}} (a Hugging Face model)
@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from .errors import MoefxError
+from .facts import record_facts
+from .models import load_model
 
-__all__ = ["KEY", "model_origin", "record", "rebuild_model", "example_inputs"]
-
-KEY = "moefx_origin"
+__all__ = ["model_origin", "record", "rebuild_model", "example_inputs"]
 
 
 def model_origin(model: nn.Module) -> dict | None:
@@ -44,11 +44,11 @@ def _dtype(model: nn.Module) -> str:
 
 def record(gm, model: nn.Module, plan, example_inputs: tuple = (), capture_options: dict | None = None,
            **extra) -> None:
-    """Store the origin of `gm` (see the module docstring) in gm.meta; extra keys are added as they are."""
+    """Record the origin of `gm` (see the module docstring) in its facts; extra keys are added as they are."""
     options = dict(capture_options or {})
     dynamic = options.get("dynamic_shapes", "auto")
     tensors = all(isinstance(x, torch.Tensor) for x in example_inputs)
-    gm.meta[KEY] = {
+    record_facts(gm, origin={
         "model": model_origin(model),
         "plan": plan.to_dict(),
         "inputs": [[list(x.shape), str(x.dtype).removeprefix("torch.")] for x in example_inputs] if tensors else None,
@@ -56,7 +56,7 @@ def record(gm, model: nn.Module, plan, example_inputs: tuple = (), capture_optio
                     "train": bool(options.get("train", False))},
         "dtype": _dtype(model),
         **extra,
-    }
+    })
 
 
 def rebuild_model(origin: dict, device="meta") -> nn.Module:
@@ -67,8 +67,6 @@ def rebuild_model(origin: dict, device="meta") -> nn.Module:
                          "package.module:function, nor a transformers model): load it with its own code and "
                          "moefx.convert, then load the weights")
     if "name" in what:
-        from .models import load_model
-
         model, _ = load_model(what["name"], device=device)
     else:
         import transformers

@@ -4,7 +4,7 @@
 `ParallelPlan` against the world and the model's MoE layers and returns a frozen
 `ResolvedParallel`, so a plan is checked before any process starts. `rank_layout(resolved)` lists,
 for every group name, the partition of the world into rank tuples; the runtime builds exactly
-those groups (`moefx.runtime.mesh.build_mesh`) and the passes name them in the graph.
+those groups (`moefx.dist.mesh.build_mesh`) and the passes name them in the graph.
 
 Rank layout (row-major, global rank r = node * devices_per_node + local). Example: 2 nodes x 4
 devices, tp = 2, one MoE layer with ep = 4 and one with ep = 8::
@@ -46,7 +46,35 @@ from typing import Any, Sequence
 from .errors import PlanError
 from .plan import ParallelPlan
 
-__all__ = ["LayerParallel", "ResolvedParallel", "validate_parallel", "rank_layout"]
+__all__ = ["LayerParallel", "ResolvedParallel", "validate_parallel", "rank_layout", "group_of", "WORLD", "INTRA_NODE",
+           "INTER_NODE", "TP", "DP", "ep_group", "edp_group", "slice_group", "ep_inter_group"]
+
+# The process-group names rank graphs, placement records, meshes and checkpoints use: spelled here only.
+WORLD = "world"
+INTRA_NODE = "intra_node"
+INTER_NODE = "inter_node"
+TP = "tp"
+DP = "dp"
+
+
+def ep_group(ep: int) -> str:
+    """The expert-parallel group of degree `ep` (one copy of a layer's experts spread over it)."""
+    return f"ep{ep}"
+
+
+def edp_group(ep: int) -> str:
+    """The expert-data-parallel group of EP degree `ep` (the copies of each expert piece)."""
+    return f"edp{ep}"
+
+
+def slice_group(slices: int) -> str:
+    """The ranks that share one expert, each holding one of `slices` slices of its inner dimension."""
+    return f"slice{slices}"
+
+
+def ep_inter_group(ep: int) -> str:
+    """The inter-node step of the hierarchical all-to-all of EP degree `ep`."""
+    return f"ep{ep}_inter"
 
 
 @dataclass(frozen=True)
@@ -91,11 +119,11 @@ class LayerParallel:
     def group_names(self) -> dict[str, str]:
         """Names of this layer's groups by role: "ep", "edp", and when they exist "expert_slice",
         "intra" / "inter" (the two steps of the hierarchical all-to-all)."""
-        names = {"ep": f"ep{self.ep}", "edp": f"edp{self.ep}"}
+        names = {"ep": ep_group(self.ep), "edp": edp_group(self.ep)}
         if self.expert_slicing > 1:
-            names["expert_slice"] = f"slice{self.expert_slicing}"
+            names["expert_slice"] = slice_group(self.expert_slicing)
         if self.hier_shape is not None:
-            names["intra"], names["inter"] = "intra_node", f"ep{self.ep}_inter"
+            names["intra"], names["inter"] = INTRA_NODE, ep_inter_group(self.ep)
         return names
 
 
@@ -131,6 +159,12 @@ class ResolvedParallel:
 
     def dp_rank(self, rank: int) -> int:
         return rank // self.tp
+
+    @property
+    def dense_grad_divisor(self) -> int:
+        """What a dense (non-expert) parameter's summed gradient is divided by: the data-parallel
+        replicas (the TP peers of a replica hold equal gradients and are not summed)."""
+        return self.dp
 
     def expert_grad_divisor(self) -> int:
         """How many times the tokens of one data-parallel replica reach the experts: dp when TP
@@ -234,20 +268,20 @@ def rank_layout(resolved: ResolvedParallel) -> dict[str, list[tuple[int, ...]]]:
     """
     w, g = resolved.world, resolved.devices_per_node
     out: dict[str, list[tuple[int, ...]]] = {
-        "world": [tuple(range(w))],
-        "intra_node": _blocks(w, g),
-        "inter_node": _strided(w, g),
-        "tp": _blocks(w, resolved.tp),
-        "dp": _strided(w, resolved.tp),
+        WORLD: [tuple(range(w))],
+        INTRA_NODE: _blocks(w, g),
+        INTER_NODE: _strided(w, g),
+        TP: _blocks(w, resolved.tp),
+        DP: _strided(w, resolved.tp),
     }
     for e in resolved.ep_sizes:
-        out[f"ep{e}"] = _blocks(w, e)
-        out[f"edp{e}"] = _strided(w, e)
+        out[ep_group(e)] = _blocks(w, e)
+        out[edp_group(e)] = _strided(w, e)
     for s in sorted({lp.expert_slicing for lp in resolved.layers if lp.expert_slicing > 1}):
-        out[f"slice{s}"] = _blocks(w, s)
+        out[slice_group(s)] = _blocks(w, s)
     for e in sorted({lp.ep for lp in resolved.layers if lp.hier_shape is not None}):
         k = e // g
-        out[f"ep{e}_inter"] = [tuple(b + m * g + i for m in range(k)) for b in range(0, w, e) for i in range(g)]
+        out[ep_inter_group(e)] = [tuple(b + m * g + i for m in range(k)) for b in range(0, w, e) for i in range(g)]
     return out
 
 

@@ -3,7 +3,7 @@
 A converted model's tensors are either the dense model's own (copied or shared) or new ones the
 PR-MoE pass makes: stacked expert weights (copies of the dense FFN, optionally with noise, or a
 fresh random init) and the router / residual-coefficient weights (a seeded uniform init). The
-pass records one recipe per new tensor (`gm.meta["moefx_recipes"]`: global name -> recipe) and
+pass records one recipe per new tensor (`facts(gm).recipes`: global name -> recipe) and
 builds the values with the same recipe, so a rank that materialises only its own piece of a
 tensor (`build(read, experts=..., narrow=...)`) gets exactly the values the single-process model
 holds, without ever holding the whole tensor: expert e's noise comes from its own seeded
@@ -146,4 +146,3 @@ class Copy:
 
 
 Recipe = StackExperts | Uniform | Copy
-KEY = "moefx_recipes"

@@ -10,13 +10,12 @@ generator's KV cache left out) and `moefx.json` (format, what it is, the origin 
 recorded: the dense model's built-in name or transformers class + config, the plan, the
 example-input shapes and capture options; the ties; the SHA-256 of the weights file). `load`
 rebuilds the dense model on the meta device, replays capture + convert (deterministic: the same
-graph and tensor names), and fills every tensor from the file (`moefx.runtime.materialize`), so
+graph and tensor names), and fills every tensor from the file (`moefx.weights.materialize`), so
 only the converted model's tensors are ever allocated. The folder is published atomically: a
 failed save leaves no half-written folder behind.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,10 +24,22 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import fx, nn
 
 from . import origin as O
+from .convert import convert
 from .errors import MoefxError
+from .facts import facts
+from .fileio import publish_folder, sha256_file
+from .gen.cache import is_cache_buffer
+from .gen.fill import cache_source, fill_generator
+from .gen.generator import Generator, convert_graphs, position_limit, special_tokens
+from .models.skeleton import params_on_meta
+from .plan import Plan
+from .tensors import named_tensors
+from .weights.materialize import materialize
+from .weights.sources import ChainSource, ModuleSource, PrefixedSource, SafetensorsSource
 
 __all__ = ["save", "load", "load_generator", "read", "FORMAT"]
 
@@ -38,11 +49,9 @@ WEIGHTS, INFO = "model.safetensors", "moefx.json"
 
 def _tensors(gm: nn.Module, skip=lambda name: False) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """(name -> tensor with ties stored once, name -> other names of the same tensor)."""
-    from .runtime.materialize import _named_tensors
-
     first: dict[int, str] = {}
     out, ties = {}, {}
-    for name, t in _named_tensors(gm):
+    for name, t in named_tensors(gm):
         if skip(name):
             continue
         if id(t) in first:
@@ -53,26 +62,12 @@ def _tensors(gm: nn.Module, skip=lambda name: False) -> tuple[dict[str, torch.Te
     return out, ties
 
 
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save(obj, folder: str | os.PathLike) -> Path:
     """Write a converted GraphModule or a `moefx.gen.Generator` to `folder` (see the module docstring).
 
     Refuses (MoefxError, before writing anything) a partitioned rank graph (save those with
-    `moefx.runtime.checkpoint.save_sharded`) and a graph whose dense model cannot be rebuilt.
+    `moefx.dist.checkpoint.save_sharded`) and a graph whose dense model cannot be rebuilt.
     Returns the folder's path."""
-    from safetensors.torch import save_file
-
-    from .fileio import publish_folder
-    from .gen.cache import is_cache_buffer
-    from .gen.generator import Generator
-
     if isinstance(obj, Generator):
         gm, kind = obj.prefill, "generator"
         skip = is_cache_buffer
@@ -82,10 +77,10 @@ def save(obj, folder: str | os.PathLike) -> Path:
         gm, kind, skip, settings = obj, "graph", (lambda name: False), {}
     else:
         raise MoefxError(f"moefx.save takes a converted GraphModule or a Generator, not {type(obj).__name__}")
-    if gm.meta.get("moefx_parallel") is not None:
+    if facts(gm).parallel is not None:
         raise MoefxError("this graph is one rank's partition (moefx.distribute): save it with "
-                         "moefx.runtime.checkpoint.save_sharded, or save the unpartitioned converted model")
-    info = gm.meta.get(O.KEY)
+                         "moefx.dist.checkpoint.save_sharded, or save the unpartitioned converted model")
+    info = facts(gm).origin
     if info is None or info.get("model") is None:
         raise MoefxError("moefx.save needs to know how to rebuild the dense model: convert a built-in "
                          "(moefx.models.load_model), a package.module:function model or a transformers model")
@@ -105,7 +100,7 @@ def save(obj, folder: str | os.PathLike) -> Path:
     try:
         save_file(tensors, str(tmp / WEIGHTS))
         record = {"format": FORMAT, "kind": kind, "origin": info, "ties": ties, "settings": settings,
-                  "sha256": _sha(tmp / WEIGHTS), "torch": torch.__version__}
+                  "sha256": sha256_file(tmp / WEIGHTS), "torch": torch.__version__}
         (tmp / INFO).write_text(json.dumps(record, indent=1, default=str) + "\n")
         return publish_folder(tmp, folder)
     except BaseException:
@@ -125,11 +120,10 @@ def read(folder: str | os.PathLike) -> dict:
 
 
 def _open(folder: str | os.PathLike, verify: bool):
-    from .runtime.sources import ModuleSource, SafetensorsSource
 
     record = read(folder)
     folder = Path(folder)
-    if verify and _sha(folder / WEIGHTS) != record["sha256"]:
+    if verify and sha256_file(folder / WEIGHTS) != record["sha256"]:
         raise MoefxError(f"{folder / WEIGHTS} does not match the checksum in {INFO}: the file was changed or is "
                          "damaged")
     info = record["origin"]
@@ -143,10 +137,6 @@ def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu", verif
 
     verify: check the weights file's SHA-256 first (MoefxError when it differs); weight_layout: a
     Generator's (see `moefx.gen.Generator`)."""
-    from .convert import convert
-    from .runtime.materialize import materialize
-    from .runtime.sources import ChainSource
-
     record, info, plan, saved, buffers = _open(folder, verify)
     if record["kind"] == "generator":
         s = record["settings"]
@@ -154,7 +144,7 @@ def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu", verif
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
         gm = convert(O.rebuild_model(info, "meta"), plan, O.example_inputs(info), copy_weights=False,
-                     **_capture(info))
+                     target=torch.device(device).type, **_capture(info))
     return materialize(gm, ChainSource(saved, buffers), device=device)
 
 
@@ -163,8 +153,6 @@ def load_generator(folder: str | os.PathLike, *, batch_size: int | None = None, 
     """A Generator from a saved Generator or a saved converted graph (e.g. a trained model), with a
     cache of batch_size x max_cache_len (default: the saved generator's, or 1 x the model's limit).
     weight_layout: see `moefx.gen.Generator`."""
-    from .runtime.sources import PrefixedSource
-
     record, info, plan, saved, buffers = _open(folder, verify)
     s = record["settings"]
     if record["kind"] == "graph":
@@ -174,7 +162,6 @@ def load_generator(folder: str | os.PathLike, *, batch_size: int | None = None, 
 
 
 def _plan(d: dict):
-    from .plan import Plan
 
     return Plan.from_dict(d)
 
@@ -194,22 +181,17 @@ def _aliases(ties: dict) -> dict:
 
 def _real_buffers(info: dict) -> nn.Module:
     """The dense model with its parameters on meta and its buffers computed (rotary frequencies, ...)."""
-    from .models.skeleton import params_on_meta
-
     with params_on_meta():
         return O.rebuild_model(info, "cpu")
 
 
 def _generator(record: dict, plan, saved, buffers, device, batch_size: int, max_cache_len: int | None,
                weight_layout: str = "auto"):
-    from .gen.generator import Generator, convert_graphs, position_limit, special_tokens
-    from .runtime.build import cache_source, fill_generator
-    from .runtime.sources import ChainSource, PrefixedSource
-
     meta_model = O.rebuild_model(record["origin"], "meta")
     max_cache_len = max_cache_len or position_limit(meta_model)
     prefill, decode = convert_graphs(meta_model, plan, batch_size=batch_size, max_cache_len=max_cache_len,
-                                     prompt_len=record["origin"].get("generator", {}).get("prompt_len", 4))
+                                     prompt_len=record["origin"].get("generator", {}).get("prompt_len", 4),
+                                     target=torch.device(device).type)
     fill_generator(prefill, decode, ChainSource(saved, cache_source(prefill), PrefixedSource(buffers, "model.")),
                    None, device)
     s = record["settings"]

@@ -97,7 +97,8 @@ def _tp_equals_single(rank, world, names):
         main_tensor(gm(x)).pow(2).mean().backward()
         main_tensor(local(x)).pow(2).mean().backward()
         moefx.reduce_gradients(local)
-        from moefx.placement import placements, whole
+        from moefx.placement import whole
+        from moefx.facts import placements
         recs = placements(local)
         ref = dict(gm.named_parameters())
         for n, p in local.named_parameters():

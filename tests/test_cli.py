@@ -49,7 +49,14 @@ def test_dump_captured_stage_and_meta(capsys):
     assert "moe0" not in capsys.readouterr().out
     assert main(["dump", "gpt2-medium-24", "--device", "meta", "--plan",
                  "examples/plans/350m_pr_moe_32_64.toml", "--format", "table"]) == 0
-    assert "64" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    header = lines.index(next(line for line in lines if line.split()[:3] == ["block", "ffn", "experts"]))
+    rows = [line.split() for line in lines[header + 2:] if line.strip() and line.split()[0].isdigit()]
+    assert [int(r[0]) for r in rows] == list(range(24))
+    # experts = "32x10+64x2", every = 2: PR-MoE in the odd blocks, 32 experts in the first 10, 64 in the last 2
+    assert {int(r[0]): r[1] for r in rows if r[1] != "dense"} == {b: "PR-MoE" for b in range(1, 24, 2)}
+    assert [int(r[2]) for r in rows if r[1] != "dense"] == [32] * 10 + [64] * 2
+    assert all(r[2] == "-" for r in rows if r[1] == "dense")
 
 
 def test_errors_are_reported_not_raised(capsys):
@@ -58,16 +65,45 @@ def test_errors_are_reported_not_raised(capsys):
     assert main(["convert", "gpt2-tiny", "--plan", "missing.toml"]) == 2
 
 
-def test_distill_command(tmp_path, capsys):
-    out = tmp_path / "student.pt"
-    assert main(["distill", "gpt2-tiny", "--plan", "examples/plans/tiny_pr_mos.toml", "--steps", "6", "--kd-stop",
-                 "3", "--corpus-bytes", "100000", "-o", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "student keeps teacher blocks (0, 2, 3)" in text
-    state = __import__("torch").load(out)
-    assert not any(k.startswith("moe0.") for k in state) and any(k.startswith("moe1.") for k in state)
+def test_distill_command_writes_a_checkpoint_generate_reads_without_a_plan(tmp_path, capsys):
+    from moefx.dist.checkpoint import checkpoint_tensors, read_info
+
+    out = tmp_path / "student"
+    assert main(["distill", "gpt2-tiny", "--plan", "examples/plans/tiny_pr_mos.toml", "--steps", "4", "--kd-stop",
+                 "2", "--batch", "2", "--seq", "16", "--no-progress", "--save", str(out)]) == 0
+    assert "rank 0/1: ok 4 steps" in capsys.readouterr().out
+    names = set(checkpoint_tensors(out))
+    # the MoS student keeps teacher blocks (0, 2, 3): the first MoE layer (block 1) is gone
+    assert not any(k.startswith("moe0.") for k in names) and any(k.startswith("moe1.") for k in names)
+    record = read_info(out)["record"]
+    assert record["model"]["name"] == "gpt2-tiny" and record["plan"]["student"]["layers"] == 3
+    assert record["versions"]["torch"] is not None
+    assert main(["generate", "--load", str(out), "--prompt-ids", "1,2,3", "--max-new-tokens", "3"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("row 0:")]
+    assert len(rows) == 1 and rows[0].split()[2:5] == ["1", "2", "3"] and len(rows[0].split()) == 2 + 6
 
 
 def test_distill_needs_a_student_section(capsys):
     assert main(["distill", "gpt2-tiny", "--plan", PLAN, "--steps", "2"]) == 2
     assert "[student]" in capsys.readouterr().err
+
+
+def test_a_training_checkpoint_records_its_plan_and_refuses_another(tmp_path, capsys):
+    trained = tmp_path / "two_experts.toml"          # not moefx.Plan.default() (4 / 8 experts)
+    trained.write_text("[moe]\nexperts = [2, 2]\nevery = 2\nresidual = true\ndrop_tokens = false\n")
+    ckpt = tmp_path / "ckpt"
+    assert main(["train", "gpt2-tiny", "--plan", str(trained), "--steps", "1", "--batch", "2", "--seq", "8",
+                 "--no-progress", "--checkpoint-dir", str(ckpt)]) == 0
+    step = ckpt / "step0000001"
+    capsys.readouterr()
+    # MODEL without --plan: the recorded plan is used (the default one has other expert counts)
+    assert main(["generate", "gpt2-tiny", "--load", str(step), "--prompt-ids", "5,6", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("row 0: 5 6 ")
+    # the same model under a plan without the residual MLP: refused, naming the tensors only the checkpoint has
+    other = tmp_path / "no_residual.toml"
+    other.write_text(trained.read_text().replace("residual = true", "residual = false"))
+    assert main(["generate", "gpt2-tiny", "--plan", str(other), "--load", str(step), "--prompt-ids", "5,6",
+                 "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model" in err and "of the checkpoint are not in the model" in err
+    assert "moe0.coef.weight" in err

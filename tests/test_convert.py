@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import moefx
+from moefx.facts import facts
 from moefx import meta as M
 from moefx.models import load_model, num_blocks
 from moefx.nn.moe import MoELayer
@@ -53,7 +54,7 @@ def test_convert_preserves_function_and_trains(name, plan_name):
     roles = [n.meta.get(M.ROLE) for n in gm.graph.nodes]
     for role in ("route", "dispatch", "experts", "combine"):
         assert roles.count(role) == len(layers), role
-    assert gm.meta["moefx_counters"]["pr_moe"] == len(layers)
+    assert facts(gm).counters["pr_moe"] == len(layers)
 
     with torch.no_grad():
         assert _close(first_tensor(gm(*inputs)), first_tensor(model(*inputs)))

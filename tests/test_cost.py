@@ -1,56 +1,57 @@
-"""Flat vs hierarchical all-to-all cost model: the obvious regimes, and sympy == plain python."""
+"""Flat vs hierarchical all-to-all cost model (`CostProfile`): the obvious regimes, the formulas
+against hand-computed values, measured profiles, and the pass deciding with a profile."""
 import pytest
 
-from moefx.cost import (a2a_cost_exprs, choose_hierarchical, crossover_bytes, flat_a2a_time,
-                                hierarchical_a2a_time)
+from moefx.cost import CostProfile
+from moefx.facts import facts
+
+GPU = CostProfile()          # the defaults: a GPU cluster, no fixed cost per call
 
 
 def test_tiny_messages_on_many_nodes_go_hierarchical():
-    assert choose_hierarchical(4096, nodes=16, devices_per_node=8)
-    assert choose_hierarchical(1, nodes=2, devices_per_node=2)
+    assert GPU.choose_hierarchical(4096, nodes=16, devices_per_node=8)
+    assert GPU.choose_hierarchical(1, nodes=2, devices_per_node=2)
 
 
 def test_one_node_or_one_device_per_node_stays_flat():
-    assert not choose_hierarchical(1, nodes=1, devices_per_node=8)
-    assert not choose_hierarchical(1, nodes=16, devices_per_node=1)
-    assert crossover_bytes(1, 8) == 0.0
+    assert not GPU.choose_hierarchical(1, nodes=1, devices_per_node=8)
+    assert not GPU.choose_hierarchical(1, nodes=16, devices_per_node=1)
 
 
 def test_huge_messages_go_flat():
-    assert not choose_hierarchical(1 << 30, nodes=16, devices_per_node=8)
+    assert not GPU.choose_hierarchical(1 << 30, nodes=16, devices_per_node=8)
 
 
-def test_crossover_is_where_the_choice_flips():
-    v = crossover_bytes(16, 8)
-    assert 1e6 < v < 1e9
-    assert choose_hierarchical(v * 0.99, 16, 8) and not choose_hierarchical(v * 1.01, 16, 8)
-    # more nodes -> more hops saved -> larger crossover
-    assert crossover_bytes(64, 8) > crossover_bytes(4, 8)
-    # zero latency: hierarchical never wins
-    assert not choose_hierarchical(1, 16, 8, alpha=0.0)
+def test_the_choice_flips_once_between_small_and_large_messages():
+    sizes = [1 << k for k in range(0, 34)]
+    picks = [GPU.choose_hierarchical(v, 16, 8) for v in sizes]
+    flips = [i for i in range(1, len(picks)) if picks[i] != picks[i - 1]]
+    assert len(flips) == 1 and picks[0] and not picks[-1]
+    # zero latency: hierarchical never wins (same inter-node volume, more intra-node bytes, copies)
+    free = CostProfile(alpha_intra=0.0, alpha_inter=0.0)
+    assert not any(free.choose_hierarchical(v, 16, 8) for v in sizes)
 
 
-def test_sympy_matches_python():
-    t_flat, t_hier, s = a2a_cost_exprs()
-    vals = {"N": 4, "G": 8, "V": 3e6, "alpha": 7e-6, "beta_intra": 1e11, "beta_inter": 1e10, "beta_mem": 5e11}
-    sub = {s[k]: v for k, v in vals.items()}
-    assert float(t_flat.subs(sub)) == pytest.approx(flat_a2a_time(3e6, 4, 8, 7e-6, 1e11, 1e10))
-    assert float(t_hier.subs(sub)) == pytest.approx(hierarchical_a2a_time(3e6, 4, 8, 7e-6, 1e11, 1e10, 5e11))
-    # with V = 0 the hop saving is exactly (G - 1)(N - 1) alpha
-    import sympy as sp
-    diff = sp.simplify((t_flat - t_hier).subs(s["V"], 0))
-    assert sp.simplify(diff - (s["G"] - 1) * (s["N"] - 1) * s["alpha"]) == 0
+def test_the_formulas_against_hand_computed_values():
+    p = CostProfile(launch=1e-4, alpha_intra=2e-6, alpha_inter=7e-6, beta_intra=1e11, beta_inter=1e10, beta_mem=5e11)
+    N, G, V = 4, 8, 3e6
+    flat = 1e-4 + 7 * 2e-6 + 24 * 7e-6 + V * 7 / (32 * 1e11) + V * 24 / (32 * 1e10)
+    hier = 2e-4 + 7 * 2e-6 + 3 * 7e-6 + V * 7 / (8 * 1e11) + V * 3 / (4 * 1e10) + 2 * V / 5e11
+    assert p.flat_time(V, N, G) == pytest.approx(flat, rel=1e-12)
+    assert p.hierarchical_time(V, N, G) == pytest.approx(hier, rel=1e-12)
+    # with V = 0 the message saving is (G - 1)(N - 1) inter-node messages, less one extra call
+    saved = p.flat_time(0, N, G) - p.hierarchical_time(0, N, G)
+    assert saved == pytest.approx((G - 1) * (N - 1) * 7e-6 - 1e-4, rel=1e-12)
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError):
-        choose_hierarchical(-1, 2, 2)
+        GPU.choose_hierarchical(-1, 2, 2)
 
 
 # ------------------------------------------------------------------ measured profiles
 
 def test_a_fixed_cost_per_call_makes_flat_win_and_slow_links_make_hierarchical_win():
-    from moefx.cost import CostProfile
 
     loopback = CostProfile(launch=2e-4, alpha_intra=5e-6, alpha_inter=5e-6, beta_intra=2e9, beta_inter=2e9,
                            beta_mem=5e9)
@@ -62,7 +63,6 @@ def test_a_fixed_cost_per_call_makes_flat_win_and_slow_links_make_hierarchical_w
 
 
 def test_profiles_round_trip(tmp_path):
-    from moefx.cost import CostProfile
     from moefx.errors import PlanError
 
     p = CostProfile(launch=1e-4, alpha_inter=3e-3, source="test")
@@ -74,7 +74,6 @@ def test_profiles_round_trip(tmp_path):
 
 def test_the_hierarchical_pass_decides_with_the_profile():
     import moefx
-    from moefx.cost import CostProfile
     from moefx.distribute import resolve
     from moefx.models import load_model
     from moefx.passes.base import PassContext
@@ -88,4 +87,4 @@ def test_the_hierarchical_pass_decides_with_the_profile():
     for profile, want in ((CostProfile(launch=2e-4, alpha_inter=5e-6, beta_inter=2e9, beta_intra=2e9), []),
                           (CostProfile(launch=2e-4, alpha_inter=2e-3, beta_inter=2e8), [0, 1])):
         out = run(gm, PassContext(plan, rank=1, resolved=resolved, tokens_per_rank=16, profile=profile), "distribute")
-        assert out.meta.get("moefx_hierarchical_layers", []) == want
+        assert list(facts(out).hierarchical_layers) == want

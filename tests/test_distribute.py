@@ -4,6 +4,7 @@ Every data-parallel replica gets its own batch (so a gradient reduced over the w
 experts are distinct (init_noise, so a token sent to the wrong expert shows), and the reference
 is the single-process model trained on the mean loss over all replicas' batches.
 """
+from moefx.facts import facts, collective_counts
 import os
 import sys
 
@@ -41,13 +42,13 @@ def check_against_reference(rank, captured, plan_dict, model_name, tag):
     """Build the rank's model, run its replica's batch, compare output and reduced gradients with the
     single-process model on the mean loss over every replica's batch. Returns (local, output)."""
     import moefx
-    from moefx.placement import placements
+    from moefx.facts import placements
 
     plan = moefx.Plan.from_dict(plan_dict)
     torch.manual_seed(0)
     ref = moefx.convert(captured, plan)
     local = moefx.distribute(ref, plan)
-    resolved = local.meta["moefx_parallel"]
+    resolved = facts(local).parallel
     batches = replica_inputs(model_name, resolved.dp)
     mine = batches[resolved.dp_rank(rank)]
 
@@ -93,7 +94,7 @@ def _run_cases(rank, world, model_name, cases):
         local, out = check_against_reference(rank, captured, plan_dict, model_name, tag)
         outs[tag] = out
         if expect is not None:
-            counts = local.meta["moefx_collectives"]
+            counts = collective_counts(local)
             assert counts == expect, f"{tag}: collectives {counts} != {expect}"
     for a, b in [(t, t.replace("hier", "flat")) for t in cases if "hier" in t and t.replace("hier", "flat") in cases]:
         assert torch.equal(outs[a], outs[b]), f"{a} and {b} differ on rank {rank}"
@@ -179,7 +180,7 @@ class _TokenStack(torch.nn.Module):
 
 def _empty_rank_trains(rank, world, plan_dict):
     import moefx
-    from moefx.placement import placements
+    from moefx.facts import placements
 
     torch.manual_seed(0)
     model = _TokenStack()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import moefx
+from moefx.facts import gather_layers
 from moefx.gen.generator import convert_generator
 from moefx.models import load_model
 from moefx.nn.moe import moe_layers
@@ -39,8 +40,8 @@ def test_greedy_tokens_equal_hugging_face_generate(name, plan):
                                            do_sample=False, pad_token_id=0))
     # the decode graph (3 tokens, static) runs every MoE layer on the gather path, the prefill (dynamic) on the buffer
     layers = [layer for layer, _ in moefx.nn.moe.moe_layers(gen.decode)]
-    assert gen.decode.meta["moefx_gather_layers"] == layers
-    assert gen.prefill.meta["moefx_gather_layers"] == []
+    assert gather_layers(gen.decode) == layers
+    assert gather_layers(gen.prefill) == []
     if name == "gpt2-tiny" and plan == "top1-residual":            # and `moefx dump` shows it
         rows = [ln.split() for ln in moefx.dump(gen.decode, "table").splitlines()[2:6]]
         assert [r[7] for r in rows] == ["-", "gather", "-", "gather"]      # blocks 1 and 3 are MoE
@@ -91,7 +92,7 @@ def test_gather_and_buffer_paths_agree_on_distinct_experts():
     base = {"moe": {"experts": [4, 8], "every": 2, "top_k": 2, "drop_tokens": False, "init": "random"}}
     gather = convert_generator(model, {**base, "lowering": {"experts": "gather"}}, (ids,), max_cache_len=16)
     buffer = convert_generator(model, {**base, "lowering": {"experts": "buffer"}}, (ids,), max_cache_len=16)
-    assert gather.prefill.meta["moefx_gather_layers"] == [0, 1] and buffer.decode.meta["moefx_gather_layers"] == []
+    assert gather_layers(gather.prefill) == [0, 1] and gather_layers(buffer.decode) == []
     slots = torch.ones(2, 16, dtype=torch.long)
     with torch.no_grad():
         for g in (gather, buffer):
@@ -104,7 +105,7 @@ def test_gather_and_buffer_paths_agree_on_distinct_experts():
     # never the prefill (its token count is dynamic)
     for lowering, want in (({"experts": "auto"}, [0, 1]), ({"experts": "auto", "gather_max_tokens": 1}, [])):
         g = convert_generator(model, {**base, "lowering": lowering}, (ids,), max_cache_len=16)
-        assert (g.decode.meta["moefx_gather_layers"], g.prefill.meta["moefx_gather_layers"]) == (want, []), lowering
+        assert (gather_layers(g.decode), gather_layers(g.prefill)) == (want, []), lowering
 
 
 def test_the_decode_step_compiles_fullgraph():

@@ -1,4 +1,5 @@
-"""The package's import graph: no cycles (imports inside functions count too), and `import moefx`
+"""The package's import graph: no cycles between modules nor between packages (imports inside
+functions count too), function-local imports only for optional dependencies, and `import moefx`
 loads no launch or runtime code."""
 from __future__ import annotations
 
@@ -83,6 +84,84 @@ def test_the_import_graph_has_no_cycle():
     graph = _edges(mods)
     assert "moefx.nn.table" in graph["moefx.kernels.gating"] or "moefx.nn.table" in graph["moefx.nn.gating_ops"]
     assert _cycles(graph) == []
+
+
+def _unit(module: str) -> str:
+    """The package-level unit of a module: its subpackage (moefx.runtime for moefx.runtime.jobs.train)
+    or, for a top-level module, itself."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def _package_graph(graph) -> dict[str, set[str]]:
+    """unit -> units it imports (the facade moefx/__init__.py left out: it re-exports everything)."""
+    out: dict[str, set[str]] = {}
+    for m, targets in graph.items():
+        if m == "moefx":
+            continue
+        u = _unit(m)
+        out.setdefault(u, set())
+        for t in targets:
+            if t != "moefx" and _unit(t) != u:
+                out[u].add(_unit(t))
+    for targets in list(out.values()):
+        for t in targets:
+            out.setdefault(t, set())
+    return out
+
+
+def test_the_package_graph_has_no_cycle():
+    pkgs = _package_graph(_edges(_modules()))
+    assert {"moefx.runtime", "moefx.train", "moefx.dist", "moefx.distribute"} <= set(pkgs)
+    assert "moefx.dist" in pkgs["moefx.runtime"] and "moefx.dist" in pkgs["moefx.train"]
+    assert _cycles(pkgs) == []
+
+
+def test_the_distributed_layer_sits_below_training_jobs_and_distribute():
+    pkgs = _package_graph(_edges(_modules()))
+    for above in ("moefx.runtime", "moefx.train", "moefx.distribute"):
+        assert above not in pkgs["moefx.dist"], above
+
+
+def test_a_package_cycle_would_be_found():
+    graph = {"moefx.a.x": {"moefx.b.y"}, "moefx.b.y": set(), "moefx.b.z": {"moefx.a"}, "moefx.a": set()}
+    assert _cycles(_package_graph(graph)) == [["moefx.a", "moefx.b"]]
+
+
+# Imports inside functions only for dependencies a user may not have (or that are slow to load and
+# needed on one path only): module -> the imported modules allowed there.
+OPTIONAL_LOCAL = ("transformers", "triton", "tqdm", "numpy", "sympy", "ctypes", "importlib", "torch._inductor",
+                  "torch._dynamo", "torch.distributed._functional_collectives", "moefx.kernels")
+
+
+def _local_imports() -> list[tuple[str, int, str]]:
+    out = []
+    for m, (path, is_pkg) in _modules().items():
+        base = m if is_pkg else m.rsplit(".", 1)[0]
+        tree = ast.parse(path.read_text(), str(path))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    if node.level:
+                        parts = base.split(".")
+                        names = [".".join(parts[: len(parts) - (node.level - 1)] + ([node.module] if node.module else []))]
+                    else:
+                        names = [node.module or ""]
+                else:
+                    continue
+                out += [(m, node.lineno, n) for n in names]
+    return out
+
+
+def test_function_local_imports_are_only_for_optional_dependencies():
+    local = _local_imports()
+    assert any(n == "moefx.kernels" for _, _, n in local)       # the lazy Triton kernels are seen
+    bad = [(m, line, n) for m, line, n in local if not n.startswith(OPTIONAL_LOCAL)]
+    assert bad == [], bad
 
 
 def test_a_cycle_would_be_found():

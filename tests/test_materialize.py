@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import moefx
+from moefx.facts import facts
 from moefx.models import load_model
 from moefx.outputs import main_tensor
 from moefx.runtime.build import ModelSpec, build_reference
-from moefx.runtime.sources import SafetensorsSource, SeededSource
+from moefx.weights.sources import SafetensorsSource, SeededSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "runtime"))
 from dist_utils import run_world  # noqa: E402
@@ -61,9 +62,9 @@ def test_a_tied_weight_resolves_through_its_alias(tmp_path):
 
 def _rank_equals_reference(rank, world, spec_kw, plan_dict, folder):
     import moefx
-    from moefx.placement import placements
+    from moefx.facts import placements
     from moefx.runtime.build import ModelSpec, build_rank, build_reference, example_inputs
-    from moefx.runtime.materialize import meta_tensors
+    from moefx.weights.materialize import meta_tensors
 
     if folder is not None and rank == 0 and not os.path.exists(os.path.join(folder, "config.json")):
         raise AssertionError("the weights folder was not written")
@@ -72,7 +73,7 @@ def _rank_equals_reference(rank, world, spec_kw, plan_dict, folder):
     local, _ = build_rank(spec, plan)
     assert meta_tensors(local) == []
     ref = build_reference(spec, plan)
-    resolved = local.meta["moefx_parallel"]
+    resolved = facts(local).parallel
     held = sum(t.numel() for _, t in local.state_dict().items())
     full = sum(t.numel() for _, t in ref.state_dict().items())
     if resolved.world > 1 and any(lp.ep > 1 for lp in resolved.layers):

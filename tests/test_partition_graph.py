@@ -5,6 +5,9 @@ import pytest
 import torch
 
 import moefx
+from moefx.facts import facts, collective_counts
+from moefx.placement import Shard
+
 from moefx import meta as M
 from moefx.errors import PlanError
 from moefx.models import load_model
@@ -39,7 +42,7 @@ def test_flat_ep_counts(converted):
     # per MoE layer: count all-gather + dispatch all-to-all + combine all-to-all on the ep4 group
     assert _collectives(gm) == {"ep4": 6}
     assert not any(isinstance(v, torch.distributed.ProcessGroup) for m in gm.modules() for v in vars(m).values())
-    assert gm.meta["moefx_collectives"] == {"ep4": 6}
+    assert collective_counts(gm) == {"ep4": 6}
     assert [m.experts.num_experts for m in (gm.moe0, gm.moe1)] == [1, 2]
     assert gm.moe1.experts.first_expert == 4
     gm.graph.lint()
@@ -49,27 +52,27 @@ def test_hierarchical_counts(converted):
     gm = moefx.partitioned_view(converted, _plan(nodes=2, devices_per_node=2, ep=4, hierarchical_a2a=True), rank=3)
     # per layer: the ep4 count all-gather (it gives every split); 2 a2a inside nodes, 2 across
     assert _collectives(gm) == {"ep4": 2, "intra_node": 4, "ep4_inter": 4}
-    assert gm.meta["moefx_hierarchical_layers"] == [0, 1]
+    assert facts(gm).hierarchical_layers == (0, 1)
     flat = moefx.partitioned_view(converted, _plan(nodes=2, devices_per_node=2, ep=4, hierarchical_a2a=False),
                                   rank=3)
     assert _collectives(flat) == {"ep4": 6}
 
 
 def test_tensor_parallel_counts_and_shards(converted):
-    from moefx.placement import placements
+    from moefx.facts import placements
 
     gm = moefx.partitioned_view(converted, _plan(nodes=1, devices_per_node=4, tp=2, ep=2), rank=1)
     # 4 dense FFNs (2 dense blocks + 2 residual MLPs) and 4 attentions: tp_copy + tp_reduce each (16);
     # coordinated dispatch: each MoE layer splits its rows over the TP pair and gathers them back (4)
     assert _collectives(gm) == {"ep2": 6, "tp": 20}
-    assert gm.meta["moefx_tp_replicated"] == []
-    shards = {n: p for n, p in placements(gm).items() if p.sharded_over == "tp"}
+    assert facts(gm).tp_replicated == ()
+    shards = {n: p for n, p in placements(gm).items() if p.sharded_over == ("tp",)}
     # FFN: up weight, up bias, down weight (its bias is added after the reduce); attention: the fused
     # c_attn weight and bias in 3 chunks (q, k, v heads of this rank) and the c_proj weight
     assert len(shards) == 4 * 3 + 4 * 7
     q = shards["tp_shard_transformer_h_0_attn_c_attn_weight_chunk1"]
-    assert (q.global_name, q.shard_dims, q.offsets, q.global_shape) == (
-        "transformer.h.0.attn.c_attn.weight", (1,), (0, 48), (32, 96))
+    assert (q.global_name, q.shards, q.shard_dims, q.offsets, q.global_shape) == (
+        "transformer.h.0.attn.c_attn.weight", (Shard("tp", 1),), (1,), (0, 48), (32, 96))
     fc = shards["tp_shard_transformer_h_0_mlp_c_fc_weight"]
     assert (fc.global_name, fc.offsets, fc.global_shape, fc.replicated_over, fc.copies) == (
         "transformer.h.0.mlp.c_fc.weight", (0, 64), (32, 128), "dp", 2)
@@ -89,10 +92,13 @@ def test_expert_slicing_shards_inner_dim(converted):
     assert gm.moe0.experts.num_experts == 1 and gm.moe0.experts.first_expert == 2
     assert gm.moe0.experts.f == converted.moe0.experts.f // 2 and gm.moe0.experts.bias_scale == 0.0
     assert gm.moe1.experts.first_expert == 5 and gm.moe1.experts.f == converted.moe1.experts.f
-    from moefx.placement import placements
+    from moefx.facts import placements
 
     up = placements(gm)["moe0.experts.up_weight.0"]
-    assert (up.offsets, up.shard_dims, up.sharded_over, up.replicated_over) == ((2, 0, 64), (0, 2), "ep8", "edp8")
+    # one mesh dimension per split: the expert dim over the EP group, the inner dim over the 2 ranks
+    # that share expert 2
+    assert (up.offsets, up.shards, up.replicated_over) == ((2, 0, 64), (Shard("ep8", 0), Shard("slice2", 2)), "edp8")
+    assert (up.shard_dims, up.sharded_over) == ((0, 2), ("ep8", "slice2"))
     bias = placements(gm)["moe0.experts.down_bias"]
     assert bias.shard_dims == (0,) and not bias.counts      # whole on every slice; slice 0's copy counts
 

@@ -4,6 +4,7 @@ import torch
 from torch import fx
 
 import moefx
+from moefx.facts import facts
 import moefx.nn.moe
 from moefx import meta as M
 from moefx.errors import AnalysisError, BackendError, CaptureError, PassError, PlanError
@@ -62,7 +63,7 @@ def test_lowering_records_impl_and_refuses_triton_on_cpu(captured, monkeypatch):
     out = pipeline.run(gm, CTX, "convert")
     impls = {n.meta[M.IMPL] for n in out.graph.nodes if M.IMPL in n.meta}
     assert impls == {"torch"} and GATING_LOWERED.holds(out) and MOE_LAYERS.holds(out)
-    assert out.meta["moefx_passes"] == ["pr_moe", "lower_gating"]
+    assert facts(out).passes == ("pr_moe", "lower_gating")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     forced = moefx.Plan.from_dict({**PLAN.to_dict(), "lowering": {"gating": "triton"}})
     with pytest.raises(BackendError, match="needs a CUDA device"):
@@ -73,7 +74,7 @@ def test_disable_skips_a_pass(captured):
     gm, _ = captured
     plan = moefx.Plan.from_dict({**PLAN.to_dict(), "disable": ["lower_gating"]})
     out = pipeline.run(gm, PassContext(plan), "convert")
-    assert out.meta["moefx_passes"] == ["pr_moe"]
+    assert facts(out).passes == ("pr_moe",)
 
 
 def test_disabling_a_needed_pass_is_refused_before_any_work(monkeypatch):
@@ -120,12 +121,11 @@ def test_ensures_catch_a_wrong_result(captured):
     gm, _ = captured
 
     class Forgetful(type(PR_MOE)):
-        def call(self, g, ctx):   # a PR-MoE that forgets the last layer
-            out = PR_MOE.call(g, ctx)
-            out.meta["moefx_num_blocks"] = out.meta["moefx_num_blocks"] + 2
-            return out
+        def call(self, g, ctx):   # a PR-MoE that forgets the last layer (rewrites as if every 3rd block)
+            sparse = moefx.Plan.from_dict({**ctx.plan.to_dict(), "moe": {**ctx.plan.to_dict()["moe"], "every": 3}})
+            return PR_MOE.call(g, PassContext(sparse))
 
-    with pytest.raises(AssertionError, match="pr_moe made 2 MoE layers, the plan asks for 3"):
+    with pytest.raises(AssertionError, match="pr_moe made 1 MoE layers, the plan asks for 2"):
         Forgetful()(gm, CTX)
 
 

@@ -96,7 +96,7 @@ def test_every_collective_input_is_on_the_tokens_device(name, converted):
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     from moefx.nn.collectives import OPS
-    from moefx.runtime.materialize import retarget
+    from moefx.weights.materialize import retarget
 
     graphs, inputs = converted
     plan = moefx.Plan.from_dict(CUDA_PLANS[name])

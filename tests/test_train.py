@@ -50,7 +50,8 @@ def _close(got: list, want: list, rel: float = 1e-5) -> None:
 
 def _check_pieces(local, state: dict, rel: float = 1e-5) -> None:
     """Every local parameter equals its piece of the single-process model's global tensor."""
-    from moefx.placement import placements, whole
+    from moefx.facts import placements
+    from moefx.placement import whole
 
     recs = placements(local)
     for name, p in local.named_parameters():
@@ -72,7 +73,10 @@ def _train_on_ranks(rank, world, parallel, want_rows, want_state, ckpt):
     w = Ranks(model)
     result = train(model, CONFIG, _windows(), world=w, checkpoint_dir=ckpt)
     _close(result.rows, want_rows)
-    _check_pieces(model, want_state)
+    # AdamW divides each update by sqrt(v): for a weight whose gradients are near zero (an lm_head row
+    # of a token the batches never hold) float32 reduction-order differences of the sharded run come
+    # out at about lr * 1e-2 after 5 steps; a wrong gradient moves a weight by about lr (2e-3)
+    _check_pieces(model, want_state, rel=1e-4)
     assert w.replicas == world // parallel.get("tp", 1)
 
 
@@ -154,7 +158,7 @@ def test_single_process_resume_bit_identical_csv_and_changed_lr(tmp_path):
 
 
 def test_dropout_is_active_in_training_and_absent_in_eval():
-    from moefx.gen.generator import share_tensors
+    from moefx.tensors import share_tensors
     from moefx.models import NanoGPT, NanoGPTConfig
     from moefx.outputs import main_tensor
 
@@ -189,9 +193,11 @@ class _Poisoned(torch.nn.Module):
         self.emb = torch.nn.Embedding(128, 16)
         self.out = torch.nn.Linear(16, 128)
         self.bad, self.calls = bad, 0
+        self.seen = []          # the parameters each forward ran with
 
     def forward(self, ids):
         self.calls += 1
+        self.seen.append({k: v.detach().clone() for k, v in self.named_parameters()})
         logits = self.out(self.emb(ids))
         return logits * float("nan") if self.calls in self.bad else logits
 
@@ -205,12 +211,17 @@ def test_a_non_finite_step_stops_the_run_or_is_skipped(tmp_path):
                                                                                          "step0000002"]
     said = []
     model = _Poisoned({3})
-    before = None
     result = train(model, dataclasses.replace(config, nonfinite="skip"), _windows(), say=said.append)
     assert result.skipped == 1 and len(result.rows) == 4 and math.isnan(result.rows[2]["loss"])
     assert said == ["moefx train: step 3: the loss is nan and the gradient norm nan: skipped the update "
                     "(1 skipped so far)"]
-    assert all(torch.isfinite(p).all() for p in model.parameters()) and before is None
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # one forward per step: step 4 runs with the parameters step 3 had (its update was skipped: no NaN
+    # gradient, no weight decay, no Adam step), while the finite steps 1, 2 and 4 did update them
+    seen = model.seen + [{k: v.detach() for k, v in model.named_parameters()}]
+    assert model.calls == 4 and len(seen) == 5
+    same = [all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(seen, seen[1:])]
+    assert same == [False, False, True, False], same
 
 
 def _job_args(**kw) -> argparse.Namespace:

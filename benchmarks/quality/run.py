@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import moefx
+from moefx.facts import facts
 from moefx.data import fixed_eval_batches, lm_batches, load_corpus
 from moefx.train.distill import distill
 from moefx.fileio import write_atomic
@@ -173,7 +174,7 @@ def run(cfg: Config) -> str:
                          grad_clip=1.0)
         tps = cfg.student_steps * cfg.batch * cfg.seq / (time.perf_counter() - t0)
         curve = [(e["step"], e["eval_loss"]) for e in result.eval_history]
-        keep = student.meta.get("moefx_student_keep")
+        keep = facts(student).student_keep
         record(f"(d) PR-MoS {student_layers}L, {name}", student, curve, tps, f"kept blocks {keep}", cfg.steps)
 
     # (e) upcycling from the trained dense model vs continuing dense

@@ -21,7 +21,7 @@ How the analysis sees it, with no module names involved:
 
 Blocks are numbered in graph order of their FFN, the numbering `find_ffns` and `pr_moe` use (T5:
 encoder blocks first). A graph made by the shrink pass records which blocks of its teacher it
-kept (`gm.meta["moefx_block_origin"]`); `Block.origin` reports that, `Block.index` the position.
+kept (`facts(gm).block_origin`); `Block.origin` reports that, `Block.index` the position.
 
     >>> blocks = find_blocks(capture(model, (input_ids,)))      # GPT-2, 4 blocks
     >>> [(b.index, b.stack, b.input, b.output) for b in blocks][:2]
@@ -42,10 +42,9 @@ from torch import fx
 
 from .. import meta as M
 from ..errors import AnalysisError
+from ..facts import facts
 from .ffn import FFN, find_ffns
 from .linear import aten, common_module_path, is_side_effect, linear_info, packet, same_size, val
-
-ORIGIN_KEY = "moefx_block_origin"  # gm.meta: teacher block index of each block (set by shrink)
 
 _NORM_OPS = {aten.layer_norm, aten.rms_norm}
 # Ops a decomposed RMSNorm / LayerNorm is made of (T5LayerNorm, LlamaRMSNorm).
@@ -152,7 +151,7 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
     stacks_in_order: dict[int, int] = {}
     for sid, _ in raw:
         stacks_in_order.setdefault(sid, len(stacks_in_order))
-    origin = gm.meta.get(ORIGIN_KEY) if isinstance(getattr(gm, "meta", None), dict) else None
+    origin = facts(gm).block_origin
     if origin is not None and len(origin) != len(raw):
         origin = None
 

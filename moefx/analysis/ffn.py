@@ -30,10 +30,25 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from ..errors import AnalysisError
-
-from .linear import (ACTIVATIONS, ELEMENTWISE_OPS, LinearInfo, aten, attr_value, common_module_path, is_last_dim_split,
-                     is_side_effect, is_tokenwise, is_view, last_dim_part, linear_info, packet, same_size, strip_views,
-                     tensor_args, val)
+from .linear import (
+    ACTIVATIONS,
+    ELEMENTWISE_OPS,
+    LinearInfo,
+    aten,
+    attr_value,
+    common_module_path,
+    is_last_dim_split,
+    is_side_effect,
+    is_tokenwise,
+    is_view,
+    last_dim_part,
+    linear_info,
+    packet,
+    same_size,
+    strip_views,
+    tensor_args,
+    val,
+)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import argparse
 import torch
 
 from ..errors import MoefxError
+from ..plan import Plan
 
 
 class Parser(argparse.ArgumentParser):
@@ -18,8 +19,6 @@ class Parser(argparse.ArgumentParser):
 
 def load_plan(path: str | None):
     """The plan file's Plan, or Plan.default() without one."""
-    from ..plan import Plan
-
     return Plan.from_file(path) if path else Plan.default()
 
 

@@ -6,24 +6,27 @@ import time
 
 import torch
 
+from ..capture import capture
+from ..convert import convert
+from ..count import count_params
+from ..distribute import partitioned_view
+from ..dump import dump, layer_table
+from ..facts import facts
 from ..fileio import write_atomic
+from ..models import load_model
 from ..outputs import main_tensor
+from ..passes.base import TARGETS
 from .common import check_device, load_plan, model_args
 
 
 def cmd_convert(args) -> int:
     """Convert MODEL with the plan, print the layer table and counts, compare with the dense model."""
-    from ..convert import convert
-    from ..count import count_params
-    from ..dump import layer_table
-    from ..models import load_model
-
     plan = load_plan(args.plan)
     model, inputs = load_model(args.model, device=check_device(args.device), seed=args.seed)
     t0 = time.perf_counter()
-    gm = convert(model, plan, inputs, dump_dir=args.dump_dir)
+    gm = convert(model, plan, inputs, dump_dir=args.dump_dir, target=args.target)
     seconds = time.perf_counter() - t0
-    capture_s = gm.meta.get("moefx_capture_seconds", 0.0)
+    capture_s = facts(gm).capture_seconds or 0.0
     print(f"moefx convert {args.model}: {gm.meta.get('moefx_passes', [])} in {seconds:.2f} s "
           f"(capture {capture_s:.2f} s)\n")
     print(layer_table(gm))
@@ -50,20 +53,13 @@ def cmd_convert(args) -> int:
 def cmd_dump(args) -> int:
     """Write a view of MODEL's graph at a stage (captured / converted / partitioned); dot / svg
     collapse dense blocks unless --expand."""
-    from ..capture import capture
-    from ..convert import convert
-    from ..dump import dump
-    from ..models import load_model
-
     plan = load_plan(args.plan)
     model, inputs = load_model(args.model, device=check_device(args.device), seed=args.seed)
     if args.stage == "captured":
         gm = capture(model, inputs)
     else:
-        gm = convert(model, plan, inputs, copy_weights=False)
+        gm = convert(model, plan, inputs, copy_weights=False, target=args.target)
         if args.stage == "partitioned":
-            from ..distribute import partitioned_view
-
             gm = partitioned_view(gm, plan, rank=args.rank)
     text = dump(gm, args.format, expand=args.expand)
     if args.output:
@@ -78,10 +74,17 @@ def cmd_dump(args) -> int:
 
 
 
+def _target_arg(p) -> None:
+    p.add_argument("--target", choices=TARGETS, default=None,
+                   help="device type the graph is lowered for (Triton gating on cuda; decidable without a GPU); "
+                        "default: --device's (meta: cpu)")
+
+
 def add_parsers(sub) -> None:
     c = sub.add_parser("convert", help="convert a model and check it against the dense one")
     model_args(c, default="gpt2-tiny")
     c.add_argument("--dump-dir", help="write the code after every pass into this folder")
+    _target_arg(c)
     c.set_defaults(func=cmd_convert)
 
     d = sub.add_parser("dump", help="print a graph as code, table, dot, svg or json")
@@ -90,6 +93,7 @@ def add_parsers(sub) -> None:
     d.add_argument("--stage", default="converted", choices=["captured", "converted", "partitioned"],
                    help="which graph")
     d.add_argument("--rank", type=int, default=0, help="rank to show with --stage partitioned")
+    _target_arg(d)
     d.add_argument("--expand", action="store_true", help="dot / svg: show the inside of dense blocks too")
     d.add_argument("--output", "-o", help="write to this file (atomically) instead of stdout")
     d.set_defaults(func=cmd_dump)

@@ -3,50 +3,40 @@
     moefx generate llama-tiny --plan plan.toml --prompt-ids 1,2,3 --max-new-tokens 32 [--compile]
     moefx generate - --weights DIR --plan plan.toml --prompt "Once upon a time"   (tokenizer in DIR)
     moefx generate --load saved/ --prompt-ids 1,2,3        (a folder written by moefx.save)
-    moefx generate llama-tiny --plan plan.toml --load ckpt/step0000300    (a training checkpoint)
+    moefx generate --load ckpt/step0000300 --prompt-ids 1,2,3   (a training checkpoint: its recorded model and plan)
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from ..dist.checkpoint import load_full
 from ..errors import MoefxError
-from ..saving import WEIGHTS
-from .common import check_device, load_plan
+from ..gen.prompts import encode, left_pad, local_tokenizer, parse_prompt_ids
+from ..runtime.build import build_generator
+from ..runtime.jobs.generate import add_generation_args, checkpoint_name, sampling_kwargs
+from ..runtime.run_model import spec_and_plan
+from ..saving import WEIGHTS, load_generator, save
+from .common import check_device
 
 
 def _generator(args, batch: int, prompt_len: int, cache: int):
-    from ..runtime.build import ModelSpec, build_generator
-    from ..saving import load_generator
-
     saved = args.load and (Path(args.load) / WEIGHTS).exists()       # moefx.save's folder, not a DCP checkpoint
     if saved:
         if args.plan or args.weights or args.model not in (None, "-"):
             raise MoefxError("--load DIR rebuilds the model and plan saved in DIR: give no MODEL, --plan or --weights")
         return load_generator(args.load, batch_size=batch, max_cache_len=cache, device=args.device)
-    if args.model in (None, "-") and not args.weights:
-        if args.load:
-            raise MoefxError(f"--load {args.load} is a sharded checkpoint (a training step folder or launch --save): "
-                             "give the MODEL and --plan it was trained with")
-        raise MoefxError("give a MODEL (built-in or package.module:function), --weights DIR or --load DIR")
-    spec = ModelSpec(name=None if args.model in (None, "-") else args.model, weights=args.weights, init=args.init,
-                     seed=args.seed, batch=args.batch, seq=args.seq)
-    gen = build_generator(spec, load_plan(args.plan), batch_size=batch, max_cache_len=cache,
-                          prompt_len=max(prompt_len, 2), device=args.device, distributed=False)
-    if args.load:                                    # its weights over the built ones (optimizer state ignored)
-        from ..runtime.checkpoint import load_full
-        from ..runtime.jobs.generate import checkpoint_name
-
-        load_full(gen.prefill, args.load, rename=checkpoint_name, strict=False)
+    spec, plan = spec_and_plan(args)
+    gen = build_generator(spec, plan, batch_size=batch, max_cache_len=cache, prompt_len=max(prompt_len, 2),
+                          device=args.device, distributed=False)
+    if args.load:                                    # its weights over the built ones (optimizer state left)
+        load_full(gen.prefill, args.load, rename=checkpoint_name)
     return gen
 
 
 def cmd_generate(args) -> int:
     """Build the generator, generate from the prompts, print the tokens (and text) and the timing."""
-    import torch
-
-    from ..gen.prompts import encode, left_pad, local_tokenizer, parse_prompt_ids
-    from ..runtime.jobs.generate import sampling_kwargs
-
     check_device(args.device)
     tokenizer = local_tokenizer(args.tokenizer or args.weights)
     if args.prompt_ids and args.prompt:
@@ -76,28 +66,27 @@ def cmd_generate(args) -> int:
           f"{s.tokens_per_s:.1f} tokens/s" + (f" (compiled decode step; the first step, compile included, took "
                                                f"{s.decode_s[0]:.1f} s)" if args.compile and s.decode_s else ""))
     if args.save:
-        from ..saving import save
-
         save(gen, args.save)
         print(f"wrote {args.save}")
     return 0
 
 
 def add_parsers(sub) -> None:
-    from ..runtime.jobs.generate import add_generation_args
 
     g = sub.add_parser("generate", help="generate tokens with a converted model (KV cache, prefill + decode graphs)")
     g.add_argument("model", nargs="?", default=None,
                    help="built-in name (llama-tiny, gpt2-tiny, nanogpt-tiny, ...), package.module:function, or - "
                         "with --weights")
-    g.add_argument("--plan", help="plan file (.toml / .json); without one: moefx.Plan.default()")
+    g.add_argument("--plan", help="plan file (.toml / .json); without one: the plan --load records, else "
+                                  "moefx.Plan.default()")
     g.add_argument("--weights", metavar="DIR", help="Hugging Face folder (config.json + safetensors) of the dense "
                                                     "model (its tokenizer, when saved there, reads --prompt text)")
     g.add_argument("--init", default="model", choices=("model", "seeded"),
                    help="a built-in's dense weights: its own init or a per-tensor seeded init")
     g.add_argument("--load", metavar="DIR", help="a folder written by moefx.save (a generator or a converted "
                                                  "model: generate with its graph and weights), or a sharded "
-                                                 "checkpoint (a training step folder; with MODEL and --plan)")
+                                                 "checkpoint (a training step folder or --save of a job: its "
+                                                 "recorded model and plan unless MODEL / --plan are given)")
     g.add_argument("--save", metavar="DIR", help="save the generator (moefx.save) after generating")
     g.add_argument("--tokenizer", metavar="DIR", help="folder with a tokenizer (default: --weights)")
     g.add_argument("--compile", action="store_true", help="run the decode step under torch.compile(fullgraph=True)")

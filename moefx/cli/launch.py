@@ -19,7 +19,10 @@ import sys
 import tempfile
 import warnings
 
+from ..distribute import resolve
 from ..errors import MoefxError
+from ..runtime.build import ModelSpec, convert_meta
+from ..runtime.launch import launch
 from .common import load_plan
 
 JOBS = {"forward": "moefx.runtime.run_model", "generate": "moefx.runtime.jobs.generate",
@@ -35,9 +38,6 @@ def _job(args) -> str:
 
 def _validate(args, job_argv: list[str], module: str) -> None:
     """The job's options parse, the plan fits the launch's world and the model: before any worker starts."""
-    from ..distribute import resolve
-    from ..runtime.build import ModelSpec, convert_meta
-
     parser = importlib.import_module(module).build_parser()
     try:
         job = parser.parse_args(job_argv)
@@ -57,18 +57,12 @@ def _validate(args, job_argv: list[str], module: str) -> None:
                      init=getattr(job, "init", "model"), seed=job.seed, batch=job.batch, seq=job.seq)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gm, _ = convert_meta(spec, plan, train=job_train_mode(job))
+        gm, _ = convert_meta(spec, plan)
     resolve(gm, pp, world)
-
-
-def job_train_mode(job) -> bool:
-    return bool(getattr(job, "train_mode", False))
 
 
 def cmd_launch(args, job_argv: list[str]) -> int:
     """Run the job's worker on this node's ranks under torchrun; print the workers' lines and a summary."""
-    from ..runtime.launch import launch
-
     module = JOBS[_job(args)]
     job_argv = [args.model, "--plan", args.plan, *job_argv]
     _validate(args, job_argv, module)
@@ -92,8 +86,6 @@ def cmd_launch(args, job_argv: list[str]) -> int:
 
 def cmd_calibrate(args) -> int:
     """Measure this job's communication costs and write the profile hierarchical_a2a = "auto" uses."""
-    from ..runtime.launch import launch
-
     world_nodes, per_node = args.nodes or args.nnodes, args.devices_per_node or args.nproc_per_node
     target = ["-m", "moefx.runtime.calibrate", "--nodes", str(world_nodes), "--devices-per-node", str(per_node),
               "--output", args.output, "--reps", str(args.reps)]

@@ -1,15 +1,21 @@
 """`moefx train`: train a converted model in one process (the same job `moefx launch --train` runs per rank)."""
 from __future__ import annotations
 
+import warnings
+
+from ..runtime.jobs.train import add_training_args, run
+from ..runtime.run_model import add_model_args
 from .common import check_device
 
 
 def cmd_train(args) -> int:
     """Run the training job without a process group; print its summary line."""
-    import warnings
+    return run_in_process(args)
 
-    from ..runtime.jobs.train import run
 
+def run_in_process(args) -> int:
+    """Run the training job (distillation with args.distill) without a process group; print its
+    summary line."""
     check_device(args.device or "cpu")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
@@ -19,8 +25,6 @@ def cmd_train(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    from ..runtime.jobs.train import add_training_args
-    from ..runtime.run_model import add_model_args
 
     t = sub.add_parser("train", help="train a converted model in one process (AdamW, warmup + cosine, checkpoints, "
                                      "metrics); `moefx launch --train` runs the same job on every rank")

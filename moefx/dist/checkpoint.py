@@ -63,9 +63,11 @@ from torch.distributed.tensor._shards_wrapper import LocalShardsWrapper
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from ..facts import facts
 from ..errors import CheckpointError
-from ..fileio import publish_folder, resolve_folder, write_atomic
-from ..placement import placements, whole
+from ..fileio import publish_folder, resolve_folder, sha256_file, write_atomic
+from ..placement import whole
+from ..facts import placements
 
 __all__ = ["save_sharded", "load_sharded", "load_full", "sharded_state_dict", "Piece", "pieces",
            "checkpoint_tensors", "read_info", "CheckpointError", "FORMAT"]
@@ -222,7 +224,7 @@ def _checksums(folder: Path) -> dict:
         if data is None:
             data = cache[info.relative_path] = (folder / info.relative_path).read_bytes()
         chunks[_piece_key(index.fqn, index.offset or ())] = _sha(data[info.offset:info.offset + info.length])
-    files = {p.name: _sha(p.read_bytes()) for p in sorted(folder.iterdir())
+    files = {p.name: sha256_file(p)[:32] for p in sorted(folder.iterdir())
              if p.is_file() and p.name != _SIDE_CAR}
     return {"chunks": chunks, "files": files}
 
@@ -263,13 +265,15 @@ def _nonfinite(tensors: dict[str, tuple[torch.Tensor, Piece]]) -> str | None:
 
 
 def save_sharded(local: fx.GraphModule, path: str | os.PathLike, *, extra: dict | None = None,
-                 info: dict | None = None) -> Path:
+                 info: dict | None = None, record: dict | None = None) -> Path:
     """Write this rank's pieces of `local` (a `moefx.distribute` result, or a single-process model)
     into the DCP checkpoint folder `path`; collective: every rank calls it with the same path (on a
     shared file system).
 
     extra: more tensors, {name: (tensor, Placement or None)} (e.g. optimizer state sharded like its
-    parameter); info: JSON-able metadata stored in the side-car (step, data cursor, ...).
+    parameter); info: JSON-able metadata stored in the side-car (step, data cursor, ...); record:
+    what the checkpoint is of (the model spec, the plan, the library versions: `moefx.runtime.build
+    .job_record`), so that a later job can rebuild the model without being told again.
     Returns the checkpoint folder. Raises CheckpointError (on every rank) when a tensor is not
     finite or a rank cannot write.
     """
@@ -297,11 +301,12 @@ def save_sharded(local: fx.GraphModule, path: str | os.PathLike, *, extra: dict 
     error = None
     if rank == 0:
         try:
-            resolved = getattr(local, "meta", {}).get("moefx_parallel")
+            resolved = facts(local).parallel
+            extras = sorted({piece.global_name for key, (_, piece) in tensors.items() if key.startswith("extra:")})
             side = {"format": FORMAT, "world": dist.get_world_size() if distributed else 1,
                     "parallel": resolved.describe() if resolved is not None else None,
-                    "tensors": {k: list(v.shape) for k, v in state.items()},
-                    "info": info or {}, "checksums": _checksums(tmp)}
+                    "tensors": {k: list(v.shape) for k, v in state.items()}, "extras": extras,
+                    "record": record, "info": info or {}, "checksums": _checksums(tmp)}
             write_atomic(tmp / _SIDE_CAR, json.dumps(side, indent=1))
             publish_folder(tmp, path)
         except OSError as e:
@@ -313,7 +318,8 @@ def save_sharded(local: fx.GraphModule, path: str | os.PathLike, *, extra: dict 
 # ----------------------------------------------------------------------------------- load
 
 def read_info(path: str | os.PathLike) -> dict:
-    """The side-car of a checkpoint (format, world, tensor shapes, `info`, checksums)."""
+    """The side-car of a checkpoint (format, world, tensor shapes, extra tensor names, `record`,
+    `info`, checksums)."""
     folder = resolve_folder(path)
     if not (folder / ".metadata").exists():
         raise CheckpointError(f"{str(path)!r} is not a DCP checkpoint folder (no .metadata); "
@@ -339,14 +345,16 @@ def checkpoint_tensors(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ..
             for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
 
-def _verify_fit(state: dict[str, torch.Tensor], path: Path, strict: bool) -> None:
+def _verify_fit(state: dict[str, torch.Tensor], path: Path, strict: bool, side: dict) -> None:
+    """Every requested tensor is saved whole with its shape; strict: and every saved model tensor is
+    requested (the saved extra tensors, optimizer state, may be left: loading weights only is fine)."""
     saved = checkpoint_tensors(path)
     problems = []
     missing = sorted(set(state) - set(saved))
     if missing:
         problems.append(f"{len(missing)} tensor(s) of the model are not in the checkpoint: {missing[:8]}"
                         + (" ..." if len(missing) > 8 else ""))
-    extra = sorted(set(saved) - set(state))
+    extra = sorted(set(saved) - set(state) - set(side.get("extras", ())))
     if extra and strict:
         problems.append(f"{len(extra)} tensor(s) of the checkpoint are not in the model: {extra[:8]}"
                         + (" ..." if len(extra) > 8 else ""))
@@ -361,7 +369,8 @@ def _verify_fit(state: dict[str, torch.Tensor], path: Path, strict: bool) -> Non
         if covered != math.prod(shape):
             problems.append(f"{name}: the saved pieces cover {covered} of {math.prod(shape)} elements")
     if problems:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model:\n  " + "\n  ".join(problems))
+        plan = " (the plan differs from the one it was saved with?)" if side.get("record") else ""
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model{plan}:\n  " + "\n  ".join(problems))
 
 
 def _check_integrity(path: Path, verify: bool) -> dict:
@@ -400,14 +409,14 @@ def load_sharded(local: fx.GraphModule, path: str | os.PathLike, *, extra: dict 
     size / plan: DCP reads, for every piece, the parts of the saved pieces that overlap it.
     Collective: every rank calls it. strict: the checkpoint may not hold tensors the model (and
     extra) lacks; verify: check the checksums first; rename(global name) -> checkpoint name or None
-    (left out): load a training checkpoint into generation graphs, whose names differ. Returns
-    the side-car's `info`.
+    (left out): load a training checkpoint into generation graphs, whose names differ. Saved extra
+    tensors (optimizer state) that are not asked for are left. Returns the side-car's `info`.
     """
     path = Path(path)
     side = _check_integrity(path, verify)
     tensors = _gather(local, extra, rename)
     state = _dcp_state(tensors)
-    _verify_fit(state, path, strict)
+    _verify_fit(state, path, strict, side)
     with _dcp_errors("loading", path):
         dcp.load(state, checkpoint_id=resolve_folder(path), no_dist=not dist.is_initialized())
     _copy_back(tensors, state)
@@ -418,7 +427,7 @@ def load_full(gm: torch.nn.Module, path: str | os.PathLike, *, strict: bool = Tr
               rename=None) -> dict:
     """Load a (sharded) checkpoint whole into a single-process, unpartitioned model (the converted
     GraphModule), without any process group (DCP no-dist mode). Returns the side-car's `info`."""
-    if getattr(gm, "meta", {}).get("moefx_parallel") is not None:
+    if facts(gm).parallel is not None:
         raise CheckpointError("load_full takes an unpartitioned model; this one was partitioned by "
                               "moefx.distribute: use load_sharded (under its process group)")
     path = Path(path)
@@ -429,7 +438,7 @@ def load_full(gm: torch.nn.Module, path: str | os.PathLike, *, strict: bool = Tr
             raise CheckpointError(error)
     tensors = _gather(gm, None, rename)
     state = {p.global_name: t.detach() for t, p in tensors.values()}
-    _verify_fit(state, path, strict)
+    _verify_fit(state, path, strict, side)
     with _dcp_errors("loading", path):
         dcp.load(state, checkpoint_id=resolve_folder(path), no_dist=True)
     _copy_back(tensors, state)

@@ -18,7 +18,9 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..nn.collectives import group
-from ..placement import Placement, placements
+from ..parallel import WORLD
+from ..placement import Placement
+from ..facts import placements
 
 __all__ = ["reduce_gradients", "grad_norm", "clip_grad_norm"]
 
@@ -76,7 +78,7 @@ def grad_norm(local: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
             continue
         total = total + p.grad.detach().double().pow(2).sum() / rec.copies
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total, group=group("world"))
+        dist.all_reduce(total, group=group(WORLD))
     return total.sqrt()
 
 

@@ -17,7 +17,8 @@ from torch.distributed.device_mesh import init_device_mesh
 import torch.distributed as dist
 
 from ..errors import PlanError
-from ..parallel import ResolvedParallel, group_of, rank_layout
+from ..parallel import (DP, INTER_NODE, INTRA_NODE, TP, WORLD, ResolvedParallel, edp_group, ep_group, ep_inter_group,
+                        group_of, rank_layout, slice_group)
 from ..nn.collectives import bind_groups
 
 __all__ = ["Mesh", "build_mesh"]
@@ -44,6 +45,20 @@ class Mesh:
     def names(self) -> list[str]:
         return list(self.groups)
 
+    def check_covers(self, resolved: ResolvedParallel) -> None:
+        """Raise PlanError unless this mesh holds every group `resolved` needs, with the same ranks:
+        a job has one mesh, and every graph it partitions runs on it."""
+        if resolved.world != self.resolved.world or resolved.devices_per_node != self.resolved.devices_per_node:
+            raise PlanError(f"parallel: this job's mesh is {self.resolved.nodes} x {self.resolved.devices_per_node} "
+                            f"ranks; a graph asks for {resolved.nodes} x {resolved.devices_per_node}")
+        layout = rank_layout(resolved)
+        missing = [name for name in layout if name not in self.ranks]
+        differ = [name for name in layout if name in self.ranks and self.ranks[name] != group_of(layout, name, self.rank)]
+        if missing or differ:
+            raise PlanError(f"parallel: a graph of this job needs process groups its mesh does not have "
+                            f"(missing {missing}, other ranks {differ}); the mesh was built for:\n"
+                            f"{self.resolved.describe()}")
+
 
 def build_mesh(resolved: ResolvedParallel, device_type: str | None = None) -> Mesh:
     """Create the job's DeviceMesh and every group of `rank_layout(resolved)` on the initialised
@@ -61,25 +76,25 @@ def build_mesh(resolved: ResolvedParallel, device_type: str | None = None) -> Me
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     n, g, tp = resolved.nodes, resolved.devices_per_node, resolved.tp
     root = init_device_mesh(device_type, (n, g), mesh_dim_names=("node", "local"))
-    flat = root._flatten("world")
-    meshes: dict[str, Any] = {"node_local": root, "world": flat}
-    groups: dict[str, Any] = {"world": flat.get_group("world"), "intra_node": root.get_group("local"),
-                              "inter_node": root.get_group("node")}
+    flat = root._flatten(WORLD)
+    meshes: dict[str, Any] = {"node_local": root, WORLD: flat}
+    groups: dict[str, Any] = {WORLD: flat.get_group(WORLD), INTRA_NODE: root.get_group("local"),
+                              INTER_NODE: root.get_group("node")}
 
-    def derive(key: str, sizes: tuple, names: tuple, wanted: dict) -> None:
+    def derive(key: str, sizes: tuple, names: tuple, wanted: tuple) -> None:
         m = flat._unflatten(0, sizes, names)
         meshes[key] = m
-        for dim_name, group_name in wanted.items():
-            groups[group_name] = m.get_group(dim_name)
+        for name in wanted:
+            groups[name] = m.get_group(name)
 
-    derive("tp", (world // tp, tp), ("dp", "tp"), {"dp": "dp", "tp": "tp"})
+    derive(TP, (world // tp, tp), (DP, TP), (DP, TP))
     for e in resolved.ep_sizes:
-        derive(f"ep{e}", (world // e, e), (f"edp{e}", f"ep{e}"), {f"edp{e}": f"edp{e}", f"ep{e}": f"ep{e}"})
+        derive(ep_group(e), (world // e, e), (edp_group(e), ep_group(e)), (edp_group(e), ep_group(e)))
     for s in sorted({lp.expert_slicing for lp in resolved.layers if lp.expert_slicing > 1}):
-        derive(f"slice{s}", (world // s, s), (f"slices{s}", f"slice{s}"), {f"slice{s}": f"slice{s}"})
+        derive(slice_group(s), (world // s, s), (f"slices{s}", slice_group(s)), (slice_group(s),))
     for e in sorted({lp.ep for lp in resolved.layers if lp.hier_shape is not None}):
-        derive(f"ep{e}_inter", (world // e, e // g, g), (f"ep{e}_block", f"ep{e}_inter", f"ep{e}_local"),
-               {f"ep{e}_inter": f"ep{e}_inter"})
+        derive(ep_inter_group(e), (world // e, e // g, g), (f"ep{e}_block", ep_inter_group(e), f"ep{e}_local"),
+               (ep_inter_group(e),))
 
     layout = rank_layout(resolved)
     ranks = {}

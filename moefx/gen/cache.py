@@ -23,6 +23,7 @@ import re
 from torch import nn
 
 from ..errors import MoefxError
+from ..models.nanogpt import NanoGPT, NanoGPTWithCache
 
 __all__ = ["HFCachedLM", "cached_lm", "is_cache_buffer"]
 
@@ -71,8 +72,6 @@ def cached_lm(model: nn.Module, batch_size: int, max_cache_len: int) -> nn.Modul
 
     Takes a Hugging Face causal LM (anything with `.config` and Cache support) or the built-in
     NanoGPT; raises MoefxError for others."""
-    from ..models.nanogpt import NanoGPT, NanoGPTWithCache
-
     if isinstance(model, NanoGPT):
         return NanoGPTWithCache(model, batch_size, max_cache_len)
     config = getattr(model, "config", None)

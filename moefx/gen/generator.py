@@ -18,7 +18,9 @@ records prefill time, per-token decode latency and tokens/s in `last_stats`.
 """
 from __future__ import annotations
 
+import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -27,16 +29,19 @@ from torch.export import Dim
 
 from .. import origin
 from ..capture import graph_module
+from ..convert import as_plan
 from ..errors import MoefxError
+from ..outputs import output_size
 from ..passes import pipeline
 from ..passes.base import PassContext
+from ..passes.reduce_products import REDUCE_MAX_ROWS, reduce_products
+from ..tensors import share_tensors
 from .cache import cached_lm
 from .sampling import Sampling, next_tokens
-from ..passes.reduce_products import REDUCE_MAX_ROWS, reduce_products
 from .weight_layout import input_contiguous, long_rows
 from .weight_layout import resolve as resolve_layout
 
-__all__ = ["Generator", "GenerationStats", "convert_generator", "convert_graphs", "capture_generator", "share_tensors",
+__all__ = ["Generator", "GenerationStats", "convert_generator", "convert_graphs", "capture_generator",
            "position_limit", "special_tokens"]
 
 
@@ -60,24 +65,6 @@ class GenerationStats:
     def tokens_per_s(self) -> float:
         total = self.prefill_s + sum(self.decode_s)
         return self.new_tokens / total if total > 0 else 0.0
-
-
-def share_tensors(dst: nn.Module, src: nn.Module) -> int:
-    """Make every parameter / buffer of `dst` that `src` has under the same name (and shape) the very
-    tensor of `src`. Returns how many were tied."""
-    have = dict(src.named_parameters(remove_duplicate=False))
-    have.update(src.named_buffers(remove_duplicate=False))
-    tied = 0
-    for name, t in list(dst.named_parameters(remove_duplicate=False)) + list(dst.named_buffers(remove_duplicate=False)):
-        other = have.get(name)
-        if other is None or other is t or other.shape != t.shape:
-            continue
-        path, _, attr = name.rpartition(".")
-        owner = dst.get_submodule(path) if path else dst
-        store = owner._parameters if attr in owner._parameters else owner._buffers
-        store[attr] = other
-        tied += 1
-    return tied
 
 
 def _example(lm: nn.Module, tokens: int, device) -> tuple:
@@ -108,13 +95,12 @@ def capture_generator(model: nn.Module, batch_size: int, max_cache_len: int, *, 
     return prefill, decode
 
 
-def convert_graphs(model: nn.Module, plan, *, batch_size: int, max_cache_len: int, prompt_len: int = 4
-                   ) -> tuple[fx.GraphModule, fx.GraphModule]:
+def convert_graphs(model: nn.Module, plan, *, batch_size: int, max_cache_len: int, prompt_len: int = 4,
+                   target: str | None = None) -> tuple[fx.GraphModule, fx.GraphModule]:
     """(prefill, decode) graphs of `model` with a static cache, both through the plan's convert stage
-    and sharing one set of tensors. `model` is used as it is (it may live on the meta device)."""
-    from ..convert import as_plan
-
-    ctx = PassContext(as_plan(plan))
+    and sharing one set of tensors. `model` is used as it is (it may live on the meta device);
+    target: the device type the graphs will run on (see `moefx.convert`)."""
+    ctx = PassContext(as_plan(plan), target=target)
     pipeline.check(ctx)
     prefill, decode = capture_generator(model, batch_size, max_cache_len, prompt_len=prompt_len)
     prefill = pipeline.run(prefill, ctx, "convert")
@@ -135,11 +121,6 @@ def convert_generator(model: nn.Module, plan=None, example_inputs: tuple = (), *
     the batch (batch_size overrides), and max_cache_len (default: the model's position limit, at
     most 256). weight_layout: see `Generator` (default "auto"; "keep" with copy_weights=False, so the
     caller's own parameters keep their memory layout). The plan is checked before any work."""
-    import copy
-    import warnings
-
-    from ..convert import as_plan
-
     plan = as_plan(plan)
     pipeline.check(PassContext(plan))
     if weight_layout is None:
@@ -212,8 +193,6 @@ class Generator:
     @property
     def vocab_size(self) -> int | None:
         """The logits' last size (from the decode graph's output metadata), None when unknown."""
-        from ..outputs import output_size
-
         return output_size(self.decode)
 
     @property
@@ -229,10 +208,12 @@ class Generator:
         at most `REDUCE_MAX_ROWS` rows are reductions (`moefx.passes.reduce_products`), and stores
         their weights with the summed dimension contiguous (`weight_layout.input_contiguous`, in
         place: the eager graphs share them; not under weight_layout "keep", whose linears already
-        are). On the CPU the batch-1 step then runs 1.4-1.7x faster than with MKL's matrix products
-        (benchmarks/results/generate_cpu.md), and its compile generates more kernels (takes longer).
-        "matmul" compiles the decode graph as it is. "auto" (the default) is "reduce" on the CPU when
-        a decode step has at most REDUCE_MAX_ROWS rows (batch_size), else "matmul".
+        are). On the CPU machine of benchmarks/results/generate_cpu.md the batch-1 step then ran
+        1.4-1.8x faster than with MKL's matrix products, but on a second machine of the same kind the
+        dense model's step ran 0.86x (slower): whether it pays depends on the machine, so it is asked
+        for, never guessed. Its compile generates more kernels (takes longer). "matmul" compiles the
+        decode graph as it is; "auto" (the default) is "matmul", which is never slower than eager's
+        own products. With "reduce" and more than REDUCE_MAX_ROWS rows per step nothing is rewritten.
         `compiled_graph` is the graph compiled. Compile a generator once: weights re-strided by a
         later call would not match what an earlier one compiled (a previously compiled prefill is
         dropped back to eager then, unless prefill=True recompiles it).
@@ -252,8 +233,8 @@ class Generator:
         if products not in ("auto", "reduce", "matmul"):
             raise MoefxError(f"Generator.compile(products={products!r}): use 'auto', 'reduce' (few-row products "
                              "as reductions) or 'matmul' (the graph's matrix products as captured)")
-        if products == "auto":
-            products = "reduce" if self.device.type == "cpu" and self.batch_size <= REDUCE_MAX_ROWS else "matmul"
+        if products == "auto" or (products == "reduce" and self.batch_size > REDUCE_MAX_ROWS):
+            products = "matmul"
         options = kwargs.pop("options", None) or {}
         mode = kwargs.pop("mode", None)
         if mode is not None and guards == "inputs":

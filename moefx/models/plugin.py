@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MoefxError
+from .zoo import REGISTRY
 
 __all__ = ["ModelError", "load_function"]
 
@@ -24,8 +25,6 @@ class ModelError(MoefxError, ValueError):
 
 def unknown(name: str, why: str) -> ModelError:
     """The error for a model name that cannot be loaded, listing the builtins."""
-    from .zoo import REGISTRY
-
     return ModelError(
         f"cannot load model {name!r}: {why}. Use a builtin name "
         f"({', '.join(sorted(REGISTRY))}) or 'package.module:function' naming a function "

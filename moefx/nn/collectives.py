@@ -65,7 +65,7 @@ def group(name: str) -> "dist.ProcessGroup":
         raise GroupNotBound(
             f"this graph runs a collective over the process group {name!r}, but no group of that name is bound "
             "in this process: run the rank graph under torch.distributed after moefx.distribute (which builds "
-            "and binds the groups), or build them with moefx.runtime.mesh.build_mesh; a graph from "
+            "and binds the groups), or build them with moefx.dist.mesh.build_mesh; a graph from "
             "moefx.partitioned_view is for inspection only"
             + (f" (bound: {sorted(_BOUND)})" if _BOUND else ""))
     return pg

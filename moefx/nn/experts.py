@@ -54,7 +54,80 @@ def gather_by_expert(x: Tensor, idx: Tensor, ffn) -> Tensor:
     return y
 
 
-class StackedExperts(nn.Module):
+class Experts(nn.Module):
+    """What every experts module of an MoE layer is (the protocol the passes, partitioning and the
+    gather path use): E copies of one token-wise FFN, `first_expert` the global index of this
+    module's expert 0, `bias_scale` the scale of the down bias (0 on all but one expert slice).
+
+    forward(buf [E, C, d]) -> [E, C, d] is the buffer path; forward(tokens [S, d], expert [S, k])
+    -> [S, k, d] the gather path: in plain eager on the CPU the choices are grouped on the host and
+    `expert_ffn(g, rows)` runs once per used expert (`gather_by_expert`), otherwise the subclass's
+    `gather_traced(x, idx)` multiplies without host synchronisation. Subclasses implement
+    `num_experts`, `d`, `f`, `buffer`, `expert_ffn`, `gather_traced`, `select` and `slice_inner`.
+    """
+
+    first_expert: int = 0
+    bias_scale: float = 1.0
+
+    @property
+    def sliceable(self) -> bool:
+        """Whether the inner dimension f can be split exactly (expert slicing, tensor parallelism)."""
+        return False
+
+    @staticmethod
+    def inner_dim(param: str) -> int | None:
+        """The dimension of parameter `param` that indexes f (None: none, or never sliced)."""
+        return None
+
+    @property
+    def num_experts(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def d(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def f(self) -> int:
+        raise NotImplementedError
+
+    def forward(self, buf: Tensor, expert: Tensor | None = None) -> Tensor:
+        """buf [E, C, d] -> [E, C, d]: every expert applied to its own C rows; or, with `expert`
+        [S, k], tokens [S, d] -> [S, k, d]: each token through its k chosen experts (gather path)."""
+        if expert is None:
+            return self.buffer(buf)
+        S, k = expert.shape
+        idx = (expert - self.first_expert if self.first_expert else expert).reshape(-1)   # [N = S k]
+        x = buf.repeat_interleave(k, dim=0) if k > 1 else buf                  # [N, d]
+        if x.device.type == "cpu" and plain_eager(x):   # weights read in place, once per used expert
+            y = gather_by_expert(x, idx, self.expert_ffn)
+        else:
+            y = self.gather_traced(x, idx)
+        return y.reshape(S, k, -1)
+
+    def buffer(self, buf: Tensor) -> Tensor:
+        """buf [E, C, d] -> [E, C, d] (the buffer path)."""
+        raise NotImplementedError
+
+    def expert_ffn(self, g: int, rows: Tensor) -> Tensor:
+        """rows [n, d] through expert g's FFN (local index) -> [n, d]."""
+        raise NotImplementedError
+
+    def gather_traced(self, x: Tensor, idx: Tensor) -> Tensor:
+        """x [N, d], idx [N] (local expert of each row) -> [N, d], without host synchronisation."""
+        raise NotImplementedError
+
+    def select(self, start: int, stop: int) -> "Experts":
+        """A new module with experts [start, stop) (weights copied, so shards do not alias)."""
+        raise NotImplementedError
+
+    def slice_inner(self, index: int, parts: int) -> "Experts":
+        """Expert slicing: part `index` of `parts` of every expert's inner dimension f."""
+        raise ValueError("expert slicing (more ranks than experts) needs stacked experts: this layer's FFN has "
+                         "inner matrices, so give it an ep that divides its expert count")
+
+
+class StackedExperts(Experts):
     """E FFN experts with stacked weights.
 
     up_weights: list of [E, d, f], one per f-wide input of the middle (one per up projection, two
@@ -85,7 +158,6 @@ class StackedExperts(nn.Module):
 
     @property
     def sliceable(self) -> bool:
-        """Whether the inner dimension f can be split exactly (expert slicing, tensor parallelism)."""
         return self.elementwise
 
     @staticmethod
@@ -111,11 +183,8 @@ class StackedExperts(nn.Module):
     def f(self) -> int:
         return self.down_weight.shape[1]
 
-    def forward(self, buf: Tensor, expert: Tensor | None = None) -> Tensor:
-        """buf [E, C, d] -> [E, C, d]: every expert applied to its own C rows; or, with `expert`
-        [S, k], tokens [S, d] -> [S, k, d]: each token through its k chosen experts (gather path)."""
-        if expert is not None:
-            return self._gather(buf, expert)
+    def buffer(self, buf: Tensor) -> Tensor:
+        """buf [E, C, d] -> [E, C, d] with bmm / baddbmm over the stacked weights."""
         biases = iter(self.up_bias)
         hs = []
         for w, has_b in zip(self.up_weight, self.up_has_bias):
@@ -142,29 +211,16 @@ class StackedExperts(nn.Module):
         return [(w, next(biases) if has else None)
                 for w, has in zip(self.up_weight._parameters.values(), self.up_has_bias)]
 
-    def _gather(self, tokens: Tensor, expert: Tensor) -> Tensor:
-        """tokens [S, d], expert [S, k] -> [S, k, d]: each choice through its expert, the weights read
-        in place (plain eager on the CPU: `_gather_loop`; traced or on CUDA: `_gather_grouped`, or
-        `_gather_reduce` when `products` is "reduce")."""
-        S, k = expert.shape
-        idx = (expert - self.first_expert if self.first_expert else expert).reshape(-1)   # [N = S k]
-        x = tokens.repeat_interleave(k, dim=0) if k > 1 else tokens             # [N, d]
-        if x.device.type == "cpu" and plain_eager(x):
-            y = self._gather_loop(x, idx)
-        elif self.products == "reduce":
-            y = self._gather_reduce(x, idx)
-        elif copy_free(x):
-            y = self._gather_grouped(x, idx)
-        else:
-            y = self._gather_copies(x, idx)
-        return y.reshape(S, k, -1)
+    def gather_traced(self, x: Tensor, idx: Tensor) -> Tensor:
+        """x [N, d], idx [N] -> [N, d]: `_gather_reduce` when `products` is "reduce", `_gather_grouped`
+        where grouped_mm needs no host synchronisation, else `_gather_copies`."""
+        if self.products == "reduce":
+            return self._gather_reduce(x, idx)
+        if copy_free(x):
+            return self._gather_grouped(x, idx)
+        return self._gather_copies(x, idx)
 
-    def _gather_loop(self, x: Tensor, idx: Tensor) -> Tensor:
-        """x [N, d], idx [N] -> [N, d]: `gather_by_expert` with one whole FFN per used expert
-        (untraced CPU only, where reading idx costs nothing)."""
-        return gather_by_expert(x, idx, self._expert_ffn)
-
-    def _expert_ffn(self, g: int, rows: Tensor) -> Tensor:
+    def expert_ffn(self, g: int, rows: Tensor) -> Tensor:
         """rows [n, d] through expert g's FFN -> [n, d], with mm / addmm on views of its weights.
 
         Called once per used expert and MoE layer in an eager decode step, where each Python-level
@@ -285,7 +341,7 @@ class StackedExperts(nn.Module):
                 f"activation={self.activation}")
 
 
-class GenericExperts(nn.Module):
+class GenericExperts(Experts):
     """E copies of any token-wise FFN subgraph, run batched with torch.vmap over the experts.
 
     template: a GraphModule computing the dense FFN on [C, d] -> [C, d], whose parameters are
@@ -304,13 +360,6 @@ class GenericExperts(nn.Module):
         self.first_expert = first_expert
         self.bias_scale = 1.0
 
-    sliceable = False
-
-    @staticmethod
-    def inner_dim(param: str) -> None:
-        """Generic experts are never sliced."""
-        return None
-
     @property
     def num_experts(self) -> int:
         return next(iter(self.expert_params.values())).shape[0]
@@ -323,24 +372,19 @@ class GenericExperts(nn.Module):
     def f(self) -> int:
         return self._f
 
-    def forward(self, buf: Tensor, expert: Tensor | None = None) -> Tensor:
-        """buf [E, C, d] -> [E, C, d]; or tokens [S, d] with expert [S, k] -> [S, k, d] (gather path)."""
-        names = list(self.expert_params.keys())
+    def _one(self, values: tuple, x: Tensor) -> Tensor:
+        return torch.func.functional_call(self.template, dict(zip(self.expert_params.keys(), values)), (x,))
 
-        def one(values, x):
-            return torch.func.functional_call(self.template, dict(zip(names, values)), (x,))
+    def buffer(self, buf: Tensor) -> Tensor:
+        """buf [E, C, d] -> [E, C, d]: the template once per expert, vectorised by torch.vmap."""
+        return torch.vmap(self._one)(tuple(self.expert_params.values()), buf)
 
-        if expert is None:
-            return torch.vmap(one)(tuple(self.expert_params[n] for n in names), buf)
-        S, k = expert.shape
-        idx = (expert - self.first_expert if self.first_expert else expert).reshape(-1)
-        x = buf.repeat_interleave(k, dim=0) if k > 1 else buf                   # [S k, d]
-        if x.device.type == "cpu" and plain_eager(x):   # weights read in place, once per used expert
-            return gather_by_expert(x, idx, self._expert_ffn).reshape(S, k, -1)
-        params = tuple(self.expert_params[n].index_select(0, idx) for n in names)   # copies: no host sync
-        return torch.vmap(one)(params, x.unsqueeze(1)).reshape(S, k, -1)
+    def gather_traced(self, x: Tensor, idx: Tensor) -> Tensor:
+        """x [N, d], idx [N] -> [N, d]: each row's expert parameters copied out (no host sync), vmapped."""
+        params = tuple(p.index_select(0, idx) for p in self.expert_params.values())
+        return torch.vmap(self._one)(params, x.unsqueeze(1)).squeeze(1)
 
-    def _expert_ffn(self, g: int, rows: Tensor) -> Tensor:
+    def expert_ffn(self, g: int, rows: Tensor) -> Tensor:
         """rows [n, d] through expert g's FFN (the template with views of its parameters) -> [n, d]."""
         params = {n: p[g] for n, p in self.expert_params.items()}
         return torch.func.functional_call(self.template, params, (rows,))
@@ -349,10 +393,6 @@ class GenericExperts(nn.Module):
         """A new module with experts [start, stop) (weights copied)."""
         return GenericExperts(self.template, {k: v.detach()[start:stop].clone() for k, v in self.expert_params.items()},
                               self._d, self._f, self.activation, self.first_expert + start)
-
-    def slice_inner(self, index: int, parts: int) -> "GenericExperts":
-        raise ValueError("expert slicing (more ranks than experts) needs stacked experts: this layer's FFN has "
-                         "inner matrices, so give it an ep that divides its expert count")
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, d={self.d}, f={self.f}, generic, activation={self.activation}"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .aux import AuxLossSink
-from .experts import GenericExperts, StackedExperts
+from .experts import Experts
 from .routing import Routing, combine, dispatch, expert_capacity, route, route_choices
 
 
@@ -93,7 +93,7 @@ class MoELayer(nn.Module):
 
     _moefx_keep = True  # graph copies keep this module whole (see passes.infra.copy_graph_module)
 
-    def __init__(self, router: Router, gate: Gate, experts: StackedExperts | GenericExperts, coef: nn.Linear | None,
+    def __init__(self, router: Router, gate: Gate, experts: Experts, coef: nn.Linear | None,
                  aux: AuxLossSink, block: int):
         super().__init__()
         self.router = router

@@ -34,7 +34,7 @@ def realized(x: Tensor) -> Tensor:
     instead of in times.
     `prims.inductor_force_stride_order` is inductor's own realisation point (a no-op copy elsewhere).
     """
-    import torch._inductor.inductor_prims  # noqa: F401  (registers the prim; already imported when compiling)
+    from torch._inductor import inductor_prims  # noqa: F401  (registers the prim; already imported when compiling)
 
     return torch.ops.prims.inductor_force_stride_order.default(x, list(x.stride()))
 

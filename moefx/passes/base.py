@@ -16,7 +16,11 @@ from typing import Any, Callable, ClassVar
 from torch import fx
 
 from .. import meta as M
-from ..errors import AnalysisError, PassError
+from ..cost import CostProfile
+from ..errors import AnalysisError, PassError, PlanError
+from ..parallel import ResolvedParallel
+
+TARGETS = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -43,14 +47,22 @@ class PassContext:
 
     plan: the Plan; rank / resolved: this rank and the resolved parallel degrees (distribute
     stage only; rank None = no rank); tokens_per_rank: message-size estimate for cost decisions;
-    profile: a measured communication profile (`moefx.cost.CostProfile`) or None for defaults.
+    profile: a measured communication profile or None for defaults; target: the device type the
+    graph will run on ("cpu" / "cuda"), which the device-dependent lowering decides for (gating
+    kernels); None: the device the model's weights are on (a graph built on meta for a job names
+    the job's device).
     """
 
     plan: Any
     rank: int | None = None
-    resolved: Any = None
+    resolved: ResolvedParallel | None = None
     tokens_per_rank: int = 4096
-    profile: Any = None
+    profile: CostProfile | None = None
+    target: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.target is not None and self.target not in TARGETS:
+            raise PlanError(f"target must be one of {TARGETS} (the device type the graph runs on), got {self.target!r}")
 
 
 class Pass(abc.ABC):

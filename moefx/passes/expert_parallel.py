@@ -19,7 +19,7 @@ Per MoE layer (see `moefx.nn.ep_layout` for the steps):
   parallelism-coordinated communication): all-to-all bytes and expert FLOPs drop by tp, and the
   combine sees exactly the same rows as without it.
 
-Collective nodes are `moefx.nn.collectives` ops naming their group ("ep4", "tp"), tagged with
+Collective nodes are `moefx.nn.collectives` ops naming their group (`moefx.parallel`'s names), tagged with
 meta moefx_group and moefx_a2a ("counts" / "dispatch" / "combine"). Every expert parameter gets
 a placement record (`moefx.placement`): its global tensor, offsets, the EP group it is sharded
 over and the EDP group its copies live on.
@@ -32,11 +32,14 @@ from torch import fx
 
 from .. import meta as M
 from ..errors import PlanError
+from ..facts import facts, record_facts
 from ..nn import collectives as C
 from ..nn import ep_layout as L
-from ..nn.gating_ops import combine as combine_rows, dispatch as dispatch_rows
+from ..nn.gating_ops import combine as combine_rows
+from ..nn.gating_ops import dispatch as dispatch_rows
 from ..nn.moe import MoELayer, moe_layers
-from ..placement import KEY as PLACEMENTS, Placement, complete
+from ..parallel import TP
+from ..placement import Placement, Shard, complete
 from .base import Pass, PassContext
 from .conditions import EXPERTS_PLACED, GATING_LOWERED
 from .graph import NodeBuilder, copy_graph_module
@@ -59,25 +62,21 @@ class ExpertParallel(Pass):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         resolved, rank = ctx.resolved, ctx.rank
         new = copy_graph_module(gm)
-        counts: dict[str, int] = dict(new.meta.get("moefx_collectives", {}))
-        placements = dict(new.meta.get(PLACEMENTS, {}))
+        placements = dict(facts(new).placements)
         layers = moe_layers(new)
         if len(layers) != len(resolved.layers):
             raise PlanError(f"the parallel plan was resolved for {len(resolved.layers)} MoE layers, the graph has "
                             f"{len(layers)}")
         for index, (layer, mod) in enumerate(layers):
-            _Layer(new, ctx, layer, resolved.layers[index], mod, counts, placements).rewrite()
-        new.meta["moefx_collectives"] = counts
-        new.meta[PLACEMENTS] = complete(new, placements, resolved)
-        new.meta["moefx_rank"] = rank
-        new.meta["moefx_parallel"] = resolved
-        new.meta["moefx_expert_parallel"] = [lp.ep for lp in resolved.layers]
+            _Layer(new, ctx, layer, resolved.layers[index], mod, placements).rewrite()
+        record_facts(new, placements=complete(new, placements, resolved), rank=rank, parallel=resolved,
+                     expert_parallel=tuple(lp.ep for lp in resolved.layers))
         new.graph.eliminate_dead_code()
         return new
 
     def ensures(self, before, after, ctx) -> None:
         super().ensures(before, after, ctx)
-        placed = after.meta[PLACEMENTS]
+        placed = facts(after).placements
         for layer, mod in moe_layers(after):
             for name, _ in mod.experts.named_parameters():
                 if f"moe{layer}.experts.{name}" not in placed:
@@ -90,9 +89,9 @@ EXPERT_PARALLEL = ExpertParallel()
 class _Layer:
     """The rewrite of one MoE layer (per-call state of the pass)."""
 
-    def __init__(self, gm, ctx, layer, lp, mod: MoELayer, counts, placements):
+    def __init__(self, gm, ctx, layer, lp, mod: MoELayer, placements):
         self.gm, self.ctx, self.layer, self.lp, self.mod = gm, ctx, layer, lp, mod
-        self.counts, self.placements = counts, placements
+        self.placements = placements
         self.rank = ctx.rank
         self.resolved = ctx.resolved
         self.tp = ctx.resolved.tp if ctx.resolved.coordinated else 1
@@ -123,31 +122,26 @@ class _Layer:
             gshape = tuple(dict(full.named_parameters())[pname].shape)
             offsets = [0] * p.dim()
             offsets[0] = mine.start
-            dims = [0] if lp.ep > 1 else []
+            shards = [Shard(names["ep"], 0)] if lp.ep > 1 else []
             counts_ = True
             inner = experts.inner_dim(pname)
             if lp.expert_slicing > 1:
                 if inner is not None:
                     offsets[inner] = lp.slice_of(rank) * p.shape[inner]
-                    dims.append(inner)
+                    shards.append(Shard(names["expert_slice"], inner))
                 else:
                     counts_ = lp.slice_of(rank) == 0   # the down bias: whole on every slice, slice 0's counts
             self.placements[gname] = Placement(
-                gname, gshape, tuple(offsets), tuple(sorted(set(dims))),
-                sharded_over=names["ep"] if dims else None, replicated_over=names["edp"], grad_divisor=divisor,
+                gname, gshape, tuple(offsets), tuple(shards), replicated_over=names["edp"], grad_divisor=divisor,
                 copies=lp.edp, counts=counts_)
 
     # -- graph ----------------------------------------------------------------------------------
-    def _count(self, group: str, n: int = 1) -> None:
-        self.counts[group] = self.counts.get(group, 0) + n
-
     def _a2a(self, b: NodeBuilder, x, out_splits, in_splits, step: str, source: fx.Node) -> fx.Node:
         """An all-to-all over the layer's EP group; `source` is the node whose value the hierarchical pass
         derives its splits from (an Exchange, or the even splits of a capacity layer)."""
         node = b.fn(C.ALL_TO_ALL, x, out_splits, in_splits, self.ep_name, role="collective", group=self.ep_name)
         node.meta[M.A2A] = step
         node.meta[SPLITS_SOURCE] = source.name
-        self._count(self.ep_name)
         return node
 
     def rewrite(self) -> None:
@@ -167,8 +161,7 @@ class _Layer:
         b = NodeBuilder(gm.graph, self.dispatch, NAME, self.layer, self.dispatch.meta.get(M.BLOCK))
         full_c = b.fn(_size, buf, 1, role="layout")
         if tp > 1:
-            buf = b.fn(C.TP_SPLIT, buf, 1, "tp", tp, role="collective", group="tp")
-            self._count("tp")
+            buf = b.fn(C.TP_SPLIT, buf, 1, TP, tp, role="collective", group=TP)
         x = buf
         n_local = lp.experts_per_rank
         if lp.ep > 1:
@@ -184,8 +177,7 @@ class _Layer:
             y = self._a2a(b, y, splits, splits, "combine", splits)
             y = b.fn(L.capacity_unpack, y, self.mod.num_experts, lp.expert_slicing, role="layout")
         if tp > 1:
-            y = b.fn(C.TP_GATHER, y, 1, "tp", tp, full_c, role="collective", group="tp")
-            self._count("tp")
+            y = b.fn(C.TP_GATHER, y, 1, TP, tp, full_c, role="collective", group=TP)
         self.experts.replace_all_uses_with(y, delete_user_cb=lambda u: u is self.combine)
 
     def _dropless(self) -> None:
@@ -203,15 +195,13 @@ class _Layer:
         rows = b.fn(L.flat_rows, flat, role="layout")
         mine_counts = counts
         if tp > 1:
-            rows = b.fn(C.TP_SPLIT, rows, 0, "tp", tp, role="collective", group="tp")
+            rows = b.fn(C.TP_SPLIT, rows, 0, TP, tp, role="collective", group=TP)
             mine_counts = b.fn(L.counts_in_chunk, counts, rows_n, tp, self.resolved.tp_rank(self.rank), role="layout")
-            self._count("tp")
         mine_n = b.fn(_size, rows, 0, role="layout")
         matrix = b.fn(_unsqueeze0, mine_counts, role="layout")
         if lp.ep > 1:
             matrix = b.fn(C.ALL_GATHER_ROWS, matrix, self.ep_name, lp.ep, role="collective", group=self.ep_name)
             matrix.meta[M.A2A] = "counts"
-            self._count(self.ep_name)
         ep_rank = lp.ep_rank(self.rank)
         xc = b.fn(L.exchange, matrix, ep_rank, lp.experts_per_rank, lp.expert_slicing, role="layout")
         x = b.fn(L.send_rows, rows, mine_counts, lp.expert_slicing, xc, role="layout")
@@ -231,8 +221,7 @@ class _Layer:
             y = self._a2a(b, y, send_s, recv_s, "combine", xc)
         y_rows = b.fn(L.unsend_rows, y, mine_counts, lp.expert_slicing, xc, mine_n, role="layout")
         if tp > 1:
-            y_rows = b.fn(C.TP_GATHER, y_rows, 0, "tp", tp, rows_n, role="collective", group="tp")
-            self._count("tp")
+            y_rows = b.fn(C.TP_GATHER, y_rows, 0, TP, tp, rows_n, role="collective", group=TP)
         y_flat = b.fn(L.unflat_rows, y_rows, role="layout")
         out = b.fn(combine_rows, y_flat, zero, sslot, total, weight, impl, role="combine")
         out.meta[M.IMPL] = impl

@@ -5,6 +5,7 @@ from torch import fx
 
 from .. import meta as M
 from ..capture import mark_captured
+from ..tensors import owner_of
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -64,8 +65,7 @@ def drop_unused_attributes(gm: fx.GraphModule) -> list[str]:
     for name in names:
         if name in used or name.startswith(running):
             continue
-        owner_path, _, attr = name.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
+        owner, attr = owner_of(gm, name)
         for store in (owner._parameters, owner._buffers):
             if attr in store:
                 del store[attr]

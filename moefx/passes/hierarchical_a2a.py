@@ -23,6 +23,7 @@ from torch import fx
 
 from .. import meta as M
 from ..cost import CostProfile
+from ..facts import record_facts
 from ..nn import collectives as C
 from ..nn import ep_layout as L
 from ..nn.moe import moe_layers
@@ -65,11 +66,9 @@ class HierarchicalA2A(Pass):
         if not chosen:
             return gm
         new = copy_graph_module(gm)
-        counts = dict(new.meta.get("moefx_collectives", {}))
         for layer, index in chosen:
-            _lower(new, ctx, layer, ctx.resolved.layers[index], counts)
-        new.meta["moefx_collectives"] = counts
-        new.meta["moefx_hierarchical_layers"] = [layer for layer, _ in chosen]
+            _lower(new, ctx, layer, ctx.resolved.layers[index])
+        record_facts(new, hierarchical_layers=tuple(layer for layer, _ in chosen))
         new.graph.eliminate_dead_code()
         return new
 
@@ -77,7 +76,7 @@ class HierarchicalA2A(Pass):
 HIERARCHICAL_A2A = HierarchicalA2A()
 
 
-def _lower(gm: fx.GraphModule, ctx: PassContext, layer: int, lp, counts: dict) -> None:
+def _lower(gm: fx.GraphModule, ctx: PassContext, layer: int, lp) -> None:
     nodes, per_node = lp.hier_shape
     intra, inter, ep_name = lp.group_names["intra"], lp.group_names["inter"], lp.group_names["ep"]
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -93,7 +92,6 @@ def _lower(gm: fx.GraphModule, ctx: PassContext, layer: int, lp, counts: dict) -
         out, inp = (send, recv) if reverse else (recv, send)
         node = b.fn(C.ALL_TO_ALL, x, out, inp, group, role="collective", group=group)
         node.meta[M.A2A] = step
-        counts[group] = counts.get(group, 0) + 1
         return node
 
     b = NodeBuilder(gm.graph, disp.prev, NAME, layer, block)
@@ -114,4 +112,3 @@ def _lower(gm: fx.GraphModule, ctx: PassContext, layer: int, lp, counts: dict) -
     z = b.fn(L.hier_layout, z, hs, "by_local", True, role="layout")
     comb.replace_all_uses_with(z)
     gm.graph.erase_node(comb)
-    counts[ep_name] = counts.get(ep_name, 0) - 2

@@ -3,8 +3,10 @@ MoE layer runs its experts.
 
 Runs after pr_moe (and shrink), stage "convert". Requires: MoE layers. Provides: gating lowered.
 
-Implementations (`plan.lowering.gating`): "auto" picks Triton when the MoE layer's weights live
-on a CUDA device and triton is importable, else the PyTorch path; "triton" or "torch" force one.
+Implementations (`plan.lowering.gating`): "auto" picks Triton when the graph's target (the pass
+context's `target`, else the device of the MoE layer's weights) is CUDA and triton is importable,
+else the PyTorch path; "triton" or "torch" force one. A graph built on meta for a job is lowered
+for the job's device: that is what runs.
 Forcing Triton where it cannot run raises BackendError here, before any forward (set
 TRITON_INTERPRET=1 to run the Triton kernels on the CPU interpreter). The choice is recorded in
 node.meta["moefx_impl"] (shown by `moefx dump`), in the dispatch / combine nodes' `impl`
@@ -29,10 +31,12 @@ from __future__ import annotations
 import math
 import operator
 
+import torch
 from torch import fx
 
 from .. import meta as M
 from ..errors import PlanError
+from ..facts import facts, record_facts
 from ..nn.moe import moe_layers
 from ..nn.routing import gather_combine, resolve_impl
 from ..parallel import validate_parallel
@@ -61,7 +65,7 @@ class LowerGating(Pass):
             if role not in _ROLES:
                 continue
             layer_mod = new.get_submodule(f"moe{node.meta[M.LAYER]}")
-            impl = resolve_impl(wanted, layer_mod.router.weight.device)
+            impl = resolve_impl(wanted, torch.device(ctx.target) if ctx.target else layer_mod.router.weight.device)
             if role == "route":
                 gate = layer_mod.gate.with_options(impl=impl)
                 new.add_submodule(f"moe{node.meta[M.LAYER]}", layer_mod.replaced(gate=gate))
@@ -74,8 +78,7 @@ class LowerGating(Pass):
                     if _path(new, layer, ctx, eps[index]) == "gather"]
         for layer in gathered:
             _to_gather(new, layer)
-        new.meta["moefx_counters"] = {**new.meta.get("moefx_counters", {}), NAME: lowered}
-        new.meta["moefx_gather_layers"] = gathered
+        record_facts(new, counters={**facts(new).counters, NAME: lowered})
         return new
 
 

@@ -6,7 +6,7 @@
 
 `run(gm, ctx, stage)` runs the stage's passes that apply to the plan, in order, each checked
 (`Pass.__call__`: requires, call, verify, ensures), recording their names in
-`gm.meta["moefx_passes"]` and, when asked, writing the code after each one (`NNN_name.py`).
+`facts(gm).passes` and, when asked, writing the code after each one (`NNN_name.py`).
 `check(plan)` decides statically, before any work, which passes run: a pass the plan switches
 off (`plan.disable`) that a later pass needs is a PlanError naming both; a pass whose
 requirement nothing will provide has nothing to do and is skipped (no MoE layers to lower).
@@ -18,6 +18,7 @@ from pathlib import Path
 from torch import fx
 
 from ..errors import AnalysisError, MoefxError, PassError, PlanError
+from ..facts import facts, record_facts
 from ..fileio import write_atomic
 from ..plan import PASS_NAMES
 from .base import Pass, PassContext
@@ -84,7 +85,7 @@ def run(gm: fx.GraphModule, ctx: PassContext, stage: str, *, dump_dir: str | Pat
                             f"{type(e).__name__}: {e}") from e
         if out is not gm:
             out.meta = dict(getattr(out, "meta", {}))
-            out.meta["moefx_passes"] = [*gm.meta.get("moefx_passes", []), p.name]
+            record_facts(out, passes=(*facts(gm).passes, p.name))
         gm = out
         ran.append(p.name)
         if dump_dir is not None:

@@ -27,7 +27,7 @@ converted model computes the dense function. `init_noise` > 0 perturbs the copie
 expert symmetry) and preservation then holds only approximately.
 
 Values: every new tensor is built from a recipe (`moefx.recipes`), recorded in
-`gm.meta["moefx_recipes"]`, so a rank can build exactly its own piece later. On the meta device
+`facts(gm).recipes`, so a rank can build exactly its own piece later. On the meta device
 the tensors are left empty. Experts are `StackedExperts` (stacked up/down matrices, the FFN's
 token-wise middle copied from the graph; a fused up projection d -> k f becomes one stacked
 matrix per part the middle reads, each a chunk of the fused weight, so the experts compute the
@@ -44,14 +44,24 @@ from torch import fx, nn
 
 from .. import meta as M
 from ..analysis.ffn import FFN, find_ffns
-from ..analysis.linear import (attr_value, aten, einsum_equation, is_side_effect, is_view, linear_info, packet,
-                               strip_views, val)
+from ..analysis.linear import (
+    aten,
+    attr_value,
+    einsum_equation,
+    is_side_effect,
+    is_view,
+    linear_info,
+    packet,
+    strip_views,
+    val,
+)
 from ..errors import AnalysisError
+from ..facts import facts, record_facts
 from ..nn.aux import AuxLossSink
 from ..nn.experts import GenericExperts, StackedExperts
 from ..nn.moe import Gate, MoELayer, Router
 from ..nn.routing import combine, dispatch
-from ..recipes import KEY as RECIPES, Copy, StackExperts, Uniform
+from ..recipes import Copy, StackExperts, Uniform
 from .base import Pass, PassContext
 from .conditions import FFNS, MOE_LAYERS
 from .graph import NodeBuilder, copy_graph_module, drop_unused_attributes
@@ -80,22 +90,21 @@ class PrMoE(Pass):
             for name in ffn.nodes:
                 by_name[name].meta[M.BLOCK] = ffn.block
                 by_name[name].meta[M.ROLE] = "ffn"
-        recipes = dict(new.meta.get(RECIPES, {}))
+        recipes = dict(facts(new).recipes)
         for layer, (block, num_experts) in enumerate(layer_experts.items()):
             _rewrite(new, by_name, ffns[block], num_experts, layer, moe, recipes)
         new.graph.eliminate_dead_code()
         new.delete_all_unused_submodules()
         drop_unused_attributes(new)
-        new.meta[RECIPES] = recipes
-        new.meta["moefx_counters"] = {**new.meta.get("moefx_counters", {}), NAME: len(layer_experts)}
-        new.meta["moefx_num_blocks"] = len(ffns)
+        record_facts(new, recipes=recipes, counters={**facts(new).counters, NAME: len(layer_experts)},
+                     num_blocks=len(ffns))
         return new
 
     def ensures(self, before, after, ctx) -> None:
         super().ensures(before, after, ctx)
         moe = ctx.plan.moe
         layers = [m for m in after.modules() if isinstance(m, MoELayer)]
-        want = len(moe.layer_experts(after.meta["moefx_num_blocks"]))
+        want = len(moe.layer_experts(len(find_ffns(before))))
         if len(layers) != want:
             raise AssertionError(f"pr_moe made {len(layers)} MoE layers, the plan asks for {want}")
         for role in ("route", "dispatch", "experts", "combine"):

@@ -13,18 +13,18 @@ that shares every parameter and module of gm, except that
 - every gather-path `StackedExperts` call (meta PATH "gather") with at most max_rows routed rows
   (tokens x k) runs a copy of its module with `products = "reduce"` (`StackedExperts.with_products`:
   the same parameters), installed in a shallow copy of its MoE layer (`MoELayer.replaced`).
-What changed is recorded in `out.meta["moefx_reduced_products"]` ({"linears": n, "experts": [layer, ...]}).
+What changed is recorded in `facts(out).reduced_products` ({"linears": n, "experts": [layer, ...]}).
 The products sum in a different order than MKL's (a few ulps). `REDUCE_MAX_ROWS` is where the
 reduction stops beating MKL on this project's CPU (`benchmarks/results/gemv_layout_cpu.md`).
 """
 from __future__ import annotations
-
 
 import torch
 from torch import fx
 
 from .. import meta as M
 from ..analysis.linear import attr_value
+from ..facts import record_facts
 from ..nn.experts import StackedExperts
 from ..nn.moe import MoELayer
 from ..nn.products import linear_by_reduction
@@ -32,7 +32,6 @@ from .base import verify
 from .graph import copy_graph_module
 
 REDUCE_MAX_ROWS = 2
-META_KEY = "moefx_reduced_products"
 _SAME_NUMEL = {torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten.flatten.using_ints,
                torch.ops.aten.contiguous.default, torch.ops.aten.clone.default}
 
@@ -83,7 +82,7 @@ def reduce_products(gm: fx.GraphModule, max_rows: int = REDUCE_MAX_ROWS, experts
             continue
         new.add_submodule(parent, layer.replaced(**{child: mod.with_products("reduce")}))
         experts_layers.append(node.meta.get(M.LAYER))
-    new.meta[META_KEY] = {"linears": linears, "experts": experts_layers}
+    record_facts(new, reduced_products={"linears": linears, "experts": experts_layers})
     new.recompile()
     verify(new)
     return new

@@ -14,10 +14,10 @@ instead (consecutive removed blocks chain back to the first one's input), then
 - every parameter and buffer is copied: training the student never changes the teacher.
 
 Nothing is renumbered: kept nodes keep their `moefx_block` / `moefx_layer` tags, kept MoE layers
-keep their submodule names (`moe1`, `moe3`, ...). `student.meta["moefx_student_keep"]` holds the
-kept teacher block indices, `meta["moefx_block_origin"]` the original index of each block (a student
-of a student still names the first teacher's blocks), `meta["moefx_num_blocks"]` the new count and
-`meta["moefx_counters"]["shrink"]` how many blocks were removed.
+keep their submodule names (`moe1`, `moe3`, ...). `facts(student).student_keep` holds the
+kept teacher block indices, `.block_origin` the original index of each block (a student of a
+student still names the first teacher's blocks), `.num_blocks` the new count and
+`.counters["shrink"]` how many blocks were removed.
 
 Which blocks: `student.keep` lists teacher block indices (`find_blocks(teacher)[i].index`, graph
 order: T5's encoder blocks come first), or `student.layers` / `student.depth` give a count and
@@ -26,7 +26,7 @@ splits the count over the stacks in proportion to their sizes (largest remainder
 deeper stack, at least one block each) and applies `auto_keep` to each stack.
 
     >>> student = shrink(teacher_gm, Plan.from_dict({"student": {"layers": 3}}))   # dense GPT-2, 4 blocks
-    >>> student.meta["moefx_student_keep"]
+    >>> facts(student).student_keep
     (0, 1, 3)
     >>> print(student.code)                # block 2 is gone: block 3 reads block 1's output add_11
     ...
@@ -46,8 +46,9 @@ import math
 import torch
 from torch import fx, nn
 
-from ..analysis.blocks import ORIGIN_KEY, Block, find_blocks, stacks
+from ..analysis.blocks import Block, find_blocks, stacks
 from ..errors import AnalysisError, PassError, PlanError
+from ..facts import facts, record_facts
 from ..nn.aux import AuxLossSink
 from ..plan import Plan, StudentPlan
 from .base import Pass, PassContext
@@ -55,7 +56,6 @@ from .conditions import BLOCKS
 from .graph import copy_graph_module, drop_unused_attributes
 
 NAME = "shrink"
-KEEP_KEY = "moefx_student_keep"
 
 
 def shrink(gm: fx.GraphModule, plan) -> fx.GraphModule:
@@ -91,10 +91,8 @@ def shrink(gm: fx.GraphModule, plan) -> fx.GraphModule:
     _check_removed(new, removed)
 
     old_origin = [b.origin for b in blocks]
-    new.meta[KEEP_KEY] = tuple(keep)
-    new.meta[ORIGIN_KEY] = tuple(old_origin[i] for i in keep)
-    new.meta["moefx_num_blocks"] = len(keep)
-    new.meta["moefx_counters"] = {**new.meta.get("moefx_counters", {}), NAME: len(removed)}
+    record_facts(new, student_keep=tuple(keep), block_origin=tuple(old_origin[i] for i in keep),
+                 num_blocks=len(keep), counters={**facts(new).counters, NAME: len(removed)})
     new.recompile()
     graph.lint()
     return new
@@ -114,10 +112,9 @@ class Shrink(Pass):
         return shrink(gm, ctx.plan.student)
 
     def ensures(self, before, after, ctx) -> None:
-        kept = after.meta[KEEP_KEY]
-        if len(find_blocks(after)) != len(kept):
-            raise AssertionError(f"shrink kept {len(kept)} blocks but the student graph has "
-                                 f"{len(find_blocks(after))}")
+        want = len(select_blocks(find_blocks(before), _student_plan(ctx.plan)))
+        if len(find_blocks(after)) != want:
+            raise AssertionError(f"the student should keep {want} blocks but its graph has {len(find_blocks(after))}")
 
 
 SHRINK = Shrink()

@@ -7,7 +7,7 @@ the earlier passes (a dense model splits too). Needs `ctx.rank` and the resolved
   residual MLPs; GELU, ReLU, SwiGLU, ...): ups column-parallel after `tp_copy` (identity
   forward, all-reduce backward), down row-parallel followed by `tp_reduce` (all-reduce forward)
   and then the down bias. FFNs with inner matrices or a norm / softmax over f cannot be split
-  exactly: they stay replicated, with a warning (listed in meta["moefx_tp_replicated"]).
+  exactly: they stay replicated, with a warning (listed in `facts(gm).tp_replicated`).
 - Every sdpa attention whose head layout `moefx.analysis.attention` understands is split by
   heads: q/k/v projections column-parallel (a fused qkv projection chunk by chunk), a static
   KV cache's buffers to this rank's heads, the
@@ -29,9 +29,12 @@ from torch import fx, nn
 from .. import meta as M
 from ..analysis.attention import CACHE_UPDATES, find_attention, head_count, reaches
 from ..analysis.ffn import find_ffns
-from ..analysis.linear import attr_value, aten, linear_info, packet, val
+from ..analysis.linear import aten, attr_value, linear_info, packet, val
+from ..facts import facts, record_facts
 from ..nn import collectives as C
-from ..placement import KEY as PLACEMENTS, Placement, complete
+from ..parallel import DP, TP
+from ..placement import Placement, Shard, complete
+from ..tensors import owner_of
 from .base import Pass, PassContext
 from .graph import NodeBuilder, copy_graph_module, drop_unused_attributes
 
@@ -51,22 +54,19 @@ class TensorParallel(Pass):
         new = copy_graph_module(gm)
         split = _Split(new, ctx)
         split.run()
-        new.meta["moefx_collectives"] = split.counts
-        new.meta["moefx_tp_replicated"] = split.skipped
-        new.meta["moefx_rank"] = ctx.rank
-        new.meta["moefx_parallel"] = ctx.resolved
         drop_unused_attributes(new)
         new.graph.eliminate_dead_code()
-        new.meta[PLACEMENTS] = complete(new, split.placements, ctx.resolved)
+        record_facts(new, tp_replicated=tuple(split.skipped), rank=ctx.rank, parallel=ctx.resolved,
+                     placements=complete(new, split.placements, ctx.resolved))
         return new
 
     def ensures(self, before, after, ctx) -> None:
         state = dict(after.named_parameters())
         state.update(after.named_buffers())
-        for name, p in after.meta[PLACEMENTS].items():
-            if p.sharded_over == "tp" and name not in state:
+        for name, p in facts(after).placements.items():
+            if TP in p.sharded_over and name not in state:
                 raise AssertionError(f"TP shard {name} has a placement record but no tensor")
-        for target in {p.global_name for n, p in after.meta[PLACEMENTS].items() if p.sharded_over == "tp"}:
+        for target in {p.global_name for n, p in facts(after).placements.items() if TP in p.sharded_over}:
             if target in state:
                 raise AssertionError(f"the full-size original {target} of a TP shard is still in the rank's model")
 
@@ -82,12 +82,9 @@ class _Split:
         self.tp = ctx.resolved.tp
         self.r = ctx.resolved.tp_rank(ctx.rank)
         self.dp = ctx.resolved.dp
-        self.counts: dict[str, int] = dict(gm.meta.get("moefx_collectives", {}))
-        self.placements: dict[str, Placement] = dict(gm.meta.get(PLACEMENTS, {}))
+        self.grad_divisor = ctx.resolved.dense_grad_divisor
+        self.placements: dict[str, Placement] = dict(facts(gm).placements)
         self.skipped: list[str] = []
-
-    def _count(self, n: int) -> None:
-        self.counts["tp"] = self.counts.get("tp", 0) + n
 
     def run(self) -> None:
         gm = self.gm
@@ -111,7 +108,7 @@ class _Split:
             if why:
                 self.skipped.append(f"{name}: {why}")
                 continue
-            self._count(self._attention(att))
+            self._attention(att)
         if self.skipped:
             warnings.warn("tensor parallelism keeps these layers replicated: " + "; ".join(self.skipped),
                           stacklevel=4)
@@ -131,12 +128,11 @@ class _Split:
             if packet(node) in (aten.view, aten.reshape, aten._unsafe_view):
                 node.args = (node.args[0], _scale_last(node.args[1], ffn.f, part), *node.args[2:])
         self._row(down, ffn.block)
-        self._count(2)  # tp_copy (backward all-reduce) + tp_reduce
 
     # -- collectives ------------------------------------------------------------------------------
     def _copy_to_tp(self, x: fx.Node, block) -> fx.Node:
         b = NodeBuilder(self.gm.graph, x, NAME, block=block)
-        cp = b.fn(C.TP_COPY, x, "tp", role="collective", group="tp")
+        cp = b.fn(C.TP_COPY, x, TP, role="collective", group=TP)
         if "val" in x.meta:
             cp.meta["val"] = x.meta["val"]
         return cp
@@ -173,7 +169,7 @@ class _Split:
                 node.args = node.args[:2]
                 node.kwargs = {k: v for k, v in node.kwargs.items() if k != "bias"}
         b = NodeBuilder(gm.graph, node, NAME, block=block)
-        red = b.fn(C.TP_REDUCE, node, "tp", role="collective", group="tp")
+        red = b.fn(C.TP_REDUCE, node, TP, role="collective", group=TP)
         out = b.fn(aten.add.Tensor, red, bias, role="collective") if bias is not None else red
         node.replace_all_uses_with(out, delete_user_cb=lambda u: u is not red)
 
@@ -315,8 +311,8 @@ class _Split:
         with gm.graph.inserting_before(user):
             src = operand
             if copy:
-                src = gm.graph.call_function(C.TP_COPY, (operand, "tp"))
-                M.tag(src, NAME, "collective").meta[M.GROUP] = "tp"
+                src = gm.graph.call_function(C.TP_COPY, (operand, TP))
+                M.tag(src, NAME, "collective").meta[M.GROUP] = TP
             sliced = gm.graph.call_function(aten.slice.Tensor, (src, dim % val(operand).dim(), lo, hi))
         M.tag(sliced, NAME, "layout")
         user.replace_input_with(operand, sliced)
@@ -341,9 +337,9 @@ class _Split:
                     gm.register_buffer(target, piece, persistent=not _non_persistent(gm, attr_node.target))
                 offsets = [0] * old.dim()
                 offsets[dim] = lo
-                self.placements[target] = Placement(attr_node.target, tuple(old.shape), tuple(offsets), (dim,),
-                                                    sharded_over="tp", replicated_over="dp", grad_divisor=self.dp,
-                                                    copies=self.dp)
+                self.placements[target] = Placement(attr_node.target, tuple(old.shape), tuple(offsets),
+                                                    (Shard(TP, dim),), replicated_over=DP,
+                                                    grad_divisor=self.grad_divisor, copies=self.dp)
                 self.placements.pop(attr_node.target, None)
             targets.append(target)
         if len(targets) == 1:
@@ -362,8 +358,7 @@ class _Split:
 
 
 def _non_persistent(gm: fx.GraphModule, target: str) -> bool:
-    owner_path, _, attr = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
+    owner, attr = owner_of(gm, target)
     return attr in getattr(owner, "_non_persistent_buffers_set", set())
 
 

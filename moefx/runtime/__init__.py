@@ -1,16 +1,18 @@
 """The runtime: runs the rank graphs the passes produce (it never rewrites them).
 
-mesh        the job's DeviceMesh and its named groups (`build_mesh`)
-grads       gradient reduction and the global gradient norm, from placement records
-all_to_all  eager flat / hierarchical all-to-all on ProcessGroups (scripts, benchmarks)
-checkpoint  sharded, reshardable DCP checkpoints
-launch      torchrun launching and the worker-side helpers (`init_from_env`, `worker`)
+launch      torchrun launching: start the ranks, forward signals, name the rank that failed
+build       rank graphs, references and generators from a model spec and a plan (on meta, then materialised)
 run_model   the worker program `moefx launch` runs
+jobs/       what that program runs on each rank (check, generate, train, distill)
+
+The distributed state the runtime builds on (mesh, gradients, checkpoints, the worker side of a
+launch) is `moefx.dist`.
 
 Import the submodules explicitly; importing this package loads none of them.
 """
 
-_LAZY = {"init_from_env": "launch", "launch": "launch", "start": "launch", "build_mesh": "mesh"}
+_LAZY = {"init_from_env": "moefx.dist.worker", "launch": "moefx.runtime.launch", "start": "moefx.runtime.launch",
+         "build_mesh": "moefx.dist.mesh"}
 
 
 def __getattr__(name: str):
@@ -18,5 +20,5 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

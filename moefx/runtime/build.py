@@ -3,7 +3,7 @@
     spec + plan
       -> skeleton on the meta device (built-in config, or a Hugging Face folder's config.json)
       -> capture + convert + distribute on meta              (no memory; the same passes as always)
-      -> materialise this rank's tensors from the source     (moefx.runtime.materialize)
+      -> materialise this rank's tensors from the source     (moefx.weights.materialize)
 
 The source of the dense weights (`ModelSpec`): a Hugging Face safetensors folder (`weights`,
 streamed slice by slice), the dense model's own init (`init="model"`: the small dense model built
@@ -19,19 +19,43 @@ materialised (the cache as zeros, only this rank's heads) and the decode graph t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import fx, nn
 
+from ..convert import convert
+from ..dist.checkpoint import read_info
+from ..dist.mesh import build_mesh
+from ..distribute import distribute, resolve
 from ..errors import MoefxError
-from .sources import ModuleSource, SafetensorsSource, SeededSource, Source, tied_aliases
+from ..facts import record_facts
+from ..gen.fill import cache_source, fill_generator
+from ..gen.generator import Generator, convert_graphs, special_tokens
+from ..models import load_model
+from ..models.skeleton import params_on_meta
+from ..plan import Plan
+from ..tensors import share_tensors
+from ..versions import library_versions
+from ..weights.materialize import materialize
+from ..weights.sources import (
+    ChainSource,
+    ModuleSource,
+    PrefixedSource,
+    SafetensorsSource,
+    SeededSource,
+    Source,
+    tied_aliases,
+)
+from .calibrate import measure_profile
 
 __all__ = ["ModelSpec", "Skeleton", "skeleton", "dense_source", "convert_meta", "build_rank", "build_reference",
-           "build_generator", "build_train_graphs", "partition", "INITS"]
+           "build_generator", "build_train_graphs", "partition", "job_record", "recorded_job", "INITS"]
 
 INITS = ("model", "seeded")
 
@@ -59,6 +83,35 @@ class ModelSpec:
     @property
     def label(self) -> str:
         return self.name or f"weights {self.weights}"
+
+    def to_dict(self) -> dict:
+        """The spec as a JSON-able dict, a weights folder as an absolute path (`from_dict` reads it)."""
+        out = dataclasses.asdict(self)
+        if self.weights is not None:
+            out["weights"] = str(Path(self.weights).resolve())
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        """The spec `to_dict` wrote (MoefxError naming the field when it is not one)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or set(d) - known:
+            raise MoefxError(f"not a recorded model spec: {d!r} (fields: {sorted(known)})")
+        return cls(**d)
+
+
+def job_record(spec: ModelSpec, plan) -> dict:
+    """What a checkpoint records about the job that wrote it: the model spec, the plan and the library
+    versions (`recorded_job` reads it back)."""
+    return {"model": spec.to_dict(), "plan": plan.to_dict(), "versions": library_versions()}
+
+
+def recorded_job(path) -> tuple[ModelSpec, Plan] | None:
+    """(model spec, plan) a sharded checkpoint recorded (`job_record`), or None when it has no record."""
+    record = read_info(path).get("record")
+    if not record:
+        return None
+    return ModelSpec.from_dict(record["model"]), Plan.from_dict(record["plan"])
 
 
 @dataclass
@@ -104,9 +157,6 @@ def _build_hf(folder: Path, device):
 
 def skeleton(spec: ModelSpec) -> Skeleton:
     """The model on meta (no memory), meta example inputs and its real buffers."""
-    from ..models import load_model
-    from ..models.skeleton import params_on_meta
-
     if spec.weights is not None:
         folder = Path(spec.weights)
         if not (folder / "config.json").exists():
@@ -125,9 +175,6 @@ def skeleton(spec: ModelSpec) -> Skeleton:
 
 def example_inputs(spec: ModelSpec, device="cpu") -> tuple:
     """Real example inputs of the spec's shape (the built-in's own, or random token ids)."""
-    from ..models import load_model
-    from ..models.skeleton import params_on_meta
-
     if spec.weights is not None:
         _, config = _hf_class(Path(spec.weights))
         return _hf_inputs(config, spec.batch, spec.seq, spec.seed, device)
@@ -138,8 +185,6 @@ def example_inputs(spec: ModelSpec, device="cpu") -> tuple:
 
 def dense_source(spec: ModelSpec, skel: Skeleton) -> Source:
     """Where the dense weights come from (see the module docstring)."""
-    from ..models import load_model
-
     if spec.weights is not None:
         return SafetensorsSource(spec.weights, skel.aliases)
     if spec.init == "seeded":
@@ -150,14 +195,14 @@ def dense_source(spec: ModelSpec, skel: Skeleton) -> Source:
     return ModuleSource(model, skel.aliases)
 
 
-def convert_meta(spec: ModelSpec, plan, *, train: bool = False) -> tuple[fx.GraphModule, Skeleton]:
-    """Capture and convert the spec's model on the meta device: (converted graph, skeleton)."""
-    from ..convert import convert
-
+def convert_meta(spec: ModelSpec, plan, *, train: bool = False, target: str | None = None
+                 ) -> tuple[fx.GraphModule, Skeleton]:
+    """Capture and convert the spec's model on the meta device, lowered for `target` (the device
+    type it will run on; None: "cpu"): (converted graph, skeleton)."""
     skel = skeleton(spec)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
-        gm = convert(skel.model, plan, skel.inputs, copy_weights=False, train=train)
+        gm = convert(skel.model, plan, skel.inputs, copy_weights=False, train=train, target=target or "cpu")
     return gm, skel
 
 
@@ -166,48 +211,43 @@ def needs_profile(resolved) -> bool:
     return any(lp.hierarchical == "auto" and lp.hier_shape is not None and lp.ep > 1 for lp in resolved.layers)
 
 
-def partition(plan, graphs: list[tuple[fx.GraphModule, int]], *, profile=None, measure: bool = False):
-    """This rank's partitioned graphs of the converted `graphs` ((graph, tokens per rank) pairs, one
-    mesh for all) and the cost profile used: without one, measured on this job's groups first
-    (`moefx.runtime.calibrate`) when `measure` and a layer leaves hierarchical_a2a to the cost model.
-    Needs an initialised process group."""
-    import torch.distributed as dist
-
-    from ..distribute import distribute, resolve
-    from .calibrate import measure_profile
-    from .mesh import build_mesh
-
+def partition(plan, graphs: list[tuple[fx.GraphModule, int]], *, profile=None, measure: bool = False, mesh=None):
+    """This rank's partitioned graphs of the converted `graphs` ((graph, tokens per rank) pairs) and
+    the cost profile used. One mesh for all: `mesh` (the job's, `moefx.dist.mesh.Mesh`; it must hold
+    every group the plan needs) or, when None, one built here. Without a profile, one is measured on
+    that mesh first (`moefx.runtime.calibrate`) when `measure` and a layer leaves hierarchical_a2a to
+    the cost model. Needs an initialised process group."""
     resolved = resolve(graphs[0][0], plan.parallel, dist.get_world_size())
+    if mesh is None:
+        mesh = build_mesh(resolved)
+    else:
+        mesh.check_covers(resolved)
     if profile is None and measure and needs_profile(resolved):
-        profile = measure_profile(resolved.nodes, resolved.devices_per_node)
-    mesh = build_mesh(resolved)
+        profile = measure_profile(mesh)
     return [distribute(gm, plan, mesh=mesh, tokens_per_rank=tokens, profile=profile) for gm, tokens in graphs], profile
 
 
 def build_rank(spec: ModelSpec, plan, *, device="cpu", train: bool = False, tokens_per_rank: int = 4096,
-               profile=None, measure: bool = False, source: Source | None = None):
+               profile=None, measure: bool = False, source: Source | None = None, mesh=None):
     """This rank's materialised GraphModule (under an initialised process group) and the skeleton.
 
     Only this rank's tensors are ever allocated: conversion and partitioning run on meta, then
     `materialize` fills the rank's pieces from the source (`dense_source(spec)` unless given).
     profile: a `moefx.cost.CostProfile` for hierarchical_a2a = "auto"; measure: without one,
-    measure it on this job's groups first (`moefx.runtime.calibrate`) when a layer needs it."""
-    from .materialize import materialize
-
-    gm, skel = convert_meta(spec, plan, train=train)
-    (local,), profile = partition(plan, [(gm, tokens_per_rank)], profile=profile, measure=measure)
+    measure it on this job's groups first (`moefx.runtime.calibrate`) when a layer needs it; mesh:
+    the job's mesh (`local.moefx_mesh` of an earlier build; None: build one)."""
+    gm, skel = convert_meta(spec, plan, train=train, target=torch.device(device).type)
+    (local,), profile = partition(plan, [(gm, tokens_per_rank)], profile=profile, measure=measure, mesh=mesh)
     materialize(local, source if source is not None else dense_source(spec, skel), device=device,
                 buffers=skel.buffers)
-    local.meta["moefx_profile"] = profile
+    record_facts(local, profile=profile)
     return local, skel
 
 
 def build_reference(spec: ModelSpec, plan, *, device="cpu", train: bool = False,
                     source: Source | None = None) -> fx.GraphModule:
     """The single-process converted model, materialised whole (what every rank must agree with)."""
-    from .materialize import materialize
-
-    gm, skel = convert_meta(spec, plan, train=train)
+    gm, skel = convert_meta(spec, plan, train=train, target=torch.device(device).type)
     return materialize(gm, source if source is not None else dense_source(spec, skel), device=device,
                        buffers=skel.buffers)
 
@@ -218,12 +258,9 @@ def build_generator(spec: ModelSpec, plan, *, batch_size: int, max_cache_len: in
     """A `moefx.gen.Generator` of this rank's prefill and decode graphs (distributed=False: the
     whole single-process model), built on meta and materialised as `build_rank` does;
     weight_layout: see `moefx.gen.Generator`."""
-    from ..gen.generator import Generator, convert_graphs, special_tokens
-    from .sources import ChainSource, PrefixedSource
-
     skel = skeleton(spec)
     prefill, decode = convert_graphs(skel.model, plan, batch_size=batch_size, max_cache_len=max_cache_len,
-                                     prompt_len=prompt_len)
+                                     prompt_len=prompt_len, target=torch.device(device).type)
     caches = cache_source(prefill)
     if distributed:
         (prefill, decode), _ = partition(plan, [(prefill, batch_size * prompt_len), (decode, batch_size)],
@@ -236,42 +273,20 @@ def build_generator(spec: ModelSpec, plan, *, batch_size: int, max_cache_len: in
                      weight_layout=weight_layout)
 
 
-def cache_source(prefill: fx.GraphModule):
-    """Zeros for the KV-cache buffers of an (unpartitioned) generation graph: a ZerosSource of their
-    global shapes."""
-    from ..gen.cache import is_cache_buffer
-    from .sources import ZerosSource
-
-    caches = {n: b for n, b in prefill.named_buffers() if is_cache_buffer(n)}
-    return ZerosSource({n: tuple(b.shape) for n, b in caches.items()}, {n: b.dtype for n, b in caches.items()})
-
-
-def fill_generator(prefill: fx.GraphModule, decode: fx.GraphModule, source: Source, buffers: Source | None,
-                   device) -> None:
-    """Materialise the prefill graph's tensors from `source` / `buffers`, then tie the decode graph to
-    them (one set of weights, one cache) and retarget its device literals."""
-    from ..gen.generator import share_tensors
-    from .materialize import materialize
-
-    materialize(prefill, source, device=device, buffers=buffers)
-    share_tensors(decode, prefill)
-    materialize(decode, source, device=device, buffers=buffers)
-
-
 def build_train_graphs(spec: ModelSpec, plan, *, device="cpu", distributed: bool = True, tokens_per_rank: int = 4096,
-                       profile=None, measure: bool = False, source: Source | None = None, with_eval: bool = True
-                       ) -> tuple[fx.GraphModule, fx.GraphModule | None]:
+                       profile=None, measure: bool = False, source: Source | None = None, with_eval: bool = True,
+                       mesh=None) -> tuple[fx.GraphModule, fx.GraphModule | None]:
     """(train-mode graph, eval-mode graph) of this rank (distributed) or of the whole model, sharing
     every tensor: the train graph keeps the model's dropout, the eval graph has none. with_eval=False
-    skips the eval graph (one capture less) and returns None in its place."""
-    from ..gen.generator import share_tensors
-    from .materialize import materialize
-
-    train_gm, skel = convert_meta(spec, plan, train=True)
-    eval_gm = convert_meta(spec, plan, train=False)[0] if with_eval else None
+    skips the eval graph (one capture less) and returns None in its place; mesh: the job's (None:
+    build one)."""
+    target = torch.device(device).type
+    train_gm, skel = convert_meta(spec, plan, train=True, target=target)
+    eval_gm = convert_meta(spec, plan, train=False, target=target)[0] if with_eval else None
     if distributed:
         graphs = [gm for gm in (train_gm, eval_gm) if gm is not None]
-        parts, _ = partition(plan, [(gm, tokens_per_rank) for gm in graphs], profile=profile, measure=measure)
+        parts, _ = partition(plan, [(gm, tokens_per_rank) for gm in graphs], profile=profile, measure=measure,
+                             mesh=mesh)
         train_gm, eval_gm = parts if eval_gm is not None else (parts[0], None)
     source = source if source is not None else dense_source(spec, skel)
     materialize(train_gm, source, device=device, buffers=skel.buffers)

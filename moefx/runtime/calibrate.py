@@ -21,13 +21,18 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from ..cost import CostProfile
+from ..dist.mesh import build_mesh
+from ..dist.worker import init_from_env, worker
+from ..parallel import INTER_NODE, INTRA_NODE, WORLD, ResolvedParallel
 
-__all__ = ["measure_profile", "main"]
+__all__ = ["Timings", "measure_timings", "fit_profile", "measure_profile", "main"]
 
 SMALL = 64          # bytes per destination
 LARGE = 1 << 20     # bytes per rank in all
@@ -47,7 +52,6 @@ def _timed(fn, group, reps: int) -> float:
 
 
 def _a2a_time(group, nbytes_per_rank: int, device, reps: int) -> float:
-    import torch.distributed._functional_collectives as funcol
 
     q = dist.get_world_size(group)
     if q == 1:
@@ -63,37 +67,54 @@ def _a2a_time(group, nbytes_per_rank: int, device, reps: int) -> float:
     return _timed(run, dist.group.WORLD, reps)
 
 
-def measure_profile(nodes: int, devices_per_node: int, device=None, reps: int = 7) -> CostProfile:
-    """Fit a CostProfile to timings of this job's groups (collective: every rank calls it)."""
-    from ..parallel import ResolvedParallel
-    from .mesh import build_mesh
+@dataclass(frozen=True)
+class Timings:
+    """What calibration measures (seconds, the slowest rank's medians): all-to-alls of SMALL bytes
+    per destination and of LARGE bytes per rank over the "world" / "intra" / "inter" groups, and a
+    local copy of LARGE bytes."""
 
-    world = dist.get_world_size()
+    small: dict[str, float]
+    large: dict[str, float]
+    copy: float
+
+
+def measure_timings(mesh, device=None, reps: int = 7) -> Timings:
+    """Time the all-to-alls and the copy on the job's mesh (`moefx.dist.mesh.Mesh`; collective:
+    every rank calls it)."""
     device = device or torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
-    resolved = ResolvedParallel(world=world, nodes=nodes, devices_per_node=devices_per_node, tp=1, dp=world)
-    mesh = build_mesh(resolved)
-    N, G, p = nodes, devices_per_node, world
-    groups = {"world": mesh.group("world"), "intra": mesh.group("intra_node"), "inter": mesh.group("inter_node")}
+    groups = {"world": mesh.group(WORLD), "intra": mesh.group(INTRA_NODE), "inter": mesh.group(INTER_NODE)}
     small = {k: _a2a_time(g, SMALL * dist.get_world_size(g), device, reps) for k, g in groups.items()}
     large = {k: _a2a_time(g, LARGE, device, reps) for k, g in groups.items()}
-    # launch + alphas from the three small timings (least squares on the 3x3 system, clamped at 0)
+    x = torch.zeros(LARGE // 4, device=device)
+    return Timings(small, large, _timed(lambda: x.clone(), dist.group.WORLD, reps))
+
+
+def fit_profile(nodes: int, devices_per_node: int, t: Timings, source: str) -> CostProfile:
+    """The CostProfile whose alpha-beta model best explains the timings `t` of nodes x
+    devices_per_node ranks (see the module docstring; latencies clamped at 0)."""
+    N, G = nodes, devices_per_node
+    p = N * G
     A = torch.tensor([[1.0, G - 1, p - G], [1.0, G - 1, 0.0], [1.0, 0.0, N - 1]], dtype=torch.float64)
-    b = torch.tensor([small["world"], small["intra"], small["inter"]], dtype=torch.float64)
+    b = torch.tensor([t.small["world"], t.small["intra"], t.small["inter"]], dtype=torch.float64)
     launch, a_intra, a_inter = (max(float(v), 0.0) for v in torch.linalg.lstsq(A, b[:, None]).solution[:, 0])
 
     def beta(kind: str, q: int) -> float:
-        extra = max(large[kind] - small[kind], 1e-9)
+        extra = max(t.large[kind] - t.small[kind], 1e-9)
         return LARGE * (q - 1) / (q * extra) if q > 1 else 1e15
 
-    x = torch.zeros(LARGE // 4, device=device)
-    copy = _timed(lambda: x.clone(), dist.group.WORLD, reps)
     return CostProfile(launch=launch, alpha_intra=a_intra, alpha_inter=a_inter, beta_intra=beta("intra", G),
-                       beta_inter=beta("inter", N), beta_mem=LARGE / max(copy, 1e-9),
-                       source=f"measured on {nodes} x {devices_per_node} ranks ({dist.get_backend()})")
+                       beta_inter=beta("inter", N), beta_mem=LARGE / max(t.copy, 1e-9), source=source)
+
+
+def measure_profile(mesh, device=None, reps: int = 7) -> CostProfile:
+    """Fit a CostProfile to timings of the job's mesh (collective: every rank calls it)."""
+    r = mesh.resolved
+    t = measure_timings(mesh, device, reps)
+    return fit_profile(r.nodes, r.devices_per_node, t,
+                       f"measured on {r.nodes} x {r.devices_per_node} ranks ({dist.get_backend()})")
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .launch import init_from_env, worker
 
     p = argparse.ArgumentParser(prog="python -m moefx.runtime.calibrate",
                                 description="measure this job's communication costs (run under torchrun)",
@@ -109,7 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         rank, world = init_from_env()
         if args.nodes * args.devices_per_node != world:
             raise ValueError(f"--nodes {args.nodes} x --devices-per-node {args.devices_per_node} != {world} ranks")
-        profile = measure_profile(args.nodes, args.devices_per_node, reps=args.reps)
+        resolved = ResolvedParallel(world=world, nodes=args.nodes, devices_per_node=args.devices_per_node, tp=1,
+                                    dp=world)
+        profile = measure_profile(build_mesh(resolved), reps=args.reps)
         if rank == 0:
             profile.save(args.output)
             print(f"moefx calibrate: {profile}", flush=True)

@@ -16,11 +16,8 @@ even a SIGKILL of the launcher takes it along), workers die with the agent, and 
 to the launcher (`forward_signals`, used by `launch` and `moefx launch`) are forwarded to the
 whole launch: SIGTERM, a grace period, then SIGKILL of everything that is left.
 
-Worker side: `init_from_env()` initialises the default process group from torchrun's environment
-(gloo on CPU, nccl with CUDA) with a collective timeout, and starts a heartbeat; `@worker` wraps
-the entry function so a failure prints one line, "moefx: rank R failed: ValueError: ...", keeps
-the traceback in the rank's log file, and exits non-zero; `progress(what)` records how far the
-rank got.
+The worker side (`init_from_env`, `@worker`, `progress`, `say`) is `moefx.dist.worker`; its
+heartbeats and one-line failure reports are what this launcher reads.
 
 Blame: a rank that waits for a dead or stuck peer fails with a collective error ("timed out",
 "connection closed by peer", ...) and is reported as "aborted after a peer failed". When no rank
@@ -30,7 +27,6 @@ progress, or a heartbeat that stopped: a stopped process) is named as the cause.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import re
@@ -41,25 +37,19 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
+from ..dist.worker import HEARTBEAT_ENV, LOG_ENV, die_with_parent
 from ..errors import MoefxError
 
-__all__ = ["torchrun_argv", "launch", "start", "Launch", "LaunchResult", "LaunchFailed", "init_from_env",
-           "worker", "free_port", "forward_signals", "progress", "HEARTBEAT_ENV", "LOG_ENV"]
+__all__ = ["torchrun_argv", "launch", "start", "Launch", "LaunchResult", "LaunchFailed", "free_port",
+           "forward_signals"]
 
-HEARTBEAT_ENV = "MOEFX_HEARTBEAT_DIR"
-LOG_ENV = "MOEFX_LOG_DIR"
 _FAILED = re.compile(r"moefx: rank (\d+) failed: (.*)")
 _ABORTED = re.compile(r"moefx: rank (\d+) aborted after a peer failed: (.*)")
 _ROOT_RANK = re.compile(r"Root Cause.*?rank\s*:\s*(\d+)", re.S)
-# What a collective raises on the surviving ranks when a peer dies or stops (matched ignoring case).
-_PEER_GONE = ("connection closed by peer", "connection reset by peer", "remote worker crashing", "socket timeout",
-              "timed out", "timeout", "broken pipe", "nccl communicator was aborted", "connection refused")
 _AGENT_LINE = re.compile(r"^[WEIF]\d{4} \d\d:\d\d:\d\d")
 
 
@@ -259,74 +249,7 @@ def blame(beats: dict[int, dict], aborted: dict | None = None, interval: float =
     return None
 
 
-class _Heartbeat:
-    """Worker side: a daemon thread writing {time, count, what} to <folder>/rank<R>.json every second."""
-
-    def __init__(self, folder: str, rank: int, interval: float = 1.0):
-        self.path = Path(folder) / f"rank{rank}.json"
-        self.interval, self.count, self.what = interval, 0, "start"
-        self._stop = threading.Event()
-        self._write()
-        threading.Thread(target=self._run, name="moefx-heartbeat", daemon=True).start()
-
-    def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps({"time": time.time(), "count": self.count, "what": self.what,
-                                       "pid": os.getpid()}))
-            os.replace(tmp, self.path)
-        except OSError:
-            pass
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._write()
-
-    def progress(self, what: str) -> None:
-        self.count += 1
-        self.what = what
-        self._write()
-
-
-_HEARTBEAT: _Heartbeat | None = None
-
-
-def say(line: str) -> None:
-    """Print one line of a worker's output in a single write, so lines of ranks sharing a pipe never
-    interleave (print writes the text and the newline separately when stdout is unbuffered)."""
-    text = line.rstrip("\n") + "\n"
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):      # a captured / replaced stdout (tests, notebooks)
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    sys.stdout.flush()
-    os.write(fd, text.encode())
-
-
-def progress(what: str) -> None:
-    """Record that this worker got past `what` (a phase or step): the launcher names the rank that
-    stopped progressing when a collective times out. No-op outside a moefx launch."""
-    if _HEARTBEAT is not None:
-        _HEARTBEAT.progress(what)
-
-
 # ----------------------------------------------------------------------------------- process tree
-
-
-def _die_with_parent(sig: int) -> Callable[[], None]:
-    """A preexec_fn / worker call: ask Linux to send `sig` to this process when its parent dies."""
-
-    def set_pdeathsig() -> None:
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)   # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-
-    return set_pdeathsig
 
 
 def _descendants(pid: int) -> list[int]:
@@ -356,7 +279,7 @@ class Launch:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", *argv], env=env, cwd=cwd,
             stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT if capture else None,
-            text=True, start_new_session=True, preexec_fn=_die_with_parent(signal.SIGTERM))
+            text=True, start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM))
 
     @property
     def heartbeat_dir(self) -> str | None:
@@ -475,108 +398,3 @@ def launch(target_argv: Sequence[str], nnodes: int = 1, nproc_per_node: int = 1,
     handle = start(target_argv, nnodes, nproc_per_node, node_rank, master_addr, master_port, **kwargs)
     with forward_signals(handle):
         return handle.wait(timeout)
-
-
-# ----------------------------------------------------------------------------------- worker side
-
-def init_from_env(backend: str | None = None, timeout: float = 120.0) -> tuple[int, int]:
-    """Initialise torch.distributed from torchrun's environment; returns (rank, world_size).
-
-    backend None -> "nccl" when CUDA is available (and binds LOCAL_RANK's device), else "gloo".
-    `timeout` (seconds) bounds every collective, so a lost peer ends in an error instead of a hang.
-    The process dies with its torchrun agent, and writes a heartbeat when the launcher asked for one.
-    Calling it again in an initialised process returns the existing rank and world size.
-    """
-    import torch
-    import torch.distributed as dist
-
-    global _HEARTBEAT
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if missing:
-        raise MoefxError(f"init_from_env: {', '.join(missing)} not set; start this script with "
-                         f"moefx.runtime.launch(...) or torchrun")
-    _die_with_parent(signal.SIGKILL)()
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    kwargs = {}
-    if backend == "nccl":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(dev)
-        kwargs["device_id"] = dev
-    if os.environ.get(HEARTBEAT_ENV) and _HEARTBEAT is None:
-        _HEARTBEAT = _Heartbeat(os.environ[HEARTBEAT_ENV], int(os.environ["RANK"]))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout), **kwargs)
-    progress("init_process_group")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _describe(e: BaseException) -> str:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
-def _peer_gone(e: BaseException) -> bool:
-    text = f"{type(e).__name__}: {e}".lower()
-    return any(s in text for s in _PEER_GONE)
-
-
-def _log_traceback(rank: str) -> str | None:
-    """Write the current exception's traceback to the rank's log file; returns its path (None: stderr)."""
-    folder = os.environ.get(LOG_ENV)
-    if folder:
-        path = os.path.join(folder, f"rank{rank}.log")
-        try:
-            with open(path, "a") as fh:
-                traceback.print_exc(file=fh)
-            return path
-        except OSError:
-            pass
-    traceback.print_exc()
-    return None
-
-
-def worker(fn: Callable) -> Callable:
-    """Decorate a worker's entry function: on an exception keep the traceback in the rank's log file
-    (stderr without a launch folder), print one line "moefx: rank R failed: <Type>: <message>" (or
-    "aborted after a peer failed" when the error is a collective losing its peer), record it for
-    torchrun's error summary, and exit with code 1. On success every rank meets at a barrier and the
-    default process group is destroyed (if this process created one)."""
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    @functools.wraps(fn)
-    def inner(*args, **kwargs):
-        rank = os.environ.get("RANK", "?")
-        try:
-            out = fn(*args, **kwargs)
-        except SystemExit as e:
-            if e.code in (0, None):
-                raise
-            print(f"moefx: rank {rank} failed: SystemExit({e.code})", file=sys.stderr, flush=True)
-            raise
-        except BaseException as e:
-            _log_traceback(rank)
-            if _peer_gone(e):
-                print(f"moefx: rank {rank} aborted after a peer failed: {_describe(e)}", file=sys.stderr, flush=True)
-            else:
-                print(f"moefx: rank {rank} failed: {_describe(e)}", file=sys.stderr, flush=True)
-            raise
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.barrier()                  # no rank tears its groups down while a peer still uses them
-            dist.destroy_process_group()
-        return out
-
-    recorded = record(inner)
-
-    @functools.wraps(fn)
-    def entry(*args, **kwargs):
-        try:
-            return recorded(*args, **kwargs)
-        except SystemExit:
-            raise
-        except BaseException:
-            sys.exit(1)
-
-    return entry

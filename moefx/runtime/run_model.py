@@ -22,6 +22,7 @@ makes rank R stop making progress before its first forward.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import sys
 import time
@@ -30,11 +31,20 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
+from .. import meta as M
+from ..cost import CostProfile
+from ..dist.checkpoint import load_full, load_sharded, save_sharded
+from ..dist.worker import init_from_env, progress, say, worker
+from ..errors import MoefxError
+from ..facts import facts
 from ..outputs import main_tensor
-from .launch import init_from_env, progress, say, worker
+from ..plan import Plan
+from .build import ModelSpec, build_rank, build_reference, example_inputs, job_record, recorded_job
+from .stats import bytes_by_layer, collective_bytes
 
-__all__ = ["main", "build_parser", "worker_argv", "setup", "start_job", "job_main", "Job", "Rank"]
+__all__ = ["main", "build_parser", "worker_argv", "setup", "start_job", "spec_and_plan", "job_main", "Job", "Rank"]
 
 MODULE = "moefx.runtime.run_model"
 
@@ -53,10 +63,12 @@ def worker_argv(model: str | None, plan: str, *, weights: str | None = None, com
 
 def add_model_args(p: argparse.ArgumentParser, *, single: bool = False) -> None:
     """The options every job shares: what to build and how (single: one process, the plan optional)."""
-    p.add_argument("model", help="built-in name (gpt2-tiny, llama-tiny, ...), package.module:function, or - with "
-                                 "--weights")
+    p.add_argument("model", nargs="?", default=None,
+                   help="built-in name (gpt2-tiny, llama-tiny, ...), package.module:function, or - with --weights; "
+                        "default with --load: the model the checkpoint records")
     if single:
-        p.add_argument("--plan", help="plan file (.toml / .json); without one: moefx.Plan.default()")
+        p.add_argument("--plan", help="plan file (.toml / .json); without one: the plan a --load checkpoint "
+                                      "records, else moefx.Plan.default()")
     else:
         p.add_argument("--plan", required=True, help="plan file (.toml / .json) with a [parallel] section")
     p.add_argument("--weights", metavar="DIR", help="Hugging Face folder (config.json + safetensors) of the dense "
@@ -64,7 +76,9 @@ def add_model_args(p: argparse.ArgumentParser, *, single: bool = False) -> None:
     p.add_argument("--init", default="model", choices=("model", "seeded"),
                    help="a built-in's dense weights without --weights: its own init (built on each rank) or a "
                         "per-tensor seeded init (no dense model anywhere)")
-    p.add_argument("--load", metavar="DIR", help="load a moefx sharded checkpoint over the materialised tensors")
+    p.add_argument("--load", metavar="DIR", help="load a moefx sharded checkpoint over the materialised tensors (its "
+                                                 "tensors must be exactly the model's: a plan that differs is "
+                                                 "refused, naming the tensors)")
     p.add_argument("--save", metavar="DIR", help="save a moefx sharded checkpoint at the end")
     p.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) the rank graph")
     p.add_argument("--check", action="store_true",
@@ -108,15 +122,12 @@ class Rank:
 
 def replica_batch(spec, replica: int, device) -> tuple:
     """The example batch of data-parallel replica `replica` (the spec's inputs drawn with seed + replica)."""
-    from .build import ModelSpec, example_inputs
-
     s = spec
     return example_inputs(ModelSpec(name=s.name, weights=s.weights, init=s.init, seed=s.seed + replica,
                                     batch=s.batch, seq=s.seq), device)
 
 
 def _device(args) -> torch.device:
-    import torch.distributed as dist
 
     if args.device:
         return torch.device(args.device)
@@ -135,16 +146,29 @@ class Job:
     device: torch.device
 
 
+def spec_and_plan(args) -> tuple[ModelSpec, Plan]:
+    """The model spec and plan the options name (MODEL / --weights / --init, --plan); what a --load
+    checkpoint recorded (`moefx.runtime.build.job_record`) stands in for MODEL and --plan when they
+    are not given, else the plan is moefx.Plan.default()."""
+    recorded = recorded_job(args.load) if getattr(args, "load", None) else None
+    model = None if args.model in (None, "-") else args.model
+    if model is None and args.weights is None:
+        if recorded is None:
+            raise MoefxError("give a MODEL (built-in or package.module:function), --weights DIR, or --load a "
+                             "checkpoint that records its model")
+        spec = dataclasses.replace(recorded[0], seed=args.seed, batch=args.batch, seq=args.seq)
+    else:
+        spec = ModelSpec(name=model, weights=args.weights, init=args.init, seed=args.seed, batch=args.batch,
+                         seq=args.seq)
+    if args.plan:
+        return spec, Plan.from_file(args.plan)
+    return spec, recorded[1] if recorded is not None else Plan.default()
+
+
 def start_job(args, distributed: bool = True) -> Job:
     """init_from_env (distributed), then the plan, model spec, cost profile and device the options name."""
-    from ..cost import CostProfile
-    from ..plan import Plan
-    from .build import ModelSpec
-
     rank, world = init_from_env(timeout=args.collective_timeout) if distributed else (0, 1)
-    plan = Plan.from_file(args.plan) if args.plan else Plan.default()
-    spec = ModelSpec(name=None if args.model == "-" else args.model, weights=args.weights, init=args.init,
-                     seed=args.seed, batch=args.batch, seq=args.seq)
+    spec, plan = spec_and_plan(args)
     profile = CostProfile.load(args.profile) if args.profile else None
     torch.manual_seed(args.seed)
     return Job(rank, world, plan, spec, profile, _device(args) if distributed else torch.device(args.device or "cpu"))
@@ -152,18 +176,15 @@ def start_job(args, distributed: bool = True) -> Job:
 
 def setup(args, *, train: bool = False) -> Rank:
     """start_job, then this rank's model built on meta and materialised (see the module docstring)."""
-    from .build import build_rank
-    from .checkpoint import load_sharded
-
     job = start_job(args)
     local, _ = build_rank(job.spec, job.plan, device=job.device, train=train, tokens_per_rank=args.batch * args.seq,
                           profile=job.profile, measure=True)
     progress("built")
     if args.load:
-        load_sharded(local, args.load, strict=False)    # a training checkpoint also holds optimizer state
+        load_sharded(local, args.load)
         progress("loaded")
     fail_if_asked(args, job.rank)
-    return Rank(job.rank, job.world, local, job.spec, job.plan, local.meta["moefx_parallel"], job.device)
+    return Rank(job.rank, job.world, local, job.spec, job.plan, facts(local).parallel, job.device)
 
 
 def fail_if_asked(args, rank: int) -> None:
@@ -173,13 +194,13 @@ def fail_if_asked(args, rank: int) -> None:
 
 
 def reference(r: Rank, args, *, train: bool = False):
-    """The single-process converted model (whole), with the same weights (and checkpoint)."""
-    from .build import build_reference
-    from .checkpoint import load_full
-
-    ref = build_reference(r.spec, r.plan, device=r.device, train=train)
+    """The single-process converted model (whole), with the same weights (and checkpoint), gating with
+    the PyTorch reference implementation whatever the rank graphs lower to (so --check also proves
+    the Triton kernels)."""
+    plan = dataclasses.replace(r.plan, lowering=dataclasses.replace(r.plan.lowering, gating="torch"))
+    ref = build_reference(r.spec, plan, device=r.device, train=train)
     if args.load:
-        load_full(ref, args.load, strict=False)
+        load_full(ref, args.load)
     return ref
 
 
@@ -196,6 +217,17 @@ def compile_model(model):
         return f"compiled: {graphs} graph(s), {breaks} graph break(s)"
 
     return compiled, report
+
+
+def gating_summary(local: torch.nn.Module) -> str:
+    """The gating implementation the rank graph's route nodes were lowered to ("torch" / "triton"),
+    with the Triton kernel launches of this process so far."""
+    impls = sorted({n.meta.get(M.IMPL) for n in local.graph.nodes if n.meta.get(M.ROLE) == "route"} - {None})
+    text = "/".join(impls) or "none"
+    kernels = sys.modules.get("moefx.kernels.gating")       # loaded only when a Triton path ran
+    if "triton" in impls:
+        text += f" ({sum(kernels.LAUNCHES.values()) if kernels else 0} kernel launches)"
+    return text
 
 
 def human_bytes(n: float) -> str:
@@ -232,9 +264,6 @@ def compare(out: torch.Tensor, want: torch.Tensor, tolerance: float) -> tuple[bo
 
 
 def run(args) -> str:
-    import torch.distributed as dist
-
-    from .stats import bytes_by_layer, collective_bytes
 
     r = setup(args)
     r.local.eval()
@@ -258,11 +287,10 @@ def run(args) -> str:
     if sent:
         what += ", a2a sent/layer " + " ".join(human_bytes(sent[k]) for k in sorted(sent))
     what += f", peak RSS {peak_rss_mb():.0f} MB, tensors {tensor_bytes(r.local) / 2**20:.1f} MB"
+    what += f", gating {gating_summary(r.local)}"
     head = f"rank {r.rank}/{r.world}:"
     if args.save:
-        from .checkpoint import save_sharded
-
-        save_sharded(r.local, args.save)
+        save_sharded(r.local, args.save, record=job_record(r.spec, r.plan))
     if not args.check:
         return f"{head} ok {what}"
     with torch.no_grad():

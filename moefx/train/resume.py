@@ -1,6 +1,6 @@
 """Training checkpoints that resume exactly, at the same or another world size / plan.
 
-A checkpoint is a `moefx.runtime.checkpoint` DCP folder (atomic, checksummed, reshardable)
+A checkpoint is a `moefx.dist.checkpoint` DCP folder (atomic, checksummed, reshardable)
 holding the model's global tensors and, as extra tensors placed like their parameters, AdamW's
 state of each parameter (`optim/<global name>/exp_avg`, `.../exp_avg_sq`, `.../step`): a rank
 saves and loads only the pieces it holds, and DCP reshards them for another layout. The side-car
@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..dist.checkpoint import load_sharded, save_sharded
 from ..errors import CheckpointError
-from ..placement import placements, whole
+from ..facts import placements
+from ..placement import whole
 
 __all__ = ["save", "load", "latest", "optimizer_tensors"]
 
@@ -71,14 +73,13 @@ def optimizer_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
 
 
 def save(path: str, model: nn.Module, opt, sched, config, step: int, skipped: int, evals: list,
-         micro_batches: int) -> Path:
+         micro_batches: int, record: dict | None = None) -> Path:
     """Write the training checkpoint of this rank (collective under a process group); micro_batches:
-    per optimizer step over all replicas (the global batch, in micro-batches)."""
-    from ..runtime.checkpoint import save_sharded
-
+    per optimizer step over all replicas (the global batch, in micro-batches); record: what the job
+    was (model spec, plan, versions), kept in the side-car."""
     info = {"step": step, "skipped": skipped, "evals": [list(e) for e in evals], "scheduler": sched.state_dict(),
             "config": {**config.hyper(), "micro_batches_per_step": micro_batches}}
-    return save_sharded(model, path, extra=optimizer_tensors(model, opt), info=info)
+    return save_sharded(model, path, extra=optimizer_tensors(model, opt), info=info, record=record)
 
 
 def _changes(old: dict, new: dict) -> list[str]:
@@ -88,8 +89,6 @@ def _changes(old: dict, new: dict) -> list[str]:
 def load(path: str, model: nn.Module, opt, sched, config, micro_batches: int) -> tuple[int, int, list, list[str]]:
     """Load a checkpoint into the model, the optimizer and the scheduler (collective under a process
     group). Returns (step, skipped steps, validation history, changed hyper-parameters)."""
-    from ..runtime.checkpoint import load_sharded
-
     folder = latest(path)
     info = load_sharded(model, folder, extra=optimizer_tensors(model, opt), strict=True)
     if "step" not in info:

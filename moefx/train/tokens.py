@@ -33,7 +33,9 @@ from pathlib import Path
 
 import torch
 
+from ..data import load_corpus
 from ..errors import MoefxError
+from ..gen.prompts import local_tokenizer
 
 __all__ = ["open_tokens", "open_split", "HELD_OUT", "Windows", "Memmapped", "micro_index", "hash_seed"]
 
@@ -81,8 +83,6 @@ class Memmapped:
 def open_tokens(path: str | None, *, dtype: str = "uint16", tokenizer: str | None = None):
     """The training tokens of `path` (see the module docstring): a 1-D tensor-like of token ids."""
     if path is None:
-        from ..data import load_corpus
-
         train, _ = load_corpus()
         return train
     p = Path(path)
@@ -93,8 +93,6 @@ def open_tokens(path: str | None, *, dtype: str = "uint16", tokenizer: str | Non
     text = p.read_text(encoding="utf-8", errors="replace")
     if tokenizer is None:
         return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-    from ..gen.prompts import local_tokenizer
-
     tok = local_tokenizer(tokenizer)
     if tok is None:
         raise MoefxError(f"--tokenizer {tokenizer}: no tokenizer files in that folder")
@@ -106,8 +104,6 @@ def open_split(path: str | None, *, eval_path: str | None = None, dtype: str = "
     """(training tokens, validation tokens) of `path` (see the module docstring): the shipped corpus's
     own split for None, `eval_path`'s tokens when given, else the last HELD_OUT of the file's tokens."""
     if path is None and eval_path is None:
-        from ..data import load_corpus
-
         return load_corpus()
     train = open_tokens(path, dtype=dtype, tokenizer=tokenizer)
     if eval_path is not None:

@@ -37,7 +37,9 @@ from torch import nn
 from ..errors import DistillError
 from ..nn.aux import aux_loss
 from ..outputs import main_tensor
+from . import resume as R
 from .losses import distill_losses
+from .metrics import COLUMNS, MetricsCSV, loss_svg
 from .progress import Progress
 from .schedule import SCHEDULES, scheduler
 from .tokens import Windows, hash_seed, micro_index
@@ -167,7 +169,8 @@ def evaluate(model: nn.Module, batches: list, device, world, bf16: bool = False)
 
 def train(model: nn.Module, config: TrainConfig, windows: Windows, *, eval_model: nn.Module | None = None,
           teacher: nn.Module | None = None, world=None, checkpoint_dir=None, resume=None, metrics_csv=None,
-          loss_svg_path=None, progress: bool = False, say=print, forward=None) -> TrainResult:
+          loss_svg_path=None, progress: bool = False, say=print, forward=None, record: dict | None = None
+          ) -> TrainResult:
     """Train `model` (a converted GraphModule, captured in train mode, or a rank graph) for config.steps
     optimizer steps (see the module docstring).
 
@@ -176,12 +179,10 @@ def train(model: nn.Module, config: TrainConfig, windows: Windows, *, eval_model
     or `Ranks(model)`; checkpoint_dir: write a checkpoint every checkpoint_every steps and at the
     end (`moefx.train.resume`); resume: a checkpoint folder to continue from; metrics_csv /
     loss_svg_path: rank 0 writes them; forward: what runs the forward (e.g. torch.compile(model);
-    default: model itself). Returns a TrainResult."""
-    from . import resume as R
-    from .metrics import COLUMNS, MetricsCSV, loss_svg
-
+    default: model itself); record: what the checkpoints record about the job (model spec, plan,
+    versions: `moefx.runtime.build.job_record`). Returns a TrainResult."""
     world = world or Single()
-    forward = forward or model
+    forward = forward if forward is not None else model
     device = next(model.parameters()).device
     if teacher is not None:
         if config.kd_stop is None:
@@ -258,7 +259,7 @@ def train(model: nn.Module, config: TrainConfig, windows: Windows, *, eval_model
             if checkpoint_dir is not None and (done == config.steps or (config.checkpoint_every and
                                                                         done % config.checkpoint_every == 0)):
                 R.save(f"{checkpoint_dir}/step{done:07d}", model, opt, sched, config, done, result.skipped,
-                       result.evals, config.grad_accum * world.replicas)
+                       result.evals, config.grad_accum * world.replicas, record=record)
     finally:
         bar.close()
     if loss_svg_path and world.rank == 0:

@@ -2,14 +2,18 @@
 
 `Single()`: no process group; gradients are already the model's, the global norm is
 `torch.nn.utils.clip_grad_norm_`'s. `Ranks(local)`: a `moefx.distribute`d rank graph; gradients
-are reduced from its placement records (`moefx.runtime.grads`), the norm counts every shard once,
+are reduced from its placement records (`moefx.dist.grads`), the norm counts every shard once,
 and a value is averaged over the data-parallel replicas (every rank of a replica holds the same
 loss). Both answer the same questions, so the trainer has one code path.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from ..dist.grads import clip_grad_norm, grad_norm, reduce_gradients
+from ..facts import facts
 
 __all__ = ["Single", "Ranks"]
 
@@ -39,26 +43,18 @@ class Ranks:
     """This rank of a distributed job (the default process group is initialised)."""
 
     def __init__(self, local: nn.Module):
-        import torch.distributed as dist
-
-        resolved = local.meta["moefx_parallel"]
+        resolved = facts(local).parallel
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.replicas, self.replica = resolved.dp, resolved.dp_rank(self.rank)
 
     def reduce_gradients(self, model: nn.Module) -> None:
-        from ..runtime.grads import reduce_gradients
-
         reduce_gradients(model)
 
     def clip(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
-        from ..runtime.grads import clip_grad_norm, grad_norm
-
         return grad_norm(model) if max_norm is None else clip_grad_norm(model, max_norm)
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """The mean over the world of a float tensor = the mean over replicas (TP peers agree)."""
-        import torch.distributed as dist
-
         out = values.detach().double().clone()
         dist.all_reduce(out)
         return out / self.world

@@ -20,8 +20,8 @@ import torch
 from torch import fx, nn
 
 from ..errors import MoefxError
-from ..placement import placements, whole
-from ..recipes import KEY as RECIPES
+from ..facts import facts, placements
+from ..placement import whole
 from ..recipes import Copy, StackExperts, Uniform
 from ..tensors import named_tensors, owner_of
 from .sources import Source, SourceError
@@ -78,7 +78,7 @@ def materialize(gm: fx.GraphModule, source: Source, *, device: str | torch.devic
     device literals. Returns `gm` (changed in place). Raises SourceError naming a missing tensor,
     MoefxError for a shape that does not fit."""
     device = torch.device(device)
-    recipes = gm.meta.get(RECIPES, {}) if isinstance(getattr(gm, "meta", None), dict) else {}
+    recipes = facts(gm).recipes
     recs = placements(gm)
     buffer_ids = {id(b) for _, b in gm.named_buffers(remove_duplicate=False)}
     groups: dict[int, list[tuple[str, torch.Tensor]]] = {}

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import moefx
+from moefx.facts import facts
 from moefx import meta as M
 from moefx.analysis.blocks import find_blocks
 from moefx.errors import AnalysisError, PlanError
@@ -77,10 +78,10 @@ def test_student_structure_and_weights(name, plan):
     assert teacher.code == code  # the input is not mutated
 
     blocks = find_blocks(student)
-    keep = student.meta["moefx_student_keep"]
+    keep = facts(student).student_keep
     assert len(blocks) == 3 and len(keep) == 3
-    assert [b.origin for b in blocks] == list(keep) == list(student.meta["moefx_block_origin"])
-    assert student.meta["moefx_counters"]["shrink"] == 1 and student.meta["moefx_num_blocks"] == 3
+    assert [b.origin for b in blocks] == list(keep) == list(facts(student).block_origin)
+    assert facts(student).counters["shrink"] == 1 and facts(student).num_blocks == 3
     expected = (1, 2, 3) if name == "t5-tiny" else (0, 2, 3) if plan != "dense" else (0, 1, 3)
     assert keep == expected
     if name == "t5-tiny":  # 3 of 2 + 2 blocks: one encoder block (its last), both decoder blocks
@@ -115,8 +116,8 @@ def test_student_structure_and_weights(name, plan):
 def test_keeping_every_block_computes_the_teacher(name, plan):
     _, inputs, teacher = _teacher(name, plan)
     student = shrink(teacher, {"student": {"depth": 1.0}})
-    assert student is not teacher and student.meta["moefx_student_keep"] == (0, 1, 2, 3)
-    assert student.meta["moefx_counters"]["shrink"] == 0
+    assert student is not teacher and facts(student).student_keep == (0, 1, 2, 3)
+    assert facts(student).counters["shrink"] == 0
     with torch.no_grad():
         assert torch.equal(first_tensor(student(*inputs)), first_tensor(teacher(*inputs)))
 
@@ -137,7 +138,7 @@ def test_student_matches_eager_model_with_blocks_skipped(name, plan, keep):
     model, inputs, teacher = _teacher(name, plan)
     student_plan = {"layers": 3} if keep == "auto" else {"keep": list(keep)}
     student = shrink(teacher, {"student": student_plan})
-    kept = student.meta["moefx_student_keep"]
+    kept = facts(student).student_keep
     if keep != "auto":
         assert kept == keep
     ref = _skip_blocks(model, LAYERS[name], kept).eval()
@@ -187,8 +188,8 @@ def test_convert_runs_shrink_between_pr_moe_and_lowering():
     _, inputs, dense = _teacher("llama-tiny")
     plan = {**PR_MOE, "student": {"layers": 3}}
     student = moefx.convert(dense, plan)
-    assert student.meta["moefx_passes"] == ["pr_moe", "shrink", "lower_gating"]
-    assert student.meta["moefx_student_keep"] == (0, 2, 3)
+    assert facts(student).passes == ("pr_moe", "shrink", "lower_gating")
+    assert facts(student).student_keep == (0, 2, 3)
     assert {n.meta[M.IMPL] for n in student.graph.nodes if M.IMPL in n.meta} == {"torch"}
     assert SHRINK.name == "shrink" and SHRINK in moefx.PIPELINE
     skipped = moefx.convert(dense, {**plan, "disable": ["shrink"]})
@@ -201,8 +202,8 @@ def test_student_of_a_student_names_the_first_teachers_blocks():
     _, inputs, teacher = _teacher("gpt2-tiny", "pr_moe")
     once = shrink(teacher, {"student": {"layers": 3}})
     twice = shrink(once, {"student": {"keep": [0, 2]}})
-    assert twice.meta["moefx_student_keep"] == (0, 2)
-    assert twice.meta["moefx_block_origin"] == (0, 3)
+    assert facts(twice).student_keep == (0, 2)
+    assert facts(twice).block_origin == (0, 3)
     assert [b.origin for b in find_blocks(twice)] == [0, 3]
     direct = shrink(teacher, {"student": {"keep": [0, 3]}})
     with torch.no_grad():
@@ -213,7 +214,7 @@ def test_t5_keeps_a_block_in_each_stack():
     _, inputs, teacher = _teacher("t5-tiny")
     student = shrink(teacher, {"student": {"layers": 2}})
     blocks = find_blocks(student)
-    assert student.meta["moefx_student_keep"] == (1, 3)
+    assert facts(student).student_keep == (1, 3)
     assert [(b.stack, b.origin) for b in blocks] == [(0, 1), (1, 3)]
     explicit = shrink(teacher, {"student": {"keep": [0, 2]}})
     assert [(b.stack, b.origin) for b in find_blocks(explicit)] == [(0, 0), (1, 2)]
@@ -308,7 +309,7 @@ def test_papers_350m_pr_moe_student_on_the_meta_device():
     plan = {"moe": {"experts": "32x10+64x2", "every": 2, "residual": True, "drop_tokens": False},
             "student": {"layers": 21}}
     student = moefx.convert(model, plan, inputs, copy_weights=False)
-    assert sorted(set(range(24)) - set(student.meta["moefx_student_keep"])) == [5, 12, 15]
+    assert sorted(set(range(24)) - set(facts(student).student_keep)) == [5, 12, 15]
     layers = sorted((m.block, m.num_experts) for m in student.modules() if isinstance(m, MoELayer))
     assert [e for _, e in layers] == [32] * 8 + [64] * 2 and layers[-1][0] == 23
     assert len(find_blocks(student)) == 21

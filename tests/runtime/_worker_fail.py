@@ -2,7 +2,7 @@
 import torch
 import torch.distributed as dist
 
-from moefx.runtime.launch import init_from_env, worker
+from moefx.dist.worker import init_from_env, worker
 
 
 @worker

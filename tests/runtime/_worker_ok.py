@@ -6,7 +6,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from moefx.runtime.launch import init_from_env, worker
+from moefx.dist.worker import init_from_env, worker
 
 
 @worker

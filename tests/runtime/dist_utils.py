@@ -11,17 +11,12 @@ well under a second; still, share one world across many checks.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from datetime import timedelta
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from moefx.runtime.launch import free_port
 
 
 def _entry(rank: int, fn, world: int, port: int, timeout: float, args: tuple) -> None:

@@ -54,7 +54,7 @@ def _save_world(rank, world, path):
     import torch.distributed as dist
 
     import moefx
-    from moefx.runtime.checkpoint import pieces, save_sharded
+    from moefx.dist.checkpoint import pieces, save_sharded
 
     ref, _ = _converted(SAVE, perturb=True)
     local = moefx.distribute(ref, moefx.Plan.from_dict(SAVE))
@@ -75,7 +75,7 @@ def _save_world(rank, world, path):
 def _expected_local(ref_state, local):
     """The slice of the global (reference) tensor each local tensor must hold, by its placement record
     (the forward comparison below checks that the records themselves are right)."""
-    from moefx.placement import placements
+    from moefx.facts import placements
 
     out = {}
     for name, t in local.state_dict().items():
@@ -89,7 +89,7 @@ def _expected_local(ref_state, local):
 
 def _load_world(rank, world, path):
     import moefx
-    from moefx.runtime.checkpoint import load_sharded
+    from moefx.dist.checkpoint import load_sharded
 
     ref, inputs = _converted(SAVE, perturb=True)
     ref_state = ref.state_dict()
@@ -111,7 +111,7 @@ def _load_world(rank, world, path):
 
 @pytest.mark.dist
 def test_save_at_4_load_at_2_and_1(tmp_path):
-    from moefx.runtime.checkpoint import FORMAT, checkpoint_tensors, load_full
+    from moefx.dist.checkpoint import FORMAT, checkpoint_tensors, load_full
 
     path = str(tmp_path / "ckpt")
     os.makedirs(path)                 # an older checkpoint at the same path gets replaced
@@ -151,7 +151,7 @@ def test_save_at_4_load_at_2_and_1(tmp_path):
 
 
 def test_load_full_errors_name_the_problem(tmp_path):
-    from moefx.runtime.checkpoint import CheckpointError, load_full, save_sharded
+    from moefx.dist.checkpoint import CheckpointError, load_full, save_sharded
 
     gm, _ = _converted({"moe": MOE}, perturb=True)
     path = tmp_path / "single"
@@ -169,7 +169,7 @@ def test_load_full_errors_name_the_problem(tmp_path):
 
 def _damaged(tmp_path, name):
     """A saved whole-model checkpoint and a fresh model to load it into."""
-    from moefx.runtime.checkpoint import save_sharded
+    from moefx.dist.checkpoint import save_sharded
 
     gm, _ = _converted({"moe": MOE}, perturb=True)
     path = tmp_path / name
@@ -181,7 +181,7 @@ def _damaged(tmp_path, name):
 def test_overwritten_bytes_are_a_checkpoint_error_naming_the_piece(tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
 
-    from moefx.runtime.checkpoint import CheckpointError, load_full
+    from moefx.dist.checkpoint import CheckpointError, load_full
 
     path, folder, fresh = _damaged(tmp_path, "bytes")
     md = FileSystemReader(folder).read_metadata()
@@ -194,7 +194,7 @@ def test_overwritten_bytes_are_a_checkpoint_error_naming_the_piece(tmp_path):
 
 
 def test_swapped_shard_files_are_a_checkpoint_error(tmp_path):
-    from moefx.runtime.checkpoint import CheckpointError, load_full, save_sharded
+    from moefx.dist.checkpoint import CheckpointError, load_full, save_sharded
 
     path, folder, fresh = _damaged(tmp_path, "swap")
     other_gm, _ = _converted({"moe": MOE}, perturb=False)
@@ -209,7 +209,7 @@ def test_swapped_shard_files_are_a_checkpoint_error(tmp_path):
 
 
 def test_truncated_metadata_is_a_checkpoint_error(tmp_path):
-    from moefx.runtime.checkpoint import CheckpointError, load_full
+    from moefx.dist.checkpoint import CheckpointError, load_full
 
     path, folder, fresh = _damaged(tmp_path, "meta")
     meta = os.path.join(folder, ".metadata")
@@ -222,7 +222,7 @@ def test_truncated_metadata_is_a_checkpoint_error(tmp_path):
 
 
 def test_a_nan_model_is_never_checkpointed(tmp_path):
-    from moefx.runtime.checkpoint import CheckpointError, save_sharded
+    from moefx.dist.checkpoint import CheckpointError, save_sharded
 
     gm, _ = _converted({"moe": MOE}, perturb=False)
     with torch.no_grad():
@@ -236,7 +236,7 @@ def test_a_nan_model_is_never_checkpointed(tmp_path):
 def test_the_path_names_a_complete_checkpoint_at_every_instant(tmp_path):
     """The swap is one rename of a symlink: before it the old folder, after it the new one."""
     from moefx.fileio import publish_folder
-    from moefx.runtime.checkpoint import load_full, read_info, save_sharded
+    from moefx.dist.checkpoint import load_full, read_info, save_sharded
 
     path, folder, fresh = _damaged(tmp_path, "swapping")
     first = os.path.realpath(path)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from moefx.errors import MoefxError
-from moefx.runtime.launch import LaunchFailed, free_port, init_from_env, launch, start, torchrun_argv
+from moefx.runtime.launch import LaunchFailed, free_port, launch, start, torchrun_argv
+from moefx.dist.worker import init_from_env
 
 HERE = Path(__file__).resolve().parent
 OK, FAIL = str(HERE / "_worker_ok.py"), str(HERE / "_worker_fail.py")

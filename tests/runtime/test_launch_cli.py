@@ -217,50 +217,68 @@ def test_hierarchical_decision_flat_on_loopback_and_hierarchical_across_slow_lin
     assert not slow.choose_hierarchical(1024, 1, 4)       # one node: nothing to save
 
 
-def _fit(monkeypatch, nodes: int, per_node: int, *, launch: float, alpha_intra: float, alpha_inter: float,
+def _fit(nodes: int, per_node: int, *, launch: float, alpha_intra: float, alpha_inter: float,
          beta_intra: float, beta_inter: float, beta_mem: float):
-    """measure_profile's fit, run on fixed timings (what the alpha-beta model gives for these costs)
-    instead of timed all-to-alls: no process group, no noise."""
-    from types import SimpleNamespace
-
-    import torch
-
-    import moefx.dist.mesh as mesh_module
-    import moefx.runtime.calibrate as C
+    """calibrate's fit on fixed timings (what the alpha-beta model gives for these costs) instead of
+    timed all-to-alls: no process group, no noise."""
+    from moefx.runtime.calibrate import LARGE, SMALL, Timings, fit_profile
 
     N, G = nodes, per_node
     p = N * G
     sizes = {"world": p, "intra": G, "inter": N}
+    peers = {"world": (G - 1, p - G), "intra": (G - 1, 0), "inter": (0, N - 1)}
 
-    def a2a_time(group: str, nbytes: int, device, reps: int) -> float:
+    def a2a_time(group: str, nbytes: int) -> float:
         q = sizes[group]
         if q == 1:
             return 0.0
-        local, remote = {"world": (G - 1, p - G), "intra": (G - 1, 0), "inter": (0, N - 1)}[group]
+        local, remote = peers[group]
         return (launch + local * alpha_intra + remote * alpha_inter
                 + nbytes * local / (q * beta_intra) + nbytes * remote / (q * beta_inter))
 
-    fake_dist = SimpleNamespace(get_world_size=lambda group=None: p if group is None else sizes[group],
-                                get_backend=lambda: "fixed", group=SimpleNamespace(WORLD="world"))
-    names = {"world": "world", "intra_node": "intra", "inter_node": "inter"}
-    fake_mesh = lambda resolved: SimpleNamespace(group=names.__getitem__)  # noqa: E731
-    monkeypatch.setattr(C, "dist", fake_dist)
-    monkeypatch.setattr(mesh_module, "build_mesh", fake_mesh)
-    monkeypatch.setattr(C, "build_mesh", fake_mesh, raising=False)       # imported at module level or in the call
-    monkeypatch.setattr(C, "_a2a_time", a2a_time)
-    monkeypatch.setattr(C, "_timed", lambda fn, group, reps: C.LARGE / beta_mem)    # the local copy
-    return C.measure_profile(N, G, device=torch.device("cpu"), reps=1)
+    timings = Timings(small={g: a2a_time(g, SMALL * q) for g, q in sizes.items()},
+                      large={g: a2a_time(g, LARGE) for g in sizes}, copy=LARGE / beta_mem)
+    return fit_profile(N, G, timings, "measured on 2 x 2 ranks (fixed)")
 
 
-def test_calibrate_fit_of_fixed_timings_recovers_the_costs_and_the_decision(monkeypatch):
+def test_calibrate_fit_of_fixed_timings_recovers_the_costs_and_the_decision():
     """measure_profile on fixed timings: the fit gives back the costs the timings were made of, so a
     loopback machine's profile picks flat and a slow inter-node link's picks hierarchical for small
     messages."""
     import math
 
     for costs, hierarchical in ((LOOPBACK, [False, False]), (SLOW_INTER, [True, False])):
-        profile = _fit(monkeypatch, 2, 2, **costs)
+        profile = _fit(2, 2, **costs)
         assert profile.source == "measured on 2 x 2 ranks (fixed)"
         for key, want in costs.items():
             assert math.isclose(getattr(profile, key), want, rel_tol=0.02), (key, want, profile)
         assert [profile.choose_hierarchical(kib * 1024, 2, 2) for kib in (1, 65536)] == hierarchical, profile
+
+
+@pytest.mark.dist
+def test_triton_gating_runs_in_a_launched_job_and_equals_the_pytorch_path(tmp_path, monkeypatch):
+    """gating = "triton" on CPU ranks with Triton's interpreter: the rank graphs are lowered for the
+    job's device (not for meta, where they are built), every rank launches the kernels, and --check
+    compares with a single-process model that gates with PyTorch."""
+    plan = tmp_path / "triton.toml"
+    plan.write_text(MOE.replace("[4, 8]", "[4, 4]") + "\n[lowering]\ngating = \"triton\"\n"
+                    "\n[parallel]\nnodes = 1\ndevices_per_node = 2\nep = 2\n")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    r = _moefx("launch", "--nproc-per-node", "2", "--plan", str(plan), "gpt2-tiny", "--check", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("rank ")]
+    assert len(lines) == 2 and all(" ok max|diff|=" in line for line in lines), r.stdout
+    launches = [int(line.split("gating triton (")[1].split()[0]) for line in lines]
+    assert all(n > 0 for n in launches), lines
+
+
+def test_dump_shows_the_lowering_a_cuda_target_gets_without_a_gpu(capsys):
+    assert main(["dump", "gpt2-tiny", "--device", "meta", "--target", "cuda", "--format", "json"]) == 0
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    impls = {n["impl"] for n in data["nodes"] if n.get("role") == "route"}
+    assert impls == {"triton"}
+    assert main(["dump", "gpt2-tiny", "--device", "meta", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {n["impl"] for n in data["nodes"] if n.get("role") == "route"} == {"torch"}

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_utils import run_world
 
+from moefx.dist.mesh import build_mesh
 from moefx.errors import PlanError
+from moefx.nn.collectives import all_to_all
 from moefx.parallel import rank_layout, validate_parallel
 from moefx.plan import ParallelPlan
-from moefx.runtime.mesh import build_mesh
 
 
 def PP(**kw):
@@ -44,22 +44,16 @@ def _check_layout(rank, pp, counts):
 
 
 def _check_groups(rank, world):
-    from moefx.runtime.all_to_all import flat_all_to_all, hierarchical_all_to_all
-
     mesh = _check_layout(rank, PP(nodes=2, devices_per_node=2, tp=2, ep=[2, 4, 4]), [4, 8, 2])
     assert mesh.meshes["ep4"].mesh_dim_names == ("edp4", "ep4") and tuple(mesh.meshes["tp"].mesh.shape) == (2, 2)
     lp = mesh.resolved.layers[1]                       # 8 experts, ep 4 over 2 nodes: hierarchical
     assert lp.group_names == {"ep": "ep4", "edp": "edp4", "intra": "intra_node", "inter": "ep4_inter"}
     assert "intra" not in mesh.resolved.layers[0].group_names
     assert mesh.resolved.layers[2].group_names["expert_slice"] == "slice2"
-    # end to end on the built groups: hierarchical == flat over the EP group
-    g = torch.Generator().manual_seed(0)
-    S = torch.randint(0, 3, (4, 4), generator=g)
-    x = torch.randn(int(S[rank].sum()), 2, generator=g) + rank
-    send, recv = S[rank].tolist(), S[:, rank].tolist()
-    flat = flat_all_to_all(x, send, recv, mesh.group("ep4"))
-    hier = hierarchical_all_to_all(x, send, recv, mesh.group("intra_node"), mesh.group("ep4_inter"), 2, 2)
-    assert torch.equal(flat, hier)
+    # the graphs' all-to-all op routes rows over a bound group by name: rank s sends s * 10 + d to d
+    x = torch.tensor([[float(rank * 10 + d)] for d in range(4)])
+    got = all_to_all(x, [1] * 4, [1] * 4, "ep4")
+    assert got[:, 0].tolist() == [float(s * 10 + rank) for s in range(4)]
 
     with pytest.raises(PlanError, match="resolved for world_size 8"):
         build_mesh(validate_parallel(PP(nodes=2, devices_per_node=4), 8, [8]))

@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from ..run_model import add_model_args, job_main
-from .train import add_training_args, run
+from .train import add_distill_args, add_training_args, run
 
 __all__ = ["main", "build_parser"]
 
@@ -29,12 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="one rank of distributed staged-KD distillation (`moefx launch --distill`)")
     add_model_args(p)
     add_training_args(p)
-    p.add_argument("--teacher-load", metavar="DIR", help="sharded checkpoint of the teacher (also initialises the "
-                                                         "student's kept blocks); default: the teacher's own init")
-    p.add_argument("--kd-stop", type=int, default=None, help="the step KD ends (default: 60%% of --steps; -1: never)")
-    p.add_argument("--kd-alpha", type=float, default=1.0, help="weight of the KD term")
-    p.add_argument("--temperature", type=float, default=1.0, help="KD softmax temperature")
-    p.set_defaults(distill=True)
+    add_distill_args(p)
     return p
 
 

@@ -20,9 +20,15 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
+from ...dist.checkpoint import load_full, load_sharded
+from ...dist.worker import progress, say
+from ...errors import MoefxError
+from ...gen.cache import is_cache_buffer
+from ...gen.prompts import encode, left_pad, local_tokenizer, parse_prompt_ids, replica_rows
 from ...parallel import validate_parallel
-from ..launch import progress, say
+from ..build import build_generator
 from ..run_model import add_model_args, fail_if_asked, job_main, peak_rss_mb, replica_batch, start_job, tensor_bytes
 
 __all__ = ["main", "build_parser", "add_generation_args", "sampling_kwargs"]
@@ -63,11 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prompt_rows(args, tokenizer, vocab: int | None) -> list[list[int]] | None:
-    from ...gen.prompts import encode, parse_prompt_ids
 
     if args.prompt_ids and args.prompt:
-        from ...errors import MoefxError
-
         raise MoefxError("give --prompt-ids or --prompt, not both")
     if args.prompt_ids:
         return parse_prompt_ids(args.prompt_ids, vocab)
@@ -77,7 +80,6 @@ def _prompt_rows(args, tokenizer, vocab: int | None) -> list[list[int]] | None:
 
 
 def _replica_prompts(args, job, replica: int, replicas: int, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    from ...gen.prompts import left_pad, replica_rows
 
     rows = _prompt_rows(args, tokenizer, None)
     if rows is None:
@@ -88,13 +90,10 @@ def _replica_prompts(args, job, replica: int, replicas: int, tokenizer) -> tuple
 
 def checkpoint_name(name: str) -> str | None:
     """A generation graph's tensor -> its name in a checkpoint of the converted model (the cache: none)."""
-    from ...gen.cache import is_cache_buffer
-
     return None if is_cache_buffer(name) else name.removeprefix("model.")
 
 
 def _agree(device):
-    import torch.distributed as dist
 
     def agree(done: bool) -> bool:
         flag = torch.tensor([int(done)], device=device)
@@ -105,11 +104,6 @@ def _agree(device):
 
 
 def run(args) -> str:
-    import torch.distributed as dist
-
-    from ...gen.prompts import local_tokenizer
-    from ..build import build_generator
-    from ..checkpoint import load_sharded
 
     job = start_job(args)
     tokenizer = local_tokenizer(args.weights)
@@ -125,13 +119,11 @@ def run(args) -> str:
     gen.agree = _agree(job.device)
     progress("built")
     if args.load:
-        load_sharded(gen.prefill, args.load, rename=checkpoint_name, strict=False)
+        load_sharded(gen.prefill, args.load, rename=checkpoint_name)
         progress("loaded")
     fail_if_asked(args, job.rank)
     vocab = gen.vocab_size
     if vocab is not None and int(ids.max()) >= vocab:
-        from ...errors import MoefxError
-
         raise MoefxError(f"prompt token id {int(ids.max())} is outside the model's vocabulary [0, {vocab})")
     if args.compile:
         gen.compile()
@@ -160,9 +152,7 @@ def run(args) -> str:
     ref = build_generator(job.spec, job.plan, batch_size=batch, max_cache_len=cache, prompt_len=max(prompt_len, 2),
                           device=job.device, distributed=False)
     if args.load:
-        from ..checkpoint import load_full
-
-        load_full(ref.prefill, args.load, rename=checkpoint_name, strict=False)
+        load_full(ref.prefill, args.load, rename=checkpoint_name)
     want = ref.generate(ids, mask, **sampling_kwargs(args))
     if not torch.equal(out, want):
         rows_off = [i for i in range(out.shape[0]) if not torch.equal(out[i], want[i])] if out.shape == want.shape \

@@ -17,14 +17,23 @@ checkpoint (`--load` of later jobs, `moefx launch --generate --load`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import torch
 
-from ..launch import progress, say
-from ..run_model import add_model_args, fail_if_asked, job_main, peak_rss_mb, tensor_bytes
+from ...dist.checkpoint import load_full, load_sharded, save_sharded
+from ...dist.worker import progress, say
+from ...errors import MoefxError
+from ...facts import facts
+from ...outputs import output_size
+from ...train.tokens import HELD_OUT, Windows, open_split
+from ...train.trainer import TrainConfig, train
+from ...train.world import Ranks, Single
+from ..build import build_rank, build_reference, build_train_graphs, job_record
+from ..run_model import add_model_args, fail_if_asked, job_main, peak_rss_mb, start_job, tensor_bytes
 
-__all__ = ["main", "build_parser", "add_training_args", "config_from", "run"]
+__all__ = ["main", "build_parser", "add_training_args", "add_distill_args", "config_from", "run"]
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
@@ -59,6 +68,16 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_distill_args(p: argparse.ArgumentParser) -> None:
+    """The options of staged KD (`moefx distill`, `moefx launch --distill`); sets args.distill."""
+    p.add_argument("--teacher-load", metavar="DIR", help="checkpoint of the teacher (also initialises the student's "
+                                                         "kept blocks); default: the teacher's own init")
+    p.add_argument("--kd-stop", type=int, default=None, help="the step KD ends (default: 60%% of --steps; -1: never)")
+    p.add_argument("--kd-alpha", type=float, default=1.0, help="weight of the KD term")
+    p.add_argument("--temperature", type=float, default=1.0, help="KD softmax temperature")
+    p.set_defaults(distill=True)
+
+
 def build_parser(prog: str = "python -m moefx.runtime.jobs.train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="train a converted model (one rank of `moefx launch --train`, or one "
@@ -70,8 +89,6 @@ def build_parser(prog: str = "python -m moefx.runtime.jobs.train") -> argparse.A
 
 def config_from(args, **extra):
     """The TrainConfig of the options."""
-    from ...train.trainer import TrainConfig
-
     return TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
                        min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
                        clip=args.clip or None, bf16=args.bf16, seed=args.seed, nonfinite=args.nonfinite,
@@ -82,8 +99,6 @@ def config_from(args, **extra):
 def windows_for(args, vocab: int | None, *, rank: int = 0):
     """The data of the options as Windows of --batch x --seq with held-out validation tokens (the
     shipped corpus folded into a smaller vocabulary with `id % vocab`, said once)."""
-    from ...train.tokens import HELD_OUT, Windows, open_split
-
     tokenizer = args.tokenizer or args.weights
     train, val = open_split(args.data, eval_path=args.eval_data, dtype=args.data_dtype, tokenizer=tokenizer)
     if args.data is None and vocab is not None and vocab < 256:
@@ -130,9 +145,6 @@ def compare_rows(got: list, want: list, tolerance: float) -> str | None:
 
 
 def _teacher_plan(plan):
-    import dataclasses
-
-    from ...errors import MoefxError
 
     if plan.student is None:
         raise MoefxError("--distill needs a plan with a [student] section (layers, depth or keep): the student is "
@@ -141,27 +153,28 @@ def _teacher_plan(plan):
 
 
 def _models(args, job, *, distributed: bool, distill: bool, with_eval: bool = True):
-    """(student / model train graph, its eval graph (None without with_eval), teacher or None), weights loaded."""
-    from ..build import build_rank, build_reference, build_train_graphs
-    from ..checkpoint import load_full, load_sharded
-
+    """(student / model train graph, its eval graph (None without with_eval), teacher or None), weights
+    loaded. Distributed, every graph runs on one mesh: the teacher's (its MoE layers include the
+    student's), else the model's."""
     load = load_sharded if distributed else load_full
-    model, eval_model = build_train_graphs(job.spec, job.plan, device=job.device, distributed=distributed,
-                                           tokens_per_rank=args.batch * args.seq, profile=job.profile,
-                                           measure=distributed, with_eval=with_eval)
-    teacher = None
+    tokens = args.batch * args.seq
+    teacher, mesh, profile = None, None, job.profile
     if distill:
         plan = _teacher_plan(job.plan)
         if distributed:
-            teacher, _ = build_rank(job.spec, plan, device=job.device, tokens_per_rank=args.batch * args.seq,
-                                    profile=job.profile)
+            teacher, _ = build_rank(job.spec, plan, device=job.device, tokens_per_rank=tokens, profile=job.profile,
+                                    measure=True)
+            mesh, profile = teacher.moefx_mesh, facts(teacher).profile
         else:
             teacher = build_reference(job.spec, plan, device=job.device)
-        if args.teacher_load:
-            load(teacher, args.teacher_load, strict=False)
-            load(model, args.teacher_load, strict=False)     # the student starts from the teacher's kept blocks
+    model, eval_model = build_train_graphs(job.spec, job.plan, device=job.device, distributed=distributed,
+                                           tokens_per_rank=tokens, profile=profile, measure=distributed,
+                                           with_eval=with_eval, mesh=mesh)
+    if distill and args.teacher_load:
+        load(teacher, args.teacher_load)
+        load(model, args.teacher_load, strict=False)         # the student starts from the teacher's kept blocks
     if args.load:
-        load(model, args.load, strict=False)                 # a training checkpoint also holds optimizer state
+        load(model, args.load)
     return model, eval_model, teacher
 
 
@@ -175,13 +188,6 @@ def _distill_extra(args) -> dict:
 def run(args, *, distributed: bool = True) -> str:
     """Build, train (or distil, with args.distill), report (see the module docstring); returns this
     rank's summary line."""
-    from ...errors import MoefxError
-    from ...outputs import output_size
-    from ...train.trainer import train
-    from ...train.world import Ranks, Single
-    from ..checkpoint import save_sharded
-    from ..run_model import start_job
-
     distill = bool(getattr(args, "distill", False))
     if args.check and args.resume:
         raise MoefxError("--check compares a whole run with the single-process one: run it without --resume")
@@ -195,10 +201,10 @@ def run(args, *, distributed: bool = True) -> str:
     result = train(model, config, windows, eval_model=eval_model, teacher=teacher, world=world,
                    checkpoint_dir=args.checkpoint_dir, resume=args.resume, metrics_csv=args.metrics_csv,
                    loss_svg_path=args.loss_svg, progress=not args.no_progress, say=say,
-                   forward=_compiled(model, args))
+                   forward=_compiled(model, args), record=job_record(job.spec, job.plan))
     progress("trained")
     if args.save:
-        save_sharded(model, args.save)
+        save_sharded(model, args.save, record=job_record(job.spec, job.plan))
     head = f"rank {job.rank}/{job.world}:"
     if args.check and distributed:
         error = _check(args, job, config, windows, world, result, distill)
@@ -211,11 +217,6 @@ def run(args, *, distributed: bool = True) -> str:
 
 def _check(args, job, config, windows, world, result, distill: bool) -> str | None:
     """Train the whole model in this process on the same data; what differs from `result`, or None."""
-    import dataclasses
-
-    from ...train.trainer import train
-    from ...train.world import Single
-
     ref, _, teacher = _models(args, job, distributed=False, distill=distill, with_eval=False)
     single = dataclasses.replace(config, grad_accum=config.grad_accum * world.replicas)
     want = train(ref, single, windows, teacher=teacher, world=Single())
