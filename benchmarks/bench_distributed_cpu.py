@@ -776,7 +776,7 @@ def main(argv=None):
     text += ["\nDoes moefx beat the DeepSpeed-style baseline (goal: faster at every world size)?\n\n",
              "\n".join(verdict(e2e)), "\n"]
     if a2a:
-        text += ["\n## (a) all-to-all: flat vs hierarchical (moefx.runtime.all_to_all)\n\n"
+        text += ["\n## (a) all-to-all: flat vs hierarchical (benchmarks/_eager_a2a.py)\n\n"
                  "Even splits of 1 KiB rows; time per call of the slowest rank, median of reps. Hierarchical = "
                  "intra-node a2a + inter-node a2a + two layout permutes; on one host every 'link' is loopback, "
                  "so it cannot win here (it exists for slow inter-node links).\n\n",

@@ -25,8 +25,13 @@ class BackendError(MoefxError, RuntimeError):
     """A requested implementation cannot run here (e.g. Triton without a GPU)."""
 
 
-class DistillError(MoefxError, ValueError):
-    """Arguments, batches or models that a trainer (`moefx.distill`, `moefx train`) cannot train with."""
+class TrainError(MoefxError, ValueError):
+    """Training cannot start or go on: arguments, batches or models a trainer cannot train with, a
+    non-finite loss or gradient, a checkpoint past the run."""
+
+
+class DistillError(TrainError):
+    """The same, raised by distillation (`moefx.distill`): a TrainError of a KD run."""
 
 
 class CheckpointError(MoefxError, ValueError):

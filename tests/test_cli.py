@@ -99,6 +99,10 @@ def test_a_training_checkpoint_records_its_plan_and_refuses_another(tmp_path, ca
     # MODEL without --plan: the recorded plan is used (the default one has other expert counts)
     assert main(["generate", "gpt2-tiny", "--load", str(step), "--prompt-ids", "5,6", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.startswith("row 0: 5 6 ")
+    # dump shows the recorded model and plan: 2 experts in both MoE layers (the default plan: 4 and 8)
+    assert main(["dump", "--load", str(step), "--device", "meta", "--format", "table"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if "MoE" in line]
+    assert [(r[1], r[2]) for r in rows] == [("PR-MoE", "2"), ("PR-MoE", "2")]
     # the same model under a plan without the residual MLP: refused, naming the tensors only the checkpoint has
     other = tmp_path / "no_residual.toml"
     other.write_text(trained.read_text().replace("residual = true", "residual = false"))
@@ -107,3 +111,17 @@ def test_a_training_checkpoint_records_its_plan_and_refuses_another(tmp_path, ca
     err = capsys.readouterr().err
     assert "does not fit this model" in err and "of the checkpoint are not in the model" in err
     assert "moe0.coef.weight" in err
+
+
+def test_convert_and_dump_take_a_hugging_face_folder(tmp_path, capsys):
+    from moefx.models import load_model
+
+    model, _ = load_model("llama-tiny")
+    model.save_pretrained(tmp_path / "hf")
+    assert main(["convert", "--weights", str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out
+    assert "function preserved: yes" in out and out.count("PR-MoE") == 2
+    assert main(["dump", "-", "--weights", str(tmp_path / "hf"), "--device", "meta", "--target", "cuda",
+                 "--format", "table"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if "MoE" in line]
+    assert [(r[1], r[6]) for r in rows] == [("PR-MoE", "triton"), ("PR-MoE", "triton")]

@@ -33,10 +33,18 @@ def check_device(device: str) -> str:
     return device
 
 
-def model_args(sp: argparse.ArgumentParser, default: str | None = None) -> None:
-    """MODEL, --plan, --device, --seed."""
-    sp.add_argument("model", nargs="?" if default else None, default=default,
-                    help="built-in name (gpt2-tiny, llama-tiny, bert-tiny, ...) or package.module:function")
-    sp.add_argument("--plan", help="plan file (.toml / .json); without one: moefx.Plan.default()")
+def model_args(sp: argparse.ArgumentParser, default: str | None = None, load: bool = False) -> None:
+    """MODEL, --weights, --plan, --device, --seed (load: --load too)."""
+    sp.add_argument("model", nargs="?", default=None,
+                    help="built-in name (gpt2-tiny, llama-tiny, bert-tiny, ...) or package.module:function, or - "
+                         "with --weights" + (f" (default: {default})" if default else ""))
+    sp.add_argument("--weights", metavar="DIR", help="Hugging Face folder (config.json + safetensors) of the dense "
+                                                    "model")
+    if load:
+        sp.add_argument("--load", metavar="PATH", help="a training checkpoint or a folder written by moefx.save: "
+                                                      "the model and plan it records")
+    sp.add_argument("--plan", help="plan file (.toml / .json); without one: the plan --load records, else "
+                                   "moefx.Plan.default()")
+    sp.set_defaults(init="model", batch=2, seq=8, default_model=default)
     sp.add_argument("--device", default="cpu", help="cpu, cuda or meta (meta: no memory, no numerics)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the built-in's init and the example inputs")

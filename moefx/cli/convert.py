@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -11,23 +12,48 @@ from ..convert import convert
 from ..count import count_params
 from ..distribute import partitioned_view
 from ..dump import dump, layer_table
+from ..errors import MoefxError
 from ..facts import facts
 from ..fileio import write_atomic
-from ..models import load_model
+from ..origin import example_inputs as rebuild_inputs
+from ..origin import rebuild_model
 from ..outputs import main_tensor
 from ..passes.base import TARGETS
+from ..plan import Plan
+from ..runtime.build import dense_model
+from ..runtime.run_model import spec_and_plan
+from ..saving import WEIGHTS
+from ..saving import read as read_saved
 from .common import check_device, load_plan, model_args
+
+
+def dense_and_plan(args) -> tuple:
+    """(dense model, example inputs, plan) the options name: MODEL or --weights DIR with --plan; or
+    what --load records (a training checkpoint's model spec and plan, a saved folder's origin and
+    plan; --plan overrides the plan). The model is built on --device with its own weights."""
+    device = check_device(args.device)
+    load = getattr(args, "load", None)
+    if load and (Path(load) / WEIGHTS).exists():                  # a folder written by moefx.save
+        if args.model not in (None, "-") or args.weights:
+            raise MoefxError(f"--load {load} rebuilds the model saved there: give no MODEL or --weights")
+        origin = read_saved(load)["origin"]
+        plan = load_plan(args.plan) if args.plan else Plan.from_dict(origin["plan"])
+        return rebuild_model(origin, device), rebuild_inputs(origin, device), plan
+    if args.model is None and not args.weights and not load:
+        args.model = args.default_model
+    spec, plan = spec_and_plan(args)
+    model, inputs = dense_model(spec, device)
+    return model, inputs, plan
 
 
 def cmd_convert(args) -> int:
     """Convert MODEL with the plan, print the layer table and counts, compare with the dense model."""
-    plan = load_plan(args.plan)
-    model, inputs = load_model(args.model, device=check_device(args.device), seed=args.seed)
+    model, inputs, plan = dense_and_plan(args)
     t0 = time.perf_counter()
     gm = convert(model, plan, inputs, dump_dir=args.dump_dir, target=args.target)
     seconds = time.perf_counter() - t0
     capture_s = facts(gm).capture_seconds or 0.0
-    print(f"moefx convert {args.model}: {gm.meta.get('moefx_passes', [])} in {seconds:.2f} s "
+    print(f"moefx convert {args.model or args.weights or args.load}: {list(facts(gm).passes)} in {seconds:.2f} s "
           f"(capture {capture_s:.2f} s)\n")
     print(layer_table(gm))
     print(f"dense model: {count_params(model)}")
@@ -53,8 +79,7 @@ def cmd_convert(args) -> int:
 def cmd_dump(args) -> int:
     """Write a view of MODEL's graph at a stage (captured / converted / partitioned); dot / svg
     collapse dense blocks unless --expand."""
-    plan = load_plan(args.plan)
-    model, inputs = load_model(args.model, device=check_device(args.device), seed=args.seed)
+    model, inputs, plan = dense_and_plan(args)
     if args.stage == "captured":
         gm = capture(model, inputs)
     else:
@@ -88,7 +113,7 @@ def add_parsers(sub) -> None:
     c.set_defaults(func=cmd_convert)
 
     d = sub.add_parser("dump", help="print a graph as code, table, dot, svg or json")
-    model_args(d)
+    model_args(d, load=True)
     d.add_argument("--format", default="code", choices=["code", "table", "dot", "svg", "json"], help="what to write")
     d.add_argument("--stage", default="converted", choices=["captured", "converted", "partitioned"],
                    help="which graph")

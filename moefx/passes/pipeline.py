@@ -81,7 +81,7 @@ def run(gm: fx.GraphModule, ctx: PassContext, stage: str, *, dump_dir: str | Pat
         except MoefxError:
             raise
         except Exception as e:
-            raise PassError(f"pass {p.name!r} failed (passes run before it: {gm.meta.get('moefx_passes') or 'none'}): "
+            raise PassError(f"pass {p.name!r} failed (passes run before it: {list(facts(gm).passes) or 'none'}): "
                             f"{type(e).__name__}: {e}") from e
         if out is not gm:
             out.meta = dict(getattr(out, "meta", {}))

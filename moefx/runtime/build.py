@@ -55,7 +55,7 @@ from ..weights.sources import (
 from .calibrate import measure_profile
 
 __all__ = ["ModelSpec", "Skeleton", "skeleton", "dense_source", "convert_meta", "build_rank", "build_reference",
-           "build_generator", "build_train_graphs", "partition", "job_record", "recorded_job", "INITS"]
+           "build_generator", "build_train_graphs", "partition", "job_record", "recorded_job", "dense_model", "INITS"]
 
 INITS = ("model", "seeded")
 
@@ -171,6 +171,20 @@ def skeleton(spec: ModelSpec) -> Skeleton:
             real_buffers, _ = load_model(spec.name, seed=spec.seed, batch=spec.batch, seq=spec.seq)
     aliases = tied_aliases(meta_model)
     return Skeleton(meta_model, inputs, ModuleSource(real_buffers, aliases), aliases)
+
+
+def dense_model(spec: ModelSpec, device="cpu") -> tuple[nn.Module, tuple]:
+    """The spec's dense model with its weights, in eval mode, and example inputs: a built-in (its own
+    init) or a Hugging Face folder (`from_pretrained`, local files only)."""
+    if spec.weights is None:
+        return load_model(spec.name, device=device, seed=spec.seed, batch=spec.batch, seq=spec.seq)
+    cls, config = _hf_class(Path(spec.weights))
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls.from_pretrained(spec.weights, config=config, local_files_only=True)
+    return model.to(device).eval(), _hf_inputs(config, spec.batch, spec.seq, spec.seed, device)
 
 
 def example_inputs(spec: ModelSpec, device="cpu") -> tuple:

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..errors import DistillError
+from ..errors import TrainError
 from ..nn.aux import aux_loss
 from ..outputs import main_tensor
 from . import resume as R
@@ -46,10 +46,6 @@ from .tokens import Windows, hash_seed, micro_index
 from .world import Single
 
 __all__ = ["TrainConfig", "TrainResult", "TrainError", "train", "micro_seed"]
-
-
-class TrainError(DistillError):
-    """Training cannot go on (a non-finite loss or gradient, a checkpoint past the run, ...)."""
 
 
 @dataclass(frozen=True)
