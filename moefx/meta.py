@@ -1,4 +1,5 @@
-"""The node.meta keys moefx reads and writes, defined once.
+"""The node.meta keys moefx reads and writes, defined once (what a pass records about the whole
+graph is `moefx.facts`).
 
 BLOCK  int     index of the Transformer block a node belongs to (set by analysis)
 ROLE   str     one of ROLES (set by analysis and by the passes that create nodes)

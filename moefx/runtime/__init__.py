@@ -2,6 +2,8 @@
 
 launch      torchrun launching: start the ranks, forward signals, name the rank that failed
 build       rank graphs, references and generators from a model spec and a plan (on meta, then materialised)
+calibrate   the all-to-all cost profile of the job's mesh (`moefx calibrate`)
+stats       bytes each collective of a rank graph moves
 run_model   the worker program `moefx launch` runs
 jobs/       what that program runs on each rank (check, generate, train, distill)
 
