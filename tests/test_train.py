@@ -264,13 +264,17 @@ def test_train_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "ok 3 steps" in out and "validation loss" in out
     assert (tmp_path / "m.csv").read_text().splitlines()[0] == "step,loss,aux,grad_norm,lr,tokens_per_s"
-    # generate from the saved training weights in one process; without MODEL the checkpoint is refused
+    # generate from the saved training weights in one process; without MODEL the checkpoint's recorded model
     gen = ["generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]
     assert main([*gen, "nanogpt-tiny"]) == 0 and main([*gen, "nanogpt-tiny", "--load", str(tmp_path / "w")]) == 0
-    fresh, trained = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("row 0")]
-    assert fresh != trained
+    assert main([*gen, "--load", str(tmp_path / "w")]) == 0
+    fresh, trained, recorded = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("row 0")]
+    assert fresh != trained and recorded == trained
+    # a checkpoint that records no model (an older moefx's) needs MODEL
+    side = tmp_path / "w" / "moefx.json"
+    side.write_text(side.read_text().replace('"record": {', '"unrecorded": {'))
     assert main([*gen, "--load", str(tmp_path / "w")]) == 2
-    assert "is a sharded checkpoint" in capsys.readouterr().err
+    assert "records its model" in capsys.readouterr().err
     data = tmp_path / "tokens.bin"
     torch.randint(0, 300, (5000,), dtype=torch.int32).numpy().astype("uint16").tofile(data)
     assert main(["train", "nanogpt-tiny", "--data", str(data), "--steps", "1", "--no-progress"]) == 2
