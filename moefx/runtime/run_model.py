@@ -150,8 +150,9 @@ def spec_and_plan(args) -> tuple[ModelSpec, Plan]:
     """The model spec and plan the options name (MODEL / --weights / --init, --plan); what a --load
     checkpoint recorded (`moefx.runtime.build.job_record`) stands in for MODEL and --plan when they
     are not given, else the plan is moefx.Plan.default()."""
-    recorded = recorded_job(args.load) if getattr(args, "load", None) else None
     model = None if args.model in (None, "-") else args.model
+    asked = (model is None and args.weights is None) or not args.plan      # what the record must say
+    recorded = recorded_job(args.load) if asked and getattr(args, "load", None) else None
     if model is None and args.weights is None:
         if recorded is None:
             raise MoefxError("give a MODEL (built-in or package.module:function), --weights DIR, or --load a "
