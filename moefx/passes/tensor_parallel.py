@@ -212,11 +212,11 @@ class _Split:
             return lo // group, lo // group + 1
         return None
 
-    def _attention(self, att) -> int:
+    def _attention(self, att) -> None:
         """Split heads over the TP group: q/k/v column-parallel, output projection row-parallel.
         With fewer key / value heads than ranks the k / v projections stay whole (replicated; their
         outputs pass a tp_copy, so every rank's weight gradient sums every rank's heads) and the core
-        reads this rank's slice of them. Returns the number of TP collectives inserted."""
+        reads this rank's slice of them."""
         tp, r = self.tp, self.r
         kv_side = self._kv_side(att)
         infos = {p: linear_info(p) for p in att.projections}
@@ -228,7 +228,6 @@ class _Split:
             chunks = len(_outputs(splits[0])) if splits else 1
             self._column(info, chunks)
         params = self._region_params(att, set(infos))
-        extra = 0
         for n in list(att.flags):
             if n in kv_side:
                 continue
@@ -245,13 +244,12 @@ class _Split:
                 n.args = (n.args[0], n.args[1] // tp, *n.args[2:])
             elif p is aten.split_with_sizes and att.flags[n.args[0]][_dim(n)]:
                 n.args = (n.args[0], [s // tp for s in n.args[1]], *n.args[2:])
-            extra += self._slice_per_head_inputs(att, n)
+            self._slice_per_head_inputs(att, n)
         for a in params:
             # a parameter the split heads read whole (a per-head q / k norm's weight): its gradient
             # is the sum over the ranks' heads
             cp = self._copy_to_tp(a, None)
             a.replace_all_uses_with(cp, delete_user_cb=lambda u: u is not cp and u in att.flags)
-            extra += 1
         if kv_side:
             lo, hi = self._kv_range(att)
             for operand in (att.k, att.v):
@@ -260,7 +258,6 @@ class _Split:
                 if p in kv_side:
                     cp = self._copy_to_tp(p, None)
                     p.replace_all_uses_with(cp, delete_user_cb=lambda u: u is not cp)
-                    extra += 1
         xs = {info.x for p, info in split_projs.items()}
         for x in xs:
             cp = self._copy_to_tp(x, None)
@@ -268,7 +265,6 @@ class _Split:
                 if p.args[1 if packet(p) is aten.addmm else 0] is x:
                     p.replace_input_with(x, cp)
         self._row(out_info, None)
-        return 1 + len(xs) + extra
 
     def _region_params(self, att, projections: set) -> list[fx.Node]:
         """Trainable get_attr nodes that split-head nodes read (not the projections' own weights)."""
@@ -282,15 +278,14 @@ class _Split:
                         out.append(a)
         return out
 
-    def _slice_per_head_inputs(self, att, n: fx.Node) -> int:
+    def _slice_per_head_inputs(self, att, n: fx.Node) -> None:
         """Inputs of `n` outside the region that hold every head (a per-head mask or position bias) get
         this rank's heads, after a tp_copy (the parameters they come from get every head's gradient)."""
         if n.op != "call_function" or packet(n) in CACHE_UPDATES:
-            return 0
+            return
         out_flags, out_val = att.flags[n], val(n)
         if out_val is None or True not in out_flags:
-            return 0
-        inserted = 0
+            return
         for a in list(n.all_input_nodes):
             av = val(a)
             if a in att.flags or a.op == "get_attr" or av is None or av.dim() == 0 or av.dim() > out_val.dim():
@@ -301,8 +296,6 @@ class _Split:
             for d in axes:
                 self._slice_heads(n, a, self.r * att.heads // self.tp, (self.r + 1) * att.heads // self.tp, dim=d,
                                   copy=True)
-                inserted += 1
-        return inserted
 
     def _slice_heads(self, user: fx.Node, operand: fx.Node, lo: int, hi: int, dim: int = -3,
                      copy: bool = False) -> None:
