@@ -198,13 +198,14 @@ def run(args, *, distributed: bool = True) -> str:
     fail_if_asked(args, job.rank)
     world = Ranks(model) if distributed else Single()
     windows = windows_for(args, output_size(model), rank=job.rank)
+    record = job_record(job.spec, job.plan)          # what its checkpoints say the run was
     result = train(model, config, windows, eval_model=eval_model, teacher=teacher, world=world,
                    checkpoint_dir=args.checkpoint_dir, resume=args.resume, metrics_csv=args.metrics_csv,
                    loss_svg_path=args.loss_svg, progress=not args.no_progress, say=say,
-                   forward=_compiled(model, args), record=job_record(job.spec, job.plan))
+                   forward=_compiled(model, args), record=record)
     progress("trained")
     if args.save:
-        save_sharded(model, args.save, record=job_record(job.spec, job.plan))
+        save_sharded(model, args.save, record=record)
     head = f"rank {job.rank}/{job.world}:"
     if args.check and distributed:
         error = _check(args, job, config, windows, world, result, distill)
