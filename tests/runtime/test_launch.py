@@ -83,12 +83,17 @@ def test_two_nodes_failure_stops_both():
 def test_timeout_kills_the_whole_launch():
     from moefx.runtime.launch import _descendants
     h = start([OK, "--sleep", "60"], nproc_per_node=2)
-    time.sleep(2.5)
-    tree = _descendants(h.proc.pid)                   # agent's workers (own sessions) and helpers
+    tree, deadline = [], time.monotonic() + 30        # a loaded machine takes a while to start both workers
+    while len(tree) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        tree = _descendants(h.proc.pid)               # agent's workers (own sessions) and helpers
+    assert len(tree) >= 2, f"torchrun did not start its two workers in 30 s: {tree}"
     r = h.wait(timeout=3)
     assert r.timed_out and r.returncode != 0
-    time.sleep(0.5)
-    assert tree and not [pid for pid in [h.proc.pid] + tree if _alive(pid)]   # nothing of the launch survives
+    deadline = time.monotonic() + 5                   # SIGKILL is immediate; reaping by init is not
+    while [pid for pid in [h.proc.pid] + tree if _alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in [h.proc.pid] + tree if _alive(pid)]   # nothing of the launch survives
 
 
 def _alive(pid: int) -> bool:
