@@ -40,10 +40,12 @@ def convert(model: nn.Module, plan: Plan | dict | None = None, example_inputs: t
     ctx = PassContext(plan, target=target)
     pipeline.check(ctx, model if isinstance(model, fx.GraphModule) else None)
     moe = plan.moe
-    if moe is not None and moe.init == "upcycle" and moe.drop_tokens:
-        warnings.warn("this plan drops tokens over capacity (drop_tokens=True): the converted model only "
-                      "approximates the dense one at initialisation; set drop_tokens = false for exact "
-                      "function preservation", stacklevel=2)
+    if moe is not None and moe.init == "upcycle" and moe.inexact_reasons():
+        warnings.warn("the converted model only approximates the dense one at initialisation: "
+                      + "; ".join(moe.inexact_reasons()), stacklevel=2)
+    if moe is None and plan.student is None:
+        warnings.warn("the plan has no [moe] or [student] section: nothing is converted (the result is the "
+                      "captured dense graph); add a [moe] section, or pass no plan for Plan.default()", stacklevel=2)
     if copy_weights:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # pytree spec deprecation noise from deepcopy

@@ -113,14 +113,17 @@ class MoEPlan:
         aux loss; 0 turns it off.
     """
 
-    experts: ExpertSpec = 8
-    every: int = 1
+    # The defaults are the paper's PR-MoE: a pyramid (4 experts in the shallower half of the MoE
+    # layers, 8 in the deeper), every other block, residual MLP, top-1, dropless. A plan file that
+    # sets only some keys gets these for the rest, as no plan at all does (Plan.default()).
+    experts: ExpertSpec = field(default_factory=lambda: {"levels": [4, 8], "boundaries": [0.5]})
+    every: int = 2
     top_k: int = 1
-    residual: bool = False
+    residual: bool = True
     capacity_factor: float = 1.0
     eval_capacity_factor: float = 1.0
     min_capacity: int = 4
-    drop_tokens: bool = True
+    drop_tokens: bool = False
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
     noisy_gate: str | None = None
@@ -173,6 +176,21 @@ class MoEPlan:
         if mode == "auto":
             mode = "unit" if self.init == "upcycle" else "prob"
         return mode == "unit"
+
+    def inexact_reasons(self) -> list[str]:
+        """Why the converted model will not compute the dense function at initialisation (each reason
+        names the setting and the value that would keep it exact); empty when it will."""
+        reasons = []
+        if self.init != "upcycle":
+            reasons.append(f'init = "{self.init}" re-initialises the experts (init = "upcycle" copies the dense FFN)')
+        if self.drop_tokens:
+            reasons.append("drop_tokens = true drops tokens over capacity (drop_tokens = false keeps them all)")
+        if self.init_noise:
+            reasons.append(f"init_noise = {self.init_noise} perturbs the copied experts (init_noise = 0 keeps them equal)")
+        if self.top_k == 1 and not self.unit_top1:
+            reasons.append('combine_weight = "prob" scales each top-1 output by its gate probability '
+                           '(combine_weight = "unit" or "auto" keeps the value 1)')
+        return reasons
 
     def moe_blocks(self, num_blocks: int) -> list[int]:
         """0-based indices of the blocks that become MoE: (i + 1) % every == 0."""
@@ -431,9 +449,20 @@ class Plan:
 
     @classmethod
     def default(cls) -> "Plan":
-        """The built-in default: PR-MoE (residual, top-1) every other block, 4 then 8 experts."""
-        return cls(moe=MoEPlan(experts={"levels": [4, 8], "boundaries": [0.5]}, every=2, top_k=1, residual=True,
-                               drop_tokens=False))
+        """The built-in default: PR-MoE (residual, top-1, dropless) every other block, 4 then 8 experts
+        (MoEPlan's defaults)."""
+        return cls(moe=MoEPlan())
+
+    def describe(self) -> str:
+        """Every resolved setting, one line per section ("[moe] experts=... every=2 ..."), defaults
+        included: what a job prints at start so a run says exactly what it ran."""
+        lines = []
+        for name, section in self.to_dict().items():
+            if isinstance(section, dict):
+                lines.append(f"[{name}] " + " ".join(f"{k}={v!r}" for k, v in section.items()))
+            else:
+                lines.append(f"{name} = {section!r}")
+        return "\n".join(lines) or "(empty plan: nothing to convert)"
 
     def to_dict(self) -> dict:
         """The plan as a plain dict (round-trips through `from_dict`)."""

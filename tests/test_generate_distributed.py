@@ -87,13 +87,15 @@ def test_launch_generate_check(tmp_path):
     plan.write_text('[moe]\nexperts = 4\nevery = 1\ntop_k = 2\ndrop_tokens = false\ninit_noise = 0.3\n'
                     '[parallel]\nnodes = 1\ndevices_per_node = 2\nep = 2\n')
     r = _moefx("launch", "--nproc-per-node", "2", "--plan", str(plan), "nanogpt-tiny", "--generate",
-               "--prompt-ids", "1,2,3;4,5,6,7", "--max-new-tokens", "6", "--check")
+               "--prompt-ids", "1,2,3;4,5,6,7;8,9", "--max-new-tokens", "6", "--check")
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
-    assert [ln.split(":")[0] for ln in lines if ln.startswith("replica")] == ["replica 0 row 0", "replica 1 row 0"]
-    rows = {ln.split(":")[0]: ln.split(": ")[1].split() for ln in lines if ln.startswith("replica")}
-    assert rows["replica 0 row 0"][:3] == ["1", "2", "3"] and rows["replica 1 row 0"][:4] == ["4", "5", "6", "7"]
-    assert len(rows["replica 0 row 0"]) == 3 + 6
+    # 3 rows on 2 replicas: replica 1 runs row 2 and a filler; exactly the user's 3 rows are printed
+    assert [ln.split(":")[0] for ln in lines if ln.startswith(("row", "replica"))] == [
+        "row 0 (replica 0)", "row 1 (replica 0)", "row 2 (replica 1)"]
+    rows = {ln.split(":")[0]: ln.split(": ")[1].split() for ln in lines if ln.startswith("row")}
+    assert rows["row 0 (replica 0)"][:4] == ["0", "1", "2", "3"] and rows["row 1 (replica 0)"][:4] == ["4", "5", "6", "7"]
+    assert rows["row 2 (replica 1)"][:3] == ["0", "8", "9"] and len(rows["row 2 (replica 1)"]) == 3 + 6   # padded
     assert sum("ok tokens equal the single-process run" in ln for ln in lines) == 2
     # the single-process command prints the same tokens for the same prompt
     from moefx.cli import main
@@ -133,7 +135,7 @@ def _train_then_generate(rank, world, plan, ckpt):
         common + ["--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--check", "--load", ckpt]))
     assert f"rank {rank}/2: ok" in fresh and "ok tokens equal the single-process run" in trained
     if rank == 0:
-        rows = [ln for ln in lines if ln.startswith("replica 0 row 0")]
+        rows = [ln for ln in lines if ln.startswith("row 0 (replica 0)")]
         assert len(rows) == 2 and rows[0] != rows[1], lines     # the trained weights generate other tokens
 
 

@@ -16,7 +16,7 @@ from ..errors import MoefxError
 from ..gen.prompts import encode, left_pad, local_tokenizer, parse_prompt_ids
 from ..runtime.build import build_generator
 from ..runtime.jobs.generate import add_generation_args, checkpoint_name, sampling_kwargs
-from ..runtime.run_model import spec_and_plan
+from ..runtime.run_model import positive_int, spec_and_plan
 from ..saving import WEIGHTS, load_generator, save
 from .common import check_device
 
@@ -39,11 +39,11 @@ def cmd_generate(args) -> int:
     """Build the generator, generate from the prompts, print the tokens (and text) and the timing."""
     check_device(args.device)
     tokenizer = local_tokenizer(args.tokenizer or args.weights)
-    if args.prompt_ids and args.prompt:
+    if args.prompt_ids is not None and args.prompt:
         raise MoefxError("give --prompt-ids or --prompt, not both")
     if args.prompt:
         ids, mask = left_pad(encode(tokenizer, args.prompt), getattr(tokenizer, "pad_token_id", None) or 0)
-    elif args.prompt_ids:
+    elif args.prompt_ids is not None:
         ids, mask = left_pad(parse_prompt_ids(args.prompt_ids))
     else:
         ids = mask = None
@@ -92,7 +92,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--compile", action="store_true", help="run the decode step under torch.compile(fullgraph=True)")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--seed", type=int, default=0, help="seed of the built-in's init and of the random prompts")
-    g.add_argument("--batch", type=int, default=1, help="rows of the random prompt batch (without --prompt*)")
-    g.add_argument("--seq", type=int, default=8, help="tokens of each random prompt row")
+    g.add_argument("--batch", type=positive_int, default=1, help="rows of the random prompt batch (without --prompt*)")
+    g.add_argument("--seq", type=positive_int, default=8, help="tokens of each random prompt row")
     add_generation_args(g)
     g.set_defaults(func=cmd_generate)

@@ -42,7 +42,7 @@ from .weight_layout import input_contiguous, long_rows
 from .weight_layout import resolve as resolve_layout
 
 __all__ = ["Generator", "GenerationStats", "convert_generator", "convert_graphs", "capture_generator",
-           "position_limit", "special_tokens"]
+           "position_limit", "model_positions", "check_cache_len", "special_tokens"]
 
 
 @dataclass
@@ -102,6 +102,7 @@ def convert_graphs(model: nn.Module, plan, *, batch_size: int, max_cache_len: in
     target: the device type the graphs will run on (see `moefx.convert`)."""
     ctx = PassContext(as_plan(plan), target=target)
     pipeline.check(ctx)
+    check_cache_len(model, max_cache_len)
     prefill, decode = capture_generator(model, batch_size, max_cache_len, prompt_len=prompt_len)
     prefill = pipeline.run(prefill, ctx, "convert")
     decode = pipeline.run(decode, ctx, "convert")
@@ -129,6 +130,7 @@ def convert_generator(model: nn.Module, plan=None, example_inputs: tuple = (), *
     prompt = example_inputs[0] if example_inputs else None
     batch_size = batch_size or (prompt.shape[0] if prompt is not None else 1)
     max_cache_len = max_cache_len or position_limit(model)
+    check_cache_len(model, max_cache_len)
     if copy_weights:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -151,13 +153,36 @@ def special_tokens(model: nn.Module, eos_token_id: int | None = None, pad_token_
     return eos, pad
 
 
-def position_limit(model: nn.Module) -> int:
+_POSITION_ATTRS = ("max_position_embeddings", "n_positions", "block_size")
+
+
+def model_positions(model: nn.Module) -> tuple[str, int] | None:
+    """(config attribute, value) of the most positions `model` declares it handles, None when its config
+    names none."""
     config = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "block_size"):
+    for attr in _POSITION_ATTRS:
         v = getattr(config, attr, None)
-        if isinstance(v, int):
-            return min(v, 256)
-    return 256
+        if isinstance(v, int) and not isinstance(v, bool):
+            return attr, v
+    return None
+
+
+def position_limit(model: nn.Module) -> int:
+    """The default cache length: the model's declared positions, at most 256 (256 when it declares none)."""
+    declared = model_positions(model)
+    return min(declared[1], 256) if declared else 256
+
+
+def check_cache_len(model: nn.Module, max_cache_len: int) -> None:
+    """MoefxError when max_cache_len is not a positive int or exceeds the positions `model` declares
+    (prompt + new tokens would run past its position table mid-generation)."""
+    if not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool) or max_cache_len < 1:
+        raise MoefxError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
+    declared = model_positions(model)
+    if declared and max_cache_len > declared[1]:
+        raise MoefxError(f"max_cache_len {max_cache_len} exceeds the model's {declared[1]} positions "
+                         f"(config.{declared[0]}): prompt + new tokens must fit in {declared[1]}; use max_cache_len "
+                         f"<= {declared[1]} (and fewer new tokens)")
 
 
 class Generator:
@@ -266,7 +291,17 @@ class Generator:
             self._prefill_fn = compiled(self.prefill, dynamic=True)
         return self
 
-    def _check(self, prompt_ids: torch.Tensor, max_new_tokens: int) -> None:
+    def _check(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int) -> None:
+        """MoefxError naming the fix for inputs the graphs cannot generate from (before any work)."""
+        if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2:
+            shape = tuple(prompt_ids.shape) if isinstance(prompt_ids, torch.Tensor) else type(prompt_ids).__name__
+            raise MoefxError(f"prompt_ids must be a [batch, tokens] tensor of token ids, got {shape}"
+                             + (": for one prompt pass ids[None]" if isinstance(prompt_ids, torch.Tensor)
+                                and prompt_ids.dim() == 1 else ""))
+        if prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool:
+            raise MoefxError(f"prompt_ids must hold integer token ids, got {prompt_ids.dtype}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise MoefxError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         B, T = prompt_ids.shape
         if B > self.batch_size:
             raise MoefxError(f"a batch of {B} prompts, but the generator's cache holds {self.batch_size}: convert it "
@@ -276,6 +311,20 @@ class Generator:
                              "lower max_new_tokens or convert with a larger max_cache_len")
         if T < 1:
             raise MoefxError("the prompt is empty: give at least one token")
+        vocab = self.vocab_size
+        if prompt_ids.numel() and (int(prompt_ids.min()) < 0 or (vocab is not None and int(prompt_ids.max()) >= vocab)):
+            raise MoefxError(f"prompt token ids range over [{int(prompt_ids.min())}, {int(prompt_ids.max())}], outside "
+                             f"the model's vocabulary [0, {vocab})")
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, T):
+                raise MoefxError(f"attention_mask has shape {tuple(attention_mask.shape)}, prompt_ids {(B, T)}: "
+                                 "give one 0/1 entry per prompt token")
+            m = attention_mask.long()
+            if bool((m[:, -1] == 0).any()) or bool((m[:, 1:] < m[:, :-1]).any()):
+                rows = sorted({int(r) for r in torch.nonzero((m[:, 1:] < m[:, :-1]).any(-1) | (m[:, -1] == 0))[:, 0]})
+                raise MoefxError(f"attention_mask rows {rows[:8]} are not left-padded (a 0 after a 1, or a 0 last): "
+                                 "generation continues after each row's last token, so pad prompts on the left "
+                                 "(moefx.gen.prompts.left_pad)")
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -285,7 +334,7 @@ class Generator:
         """Token ids [B, T + n] (n <= max_new_tokens: all rows finished at EOS earlier). prompt_ids
         [B, T] are left-padded where attention_mask [B, T] is 0."""
         sampling = Sampling(do_sample, temperature, top_k, top_p)
-        self._check(prompt_ids, max_new_tokens)
+        self._check(prompt_ids, attention_mask, max_new_tokens)
         device = self.device
         B, T = prompt_ids.shape
         rows = B

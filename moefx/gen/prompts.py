@@ -21,7 +21,10 @@ def parse_prompt_ids(text: str, vocab_size: int | None = None) -> list[list[int]
                              "(e.g. 1,2,3;4,5)") from None
         if not row:
             raise MoefxError(f"--prompt-ids {text!r} has an empty row")
-        bad = [t for t in row if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        negative = [t for t in row if t < 0]
+        if negative:
+            raise MoefxError(f"--prompt-ids: token ids {negative[:4]} are negative: token ids start at 0")
+        bad = [t for t in row if vocab_size is not None and t >= vocab_size]
         if bad:
             raise MoefxError(f"--prompt-ids: token ids {bad[:4]} are outside the model's vocabulary [0, {vocab_size})")
         rows.append(row)
@@ -59,8 +62,15 @@ def encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return [tokenizer(t)["input_ids"] for t in texts]
 
 
+def replica_row_indices(n: int, replica: int, replicas: int) -> list[int]:
+    """Which of the user's `n` rows data-parallel replica `replica` of `replicas` generates, as row
+    indices: ceil(n / replicas) consecutive rows. Indices >= n are fillers (replicas run equal batches;
+    a filler repeats row index % n and is not the user's)."""
+    per = -(-n // replicas)
+    return [replica * per + i for i in range(per)]
+
+
 def replica_rows(rows: list[list[int]], replica: int, replicas: int) -> list[list[int]]:
-    """The rows data-parallel replica `replica` of `replicas` generates: ceil(n / replicas) consecutive
-    rows, wrapping around when there are fewer rows than replicas x that."""
-    per = -(-len(rows) // replicas)
-    return [rows[(replica * per + i) % len(rows)] for i in range(per)]
+    """The rows data-parallel replica `replica` of `replicas` generates (`replica_row_indices`; a filler
+    repeats a row)."""
+    return [rows[i % len(rows)] for i in replica_row_indices(len(rows), replica, replicas)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import MoefxError
 from .routing import z_loss
 
 
@@ -22,8 +23,10 @@ class AuxLossSink(nn.Module):
         self.coef = float(coef)
         self.z_coef = float(z_coef)
         self.value: torch.Tensor | None = None
+        self.ran = False             # whether a forward has reached this layer (aux_loss refuses to guess)
 
     def forward(self, l_aux: torch.Tensor | None, logits: torch.Tensor | None = None) -> None:
+        self.ran = True
         if l_aux is None:  # the gather path's gate in inference computes none (moefx.nn.routing.route_choices)
             self.value = None
             return None
@@ -38,12 +41,19 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     """Sum of the weighted auxiliary losses (aux_loss_coef * l_aux + z_loss_coef * z-loss) over all
     MoE layers of `model`, from its latest forward.
 
-    Takes any module containing moefx MoE layers; returns a scalar tensor (0 when there are
-    none or no forward has run), differentiable with respect to the router weights.
+    Takes any module containing moefx MoE layers; returns a scalar tensor, differentiable with
+    respect to the router weights (0 for a model without MoE layers, and after an inference-mode
+    forward, which computes no aux loss). MoefxError when the model has MoE layers but none has
+    run a forward yet: there is no latest forward to take the loss of.
     """
+    sinks = [m for m in model.modules() if isinstance(m, AuxLossSink)]
+    if sinks and not any(s.ran for s in sinks):
+        raise MoefxError("moefx.aux_loss(model) before any forward of the model: it sums the load-balancing "
+                         "losses of the latest forward, so call the model first (loss = task_loss(model(x)) + "
+                         "moefx.aux_loss(model))")
     total = None
-    for sink in model.modules():
-        if isinstance(sink, AuxLossSink) and sink.value is not None:
+    for sink in sinks:
+        if sink.value is not None:
             total = sink.value if total is None else total + sink.value
     if total is None:
         return torch.zeros(())

@@ -312,7 +312,7 @@ def _clone_module(m: nn.Module, memo: dict) -> nn.Module:
     new._buffers = {k: _clone_tensor(b, memo) for k, b in m._buffers.items()}
     new._modules = {k: (_clone_module(c, memo) if c is not None else None) for k, c in m._modules.items()}
     if isinstance(new, AuxLossSink):
-        new.value = None
+        new.value, new.ran = None, False
     return new
 
 

@@ -44,7 +44,7 @@ from ..plan import Plan
 from .build import ModelSpec, build_rank, build_reference, example_inputs, job_record, recorded_job
 from .stats import bytes_by_layer, collective_bytes
 
-__all__ = ["main", "build_parser", "worker_argv", "setup", "start_job", "spec_and_plan", "job_main", "Job", "Rank"]
+__all__ = ["main", "build_parser", "worker_argv", "setup", "start_job", "spec_and_plan", "positive_int", "job_main", "Job", "Rank"]
 
 MODULE = "moefx.runtime.run_model"
 
@@ -83,8 +83,8 @@ def add_model_args(p: argparse.ArgumentParser, *, single: bool = False) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) the rank graph")
     p.add_argument("--check", action="store_true",
                    help="compare with the single-process converted model; fail when they differ")
-    p.add_argument("--batch", type=int, default=2, help="sequences per data-parallel replica")
-    p.add_argument("--seq", type=int, default=8, help="tokens per sequence")
+    p.add_argument("--batch", type=positive_int, default=2, help="sequences per data-parallel replica")
+    p.add_argument("--seq", type=positive_int, default=8, help="tokens per sequence")
     p.add_argument("--seed", type=int, default=0, help="seed of the model's init and of the batches")
     p.add_argument("--profile", metavar="JSON", help="a cost profile from `moefx calibrate` (default: measured "
                                                      "at start when a layer's hierarchical_a2a is 'auto')")
@@ -146,6 +146,14 @@ class Job:
     device: torch.device
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse turns the error into a usage error naming the option)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
 def spec_and_plan(args) -> tuple[ModelSpec, Plan]:
     """The model spec and plan the options name (MODEL / --weights / --init, --plan); what a --load
     checkpoint recorded (`moefx.runtime.build.job_record`) stands in for MODEL and --plan when they
@@ -170,6 +178,9 @@ def start_job(args, distributed: bool = True) -> Job:
     """init_from_env (distributed), then the plan, model spec, cost profile and device the options name."""
     rank, world = init_from_env(timeout=args.collective_timeout) if distributed else (0, 1)
     spec, plan = spec_and_plan(args)
+    if rank == 0:
+        print("moefx: plan " + (args.plan or ("recorded in " + args.load if getattr(args, "load", None) else "default"))
+              + ":\n  " + plan.describe().replace("\n", "\n  "), file=sys.stderr, flush=True)
     profile = CostProfile.load(args.profile) if args.profile else None
     torch.manual_seed(args.seed)
     return Job(rank, world, plan, spec, profile, _device(args) if distributed else torch.device(args.device or "cpu"))

@@ -8,8 +8,9 @@ and of the KV cache) and generates. Data-parallel replica d generates its own pr
 --prompt-ids / --prompt (ceil(n / dp) each), or a random batch drawn with seed + d. The ranks of a
 replica (its TP peers) hold the same batch and sample the same tokens; every rank runs the same
 number of decode steps (EOS is agreed on across the world, since expert all-to-alls span replicas).
-Rank 0 prints each replica's tokens (and text, with a tokenizer); every rank prints one summary
-line. --check generates the same prompts with the single-process model (whole, on every rank) and
+Rank 0 prints exactly the user's rows, in order (a replica's filler rows, which even out the
+batches, are left out), or each replica's random rows, with text given a tokenizer; every rank
+prints one summary line. --check generates the same prompts with the single-process model (whole, on every rank) and
 fails the rank whose tokens differ. --load takes a sharded checkpoint of the converted model
 (`--save` of a forward / train job).
 """
@@ -26,10 +27,19 @@ from ...dist.checkpoint import load_full, load_sharded
 from ...dist.worker import progress, say
 from ...errors import MoefxError
 from ...gen.cache import is_cache_buffer
-from ...gen.prompts import encode, left_pad, local_tokenizer, parse_prompt_ids, replica_rows
+from ...gen.prompts import encode, left_pad, local_tokenizer, parse_prompt_ids, replica_row_indices, replica_rows
 from ...parallel import validate_parallel
 from ..build import build_generator
-from ..run_model import add_model_args, fail_if_asked, job_main, peak_rss_mb, replica_batch, start_job, tensor_bytes
+from ..run_model import (
+    add_model_args,
+    fail_if_asked,
+    job_main,
+    peak_rss_mb,
+    positive_int,
+    replica_batch,
+    start_job,
+    tensor_bytes,
+)
 
 __all__ = ["main", "build_parser", "add_generation_args", "sampling_kwargs"]
 
@@ -40,8 +50,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                                                        "(default: a random batch of --batch x --seq)")
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a text prompt (repeat for a batch); needs a tokenizer in the --weights folder")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per row")
-    p.add_argument("--max-cache-len", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=positive_int, default=16, help="tokens to generate per row")
+    p.add_argument("--max-cache-len", type=positive_int, default=None,
                    help="KV-cache length (default: prompt + max-new-tokens)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -70,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _prompt_rows(args, tokenizer, vocab: int | None) -> list[list[int]] | None:
 
-    if args.prompt_ids and args.prompt:
+    if args.prompt_ids is not None and args.prompt:
         raise MoefxError("give --prompt-ids or --prompt, not both")
-    if args.prompt_ids:
+    if args.prompt_ids is not None:
         return parse_prompt_ids(args.prompt_ids, vocab)
     if args.prompt:
         return encode(tokenizer, args.prompt)
@@ -101,6 +111,25 @@ def _agree(device):
         return bool(flag.item())
 
     return agree
+
+
+def _print_rows(everything: list, rows: list | None, replicas: int, tokenizer) -> None:
+    """Rank 0 prints the generated rows: with user prompts exactly the user's rows, in their order
+    ("row j (replica r): ..."; the fillers that even out the replicas' batches are left out); with
+    random prompts every replica's rows ("replica r row i: ...")."""
+    per_replica = {rep: (plen, tokens) for rep, plen, tokens in everything}
+    lines = []
+    for rep in sorted(per_replica):
+        plen, tokens = per_replica[rep]
+        where = replica_row_indices(len(rows), rep, replicas) if rows else range(len(tokens))
+        for i, (j, row) in enumerate(zip(where, tokens)):
+            text = f"  {tokenizer.decode(row[plen:])!r}" if tokenizer is not None else ""
+            if not rows:
+                lines.append((rep, i, f"replica {rep} row {i}: {' '.join(map(str, row))}{text}"))
+            elif j < len(rows):
+                lines.append((j, 0, f"row {j} (replica {rep}): {' '.join(map(str, row))}{text}"))
+    for *_, line in sorted(lines):
+        say(line)
 
 
 def run(args) -> str:
@@ -133,16 +162,9 @@ def run(args) -> str:
     stats = gen.last_stats
     progress("generated")
     everything = [None] * job.world
-    dist.all_gather_object(everything, (replica, out.tolist()))
+    dist.all_gather_object(everything, (replica, prompt_len, out.tolist()))
     if job.rank == 0:
-        seen = set()
-        for rep, tokens in everything:
-            if rep in seen:
-                continue
-            seen.add(rep)
-            for i, row in enumerate(tokens):
-                text = f"  {tokenizer.decode(row[prompt_len:])!r}" if tokenizer is not None else ""
-                say(f"replica {rep} row {i}: {' '.join(map(str, row))}{text}")
+        _print_rows(everything, rows, replicas, tokenizer)
     what = (f"{stats.new_tokens // max(batch, 1)} new tokens x {batch} rows, prefill {1000 * stats.prefill_s:.1f} ms, "
             f"decode {stats.ms_per_token:.1f} ms/token, {stats.tokens_per_s:.1f} tokens/s, peak RSS "
             f"{peak_rss_mb():.0f} MB, tensors {tensor_bytes(gen.prefill) / 2**20:.1f} MB")

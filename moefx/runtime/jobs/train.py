@@ -31,7 +31,7 @@ from ...train.tokens import HELD_OUT, Windows, open_split
 from ...train.trainer import TrainConfig, train
 from ...train.world import Ranks, Single
 from ..build import build_rank, build_reference, build_train_graphs, job_record
-from ..run_model import add_model_args, fail_if_asked, job_main, peak_rss_mb, start_job, tensor_bytes
+from ..run_model import add_model_args, fail_if_asked, job_main, peak_rss_mb, positive_int, start_job, tensor_bytes
 
 __all__ = ["main", "build_parser", "add_training_args", "add_distill_args", "config_from", "run"]
 
@@ -46,7 +46,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dtype", default="uint16", choices=("uint16", "uint32"), help="token type of a .bin file")
     p.add_argument("--tokenizer", metavar="DIR", help="folder with a tokenizer for a text --data file (default: "
                                                       "--weights; none: byte-level)")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--steps", type=positive_int, default=100, help="optimizer steps")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
     p.add_argument("--schedule", default="cosine", choices=("cosine", "constant"), help="lr after the warmup")
