@@ -12,7 +12,16 @@ from .convert import convert
 from .count import ParamCount, count_params
 from .distribute import distribute, partitioned_view, reduce_gradients
 from .dump import dump
-from .errors import AnalysisError, BackendError, CaptureError, MoefxError, PassError, PlanError, TrainError
+from .errors import (
+                     AnalysisError,
+                     BackendError,
+                     CaptureError,
+                     InexactConversionWarning,
+                     MoefxError,
+                     PassError,
+                     PlanError,
+                     TrainError,
+)
 from .gen.generator import Generator, convert_generator
 from .nn.aux import aux_loss
 from .nn.routing import Routing, combine, dispatch, route
@@ -25,7 +34,7 @@ from .train.distill import DistillError, DistillResult, distill
 __all__ = [
     "Block", "find_blocks", "FFN", "find_ffns", "capture", "convert", "PIPELINE", "ParamCount", "count_params",
     "AnalysisError", "BackendError", "CaptureError", "MoefxError", "PassError", "PlanError", "TrainError", "aux_loss",
-    "Routing",
+    "InexactConversionWarning", "Routing",
     "combine", "dispatch", "route", "LoweringPlan", "MoEPlan", "ParallelPlan", "Plan", "StudentPlan", "distill",
     "DistillResult", "DistillError", "dump", "distribute", "partitioned_view", "reduce_gradients", "shrink",
     "convert_generator", "Generator", "save", "load", "load_generator",

@@ -9,6 +9,7 @@ from torch import fx, nn
 
 from . import origin
 from .capture import capture
+from .errors import InexactConversionWarning
 from .passes import pipeline
 from .passes.base import PassContext
 from .plan import Plan
@@ -42,7 +43,7 @@ def convert(model: nn.Module, plan: Plan | dict | None = None, example_inputs: t
     moe = plan.moe
     if moe is not None and moe.init == "upcycle" and moe.inexact_reasons():
         warnings.warn("the converted model only approximates the dense one at initialisation: "
-                      + "; ".join(moe.inexact_reasons()), stacklevel=2)
+                      + "; ".join(moe.inexact_reasons()), InexactConversionWarning, stacklevel=2)
     if moe is None and plan.student is None:
         warnings.warn("the plan has no [moe] or [student] section: nothing is converted (the result is the "
                       "captured dense graph); add a [moe] section, or pass no plan for Plan.default()", stacklevel=2)

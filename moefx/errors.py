@@ -36,3 +36,8 @@ class DistillError(TrainError):
 
 class CheckpointError(MoefxError, ValueError):
     """A checkpoint is missing, damaged or does not fit the model it is loaded into."""
+
+
+class InexactConversionWarning(UserWarning):
+    """The plan's converted model only approximates the dense one at initialisation (token dropping,
+    re-initialised or perturbed experts, probability-weighted top-1); jobs that mean it filter it."""

@@ -12,14 +12,23 @@ New files get the permissions the user's umask gives (mkstemp's 0600 would hide 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
 
-__all__ = ["write_atomic", "atomic_file", "publish_folder", "resolve_folder"]
+from .errors import MoefxError
+
+__all__ = ["write_atomic", "atomic_file", "publish_folder", "resolve_folder", "FolderBusy", "own_folder",
+           "free_bytes", "check_writable"]
+
+
+class FolderBusy(RuntimeError):
+    """Another live process owns the folder (`own_folder`)."""
 
 
 def _umask_mode() -> int:
@@ -106,3 +115,52 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+LOCK_NAME = ".moefx-lock"
+
+
+@contextlib.contextmanager
+def own_folder(folder: str | os.PathLike):
+    """Hold an exclusive lock on `folder` (created if missing) while the block runs: one writer per
+    folder. The lock is an flock on `<folder>/.moefx-lock`, which holds the owner's pid and command;
+    the kernel drops it when the owner exits, however it exits, so no stale lock outlives a crash.
+    Raises FolderBusy naming the owner when another live process holds it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            raise FolderBusy(f"{folder} is in use by another running moefx job ({owner})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)[:300]}".encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)                       # closing the descriptor releases the flock
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Bytes free to this user on the file system holding `path` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_writable(path: str | os.PathLike, what: str, folder: bool = False) -> None:
+    """MoefxError naming `what` (e.g. "--metrics-csv") when `path` cannot be written: a file, or with
+    folder=True a folder. Creates the (parent) folder when missing and writes and removes a probe file
+    there, so a run finds out before its first step, not after its last."""
+    target = Path(path) if folder else Path(path).parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=target, prefix=".moefx-probe-")
+        os.close(fd)
+        os.unlink(probe)
+        if not folder and Path(path).exists() and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is read-only")
+    except OSError as e:
+        raise MoefxError(f"{what} {path}: cannot write there ({e.strerror or e}); choose a writable path") from None

@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from . import origin as O
 from .convert import convert
-from .errors import MoefxError
+from .errors import InexactConversionWarning, MoefxError
 from .facts import facts
 from .fileio import publish_folder, sha256_file
 from .gen.cache import is_cache_buffer
@@ -142,7 +142,7 @@ def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu", verif
         s = record["settings"]
         return _generator(record, plan, saved, buffers, device, s["batch_size"], s["max_cache_len"], weight_layout)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
+        warnings.filterwarnings("ignore", category=InexactConversionWarning)
         gm = convert(O.rebuild_model(info, "meta"), plan, O.example_inputs(info), copy_weights=False,
                      target=torch.device(device).type, **_capture(info))
     return materialize(gm, ChainSource(saved, buffers), device=device)

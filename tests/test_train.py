@@ -155,6 +155,14 @@ def test_single_process_resume_bit_identical_csv_and_changed_lr(tmp_path):
     _, changed = _single({"moe": MOE}, dataclasses.replace(config, lr=1e-3), resume=tmp_path / "ck", say=said.append)
     assert said == ["moefx train: the resumed run changes lr 0.002 -> 0.001"] and changed.resumed_from == 6
     assert changed.rows == []
+    # another --steps ends the run elsewhere; the lr schedule keeps the length it started with (no jump)
+    said.clear()
+    _, longer = _single({"moe": MOE}, dataclasses.replace(config, steps=9), resume=tmp_path / "ck" / "step0000003",
+                        say=said.append)
+    assert said == ["moefx train: the resumed run changes steps 6 -> 9 (the lr schedule keeps its length of 6 steps: "
+                    "the floor lr from step 6)"]
+    assert [r["lr"] for r in longer.rows[:3]] == [r["lr"] for r in full.rows[3:]]
+    assert [r["lr"] for r in longer.rows[3:]] == pytest.approx([config.lr * config.min_lr_ratio] * 3)
 
 
 def test_dropout_is_active_in_training_and_absent_in_eval():

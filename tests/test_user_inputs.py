@@ -113,3 +113,27 @@ def test_generate_command_refuses_bad_options(capsys, argv, message):
         code = e.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_bad_files_and_sizes_are_named_before_training(tmp_path, capsys):
+    from moefx.models import load_model
+
+    model, _ = load_model("llama-tiny")
+    model.save_pretrained(tmp_path / "hf")
+    st = tmp_path / "hf" / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:100])                      # an interrupted copy
+    assert main(["convert", "--weights", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors' is not a readable safetensors file" in err and "truncated" in err
+
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert main(["train", "llama-tiny", "--data", str(tmp_path / "empty.bin"), "--steps", "1"]) == 2
+    assert "empty.bin is empty" in capsys.readouterr().err
+
+    assert main(["train", "gpt2-tiny", "--seq", "100", "--steps", "1"]) == 2
+    assert "--seq 100 exceeds the model's 64 positions" in capsys.readouterr().err
+
+    (tmp_path / "a_file").write_text("")
+    for option in ("--metrics-csv", "--loss-svg"):
+        assert main(["train", "llama-tiny", "--steps", "1", option, str(tmp_path / "a_file" / "out")]) == 2
+        assert f"{option} {tmp_path / 'a_file' / 'out'}: cannot write there" in capsys.readouterr().err

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 
+from ..errors import InexactConversionWarning
 from ..runtime.jobs.train import add_training_args, run
 from ..runtime.run_model import add_model_args
 from .common import check_device
@@ -18,7 +19,7 @@ def run_in_process(args) -> int:
     summary line."""
     check_device(args.device or "cpu")
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
+        warnings.filterwarnings("ignore", category=InexactConversionWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         print(run(args, distributed=False))
     return 0

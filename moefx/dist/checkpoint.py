@@ -44,6 +44,7 @@ import json
 import math
 import os
 import shutil
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ import torch.distributed.checkpoint as dcp
 
 from ..facts import facts
 from ..errors import CheckpointError
-from ..fileio import publish_folder, resolve_folder, sha256_file, write_atomic
+from ..fileio import free_bytes, publish_folder, resolve_folder, sha256_file, write_atomic
 from ..placement import whole
 from ..facts import placements
 
@@ -171,9 +172,10 @@ def sharded_state_dict(local: torch.nn.Module) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------- errors
 
 @contextlib.contextmanager
-def _dcp_errors(what: str, path: Path):
+def _dcp_errors(what: str, path: Path, space=None):
     """DCP raises CheckpointException (a BaseException) and, for a damaged .metadata, pickle/EOF errors:
-    turn them into CheckpointError, keeping KeyboardInterrupt / SystemExit as they are."""
+    turn them into CheckpointError, keeping KeyboardInterrupt / SystemExit as they are. space(): why
+    the write may have run out of room (its serialiser reports a full disk as a position mismatch)."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
@@ -186,9 +188,14 @@ def _dcp_errors(what: str, path: Path):
         failures = getattr(e, "failures", {}) or {}
         first = next(iter(failures.items()), None)
         why = f"rank {first[0]}: {type(first[1]).__name__}: {first[1]}" if first else str(e)
-        raise CheckpointError(f"{what} {str(path)!r} failed ({why})") from None
+        full = space() if space is not None else None
+        raise CheckpointError(full + f" ({what} failed: {why})" if full else f"{what} {str(path)!r} failed ({why})") \
+            from None
     except Exception as e:
-        raise CheckpointError(f"{what} {str(path)!r} failed: {type(e).__name__}: {e}") from None
+        full = space() if space is not None else None
+        why = f"{type(e).__name__}: {e}"
+        raise CheckpointError(full + f" ({what} failed: {why})" if full else f"{what} {str(path)!r} failed: {why}") \
+            from None
 
 
 def _agree(error: str | None) -> None:
@@ -253,8 +260,31 @@ def _verify_checksums(folder: Path, side: dict) -> str | None:
 
 # ----------------------------------------------------------------------------------- save
 
+TMP_MARK = ".moefx-tmp-"
+
+
 def _tmp_path(path: Path) -> Path:
-    return path.parent / f".{path.name}.moefx-tmp"
+    """A fresh hidden folder beside `path` for one save (unique, so two saves never share one)."""
+    return path.parent / f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+
+
+def _one_name(tmp: Path) -> Path:
+    """Rank 0's temporary folder name on every rank (one save, one folder)."""
+    if not dist.is_initialized():
+        return tmp
+    box = [str(tmp)]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
+def _space_error(path: Path, needed: int) -> str | None:
+    """Why `needed` bytes will not fit beside `path`, or None."""
+    free = free_bytes(path.parent)
+    if free >= needed * 1.05 + (1 << 20):
+        return None
+    return (f"no space left for checkpoint {str(path)!r}: this rank writes about {needed / 2**20:.1f} MiB and the "
+            f"file system of {str(path.parent)!r} has {free / 2**20:.1f} MiB free; free space there or use another "
+            "--checkpoint-dir")
 
 
 def _nonfinite(tensors: dict[str, tuple[torch.Tensor, Piece]]) -> str | None:
@@ -278,26 +308,36 @@ def save_sharded(local: fx.GraphModule, path: str | os.PathLike, *, extra: dict 
     finite or a rank cannot write.
     """
     path = Path(path)
-    tmp = _tmp_path(path)
     distributed = dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
+    tmp = _one_name(_tmp_path(path))
     tensors = _gather(local, extra)
     _agree(_nonfinite(tensors))
     state = _dcp_state(tensors)
-    error = None
-    if rank == 0:
+    needed = sum(t.numel() * t.element_size() for t, _ in tensors.values() if t.device.type != "meta")
+    error = _space_error(path, needed)
+    if rank == 0 and error is None:
         try:
-            if tmp.exists():
-                shutil.rmtree(tmp)          # left over from a crashed save
             tmp.mkdir(parents=True)
         except OSError as e:
             error = f"cannot create {tmp}: {e}"
     _agree(error)
-    with _dcp_errors("saving", path):
-        dcp.save(state, storage_writer=FileSystemWriter(tmp),
-                 planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True), no_dist=not distributed)
-    if distributed:
-        dist.barrier()
+    try:
+        with _dcp_errors("saving", path, lambda: _space_error(path, needed)):
+            dcp.save(state, storage_writer=FileSystemWriter(tmp),
+                     planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True), no_dist=not distributed)
+        if distributed:
+            dist.barrier()
+        _publish(local, path, tmp, tensors, state, record, info, distributed, rank)
+    finally:
+        if rank == 0 and tmp.exists():          # a failed save leaves nothing behind
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _publish(local, path: Path, tmp: Path, tensors: dict, state: dict, record, info, distributed: bool,
+             rank: int) -> None:
+    """Rank 0 writes the side-car into `tmp` and makes `tmp` what `path` names (every rank agrees)."""
     error = None
     if rank == 0:
         try:
@@ -312,7 +352,6 @@ def save_sharded(local: fx.GraphModule, path: str | os.PathLike, *, extra: dict 
         except OSError as e:
             error = f"rank 0 could not put the checkpoint in place: {type(e).__name__}: {e}"
     _agree(error)
-    return path
 
 
 # ----------------------------------------------------------------------------------- load

@@ -33,10 +33,10 @@ from ..convert import convert
 from ..dist.checkpoint import read_info
 from ..dist.mesh import build_mesh
 from ..distribute import distribute, resolve
-from ..errors import MoefxError
+from ..errors import InexactConversionWarning, MoefxError
 from ..facts import record_facts
 from ..gen.fill import cache_source, fill_generator
-from ..gen.generator import Generator, convert_graphs, special_tokens
+from ..gen.generator import Generator, convert_graphs, model_positions, special_tokens
 from ..models import load_model
 from ..models.skeleton import params_on_meta
 from ..plan import Plan
@@ -50,6 +50,7 @@ from ..weights.sources import (
     SafetensorsSource,
     SeededSource,
     Source,
+    check_safetensors,
     tied_aliases,
 )
 from .calibrate import measure_profile
@@ -179,6 +180,7 @@ def dense_model(spec: ModelSpec, device="cpu") -> tuple[nn.Module, tuple]:
     if spec.weights is None:
         return load_model(spec.name, device=device, seed=spec.seed, batch=spec.batch, seq=spec.seq)
     cls, config = _hf_class(Path(spec.weights))
+    check_safetensors(spec.weights)                  # transformers would not name a damaged file
     if hasattr(config, "use_cache"):
         config.use_cache = False
     with warnings.catch_warnings():
@@ -214,8 +216,12 @@ def convert_meta(spec: ModelSpec, plan, *, train: bool = False, target: str | No
     """Capture and convert the spec's model on the meta device, lowered for `target` (the device
     type it will run on; None: "cpu"): (converted graph, skeleton)."""
     skel = skeleton(spec)
+    declared = model_positions(skel.model)
+    if declared and spec.seq > declared[1]:
+        raise MoefxError(f"--seq {spec.seq} exceeds the model's {declared[1]} positions (config.{declared[0]}): use "
+                         f"--seq <= {declared[1]}")
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
+        warnings.filterwarnings("ignore", category=InexactConversionWarning)
         gm = convert(skel.model, plan, skel.inputs, copy_weights=False, train=train, target=target or "cpu")
     return gm, skel
 

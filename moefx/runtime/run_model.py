@@ -37,7 +37,7 @@ from .. import meta as M
 from ..cost import CostProfile
 from ..dist.checkpoint import load_full, load_sharded, save_sharded
 from ..dist.worker import init_from_env, progress, say, worker
-from ..errors import MoefxError
+from ..errors import InexactConversionWarning, MoefxError
 from ..facts import facts
 from ..outputs import main_tensor
 from ..plan import Plan
@@ -323,7 +323,7 @@ def job_main(parser, run) -> Callable[[list[str] | None], None]:
     @worker
     def main(argv: list[str] | None = None) -> None:
         args = parser().parse_args(argv)
-        warnings.filterwarnings("ignore", message=".*drop_tokens=True.*")
+        warnings.filterwarnings("ignore", category=InexactConversionWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         say(run(args))
 

@@ -25,6 +25,7 @@ from ..dist.checkpoint import load_sharded, save_sharded
 from ..errors import CheckpointError
 from ..facts import placements
 from ..placement import whole
+from .schedule import set_length
 
 __all__ = ["save", "load", "latest", "optimizer_tensors"]
 
@@ -78,6 +79,7 @@ def save(path: str, model: nn.Module, opt, sched, config, step: int, skipped: in
     per optimizer step over all replicas (the global batch, in micro-batches); record: what the job
     was (model spec, plan, versions), kept in the side-car."""
     info = {"step": step, "skipped": skipped, "evals": [list(e) for e in evals], "scheduler": sched.state_dict(),
+            "schedule_steps": sched.total_steps, "steps": config.steps,
             "config": {**config.hyper(), "micro_batches_per_step": micro_batches}}
     return save_sharded(model, path, extra=optimizer_tensors(model, opt), info=info, record=record)
 
@@ -95,11 +97,22 @@ def load(path: str, model: nn.Module, opt, sched, config, micro_batches: int) ->
         raise CheckpointError(f"{folder} holds model weights only (no training state): load it with --load to start "
                               "a new run from these weights")
     base = list(sched.base_lrs)                 # this run's lr (a changed --lr takes effect, with a note)
+    lambdas = sched.lr_lambdas
     sched.load_state_dict(info["scheduler"])
-    sched.base_lrs = base
+    sched.base_lrs, sched.lr_lambdas = base, lambdas
+    changed = []
+    # The schedule keeps the length the run started with, so the lr goes on smoothly: another --steps
+    # ends the run elsewhere (past the schedule's end, at the floor lr), it does not re-stretch the decay.
+    length = int(info.get("schedule_steps", config.steps))
+    if length != config.steps:
+        set_length(sched, length)
+        after = f"the floor lr from step {length}" if config.steps > length else "the run stops before its decay ends"
+        changed.append(f"steps {info.get('steps', length)} -> {config.steps} (the lr schedule keeps its length of "
+                       f"{length} steps: {after})")
     lrs = [b * sched.lr_lambdas[0](sched.last_epoch) for b in base]
     for group, lr in zip(opt.param_groups, lrs):
         group["lr"] = lr
     sched._last_lr = lrs
     now = {**config.hyper(), "micro_batches_per_step": micro_batches}
-    return int(info["step"]), int(info.get("skipped", 0)), info.get("evals", []), _changes(info.get("config", {}), now)
+    return (int(info["step"]), int(info.get("skipped", 0)), info.get("evals", []),
+            changed + _changes(info.get("config", {}), now))

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-__all__ = ["lr_factor", "scheduler"]
+__all__ = ["lr_factor", "scheduler", "set_length"]
 
 SCHEDULES = ("cosine", "constant")
 
@@ -24,6 +24,17 @@ def lr_factor(step: int, *, steps: int, warmup: int, schedule: str = "cosine", m
 
 def scheduler(optimizer: torch.optim.Optimizer, *, steps: int, warmup: int, schedule: str = "cosine",
               min_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR stepping once per optimizer step with `lr_factor`."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps=steps, warmup=warmup, schedule=schedule, min_ratio=min_ratio))
+    """A LambdaLR stepping once per optimizer step with `lr_factor`; its `total_steps` is the
+    schedule's length `steps` (a resumed run keeps the length its checkpoint records: `set_length`)."""
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    sched.schedule_args = dict(warmup=warmup, schedule=schedule, min_ratio=min_ratio)
+    set_length(sched, steps)
+    return sched
+
+
+def set_length(sched: torch.optim.lr_scheduler.LambdaLR, steps: int) -> None:
+    """Make `sched` (from `scheduler`) a schedule of `steps` optimizer steps (warmup, then the decay
+    ending at step `steps`; past it the floor lr holds)."""
+    args = sched.schedule_args
+    sched.total_steps = steps
+    sched.lr_lambdas = [lambda s: lr_factor(s, steps=steps, **args) for _ in sched.lr_lambdas]

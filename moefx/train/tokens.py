@@ -54,6 +54,9 @@ def _memmap(path: Path, dtype: str) -> torch.Tensor:
             raise MoefxError(f"--data-dtype must be uint16 or uint32, got {dtype!r}")
         size = path.stat().st_size
         width = 2 if dtype == "uint16" else 4
+        if size == 0:
+            raise MoefxError(f"--data {path} is empty: a .bin token file holds {dtype} token ids (nanoGPT's "
+                             "prepare.py writes them)")
         if size % width:
             raise MoefxError(f"{path} has {size} bytes, not a whole number of {dtype} tokens: is --data-dtype right?")
         arr = np.memmap(path, dtype=dtype, mode="r")

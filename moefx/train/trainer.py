@@ -28,13 +28,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..dist.checkpoint import TMP_MARK
 from ..errors import TrainError
+from ..fileio import FolderBusy, own_folder
 from ..nn.aux import aux_loss
 from ..outputs import main_tensor
 from . import resume as R
@@ -207,7 +211,8 @@ def train(model: nn.Module, config: TrainConfig, windows: Windows, *, eval_model
     bar = Progress(progress and world.rank == 0, config.steps, start, desc="train",
                    fields=("loss", "aux", "grad_norm", "lr") + (("kd",) if teacher is not None else ()), fmt=".4g")
     tokens_per_step = windows.batch * windows.seq * config.grad_accum * world.replicas
-    try:
+    owned = _own_checkpoint_dir(checkpoint_dir, world) if checkpoint_dir is not None else contextlib.nullcontext()
+    with owned, contextlib.closing(bar):
         for step in range(start, config.steps):
             t0 = time.perf_counter()
             model.train()
@@ -256,8 +261,28 @@ def train(model: nn.Module, config: TrainConfig, windows: Windows, *, eval_model
                                                                         done % config.checkpoint_every == 0)):
                 R.save(f"{checkpoint_dir}/step{done:07d}", model, opt, sched, config, done, result.skipped,
                        result.evals, config.grad_accum * world.replicas, record=record)
-    finally:
-        bar.close()
     if loss_svg_path and world.rank == 0:
         loss_svg(result.rows, loss_svg_path, evals=result.evals)
     return result
+
+
+def _own_checkpoint_dir(checkpoint_dir, world) -> contextlib.ExitStack:
+    """A context holding, on rank 0, the checkpoint folder's lock for the run (a second run writing
+    there is refused before any step, naming the owner); removes what crashed saves left there. Every
+    rank agrees: a refusal raises TrainError on all of them."""
+    error, owned = None, contextlib.ExitStack()
+    if world.rank == 0:
+        try:
+            owned.enter_context(own_folder(checkpoint_dir))
+            for stale in Path(checkpoint_dir).glob(f".*{TMP_MARK}*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        except FolderBusy as e:
+            error = f"--checkpoint-dir {e}: give this run another --checkpoint-dir, or stop the other run"
+        except OSError as e:
+            error = f"--checkpoint-dir {checkpoint_dir} cannot be written: {e}"
+    error = world.agree(error)
+    if error:
+        owned.close()
+        raise TrainError(error)
+    return owned
+

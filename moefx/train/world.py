@@ -38,6 +38,10 @@ class Single:
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         return values
 
+    def agree(self, error: str | None) -> str | None:
+        """The error of any rank (here: this one), so every rank stops together."""
+        return error
+
 
 class Ranks:
     """This rank of a distributed job (the default process group is initialised)."""
@@ -58,3 +62,9 @@ class Ranks:
         out = values.detach().double().clone()
         dist.all_reduce(out)
         return out / self.world
+
+    def agree(self, error: str | None) -> str | None:
+        """The first rank's error ("rank r: ..."), None when no rank has one; every rank calls it."""
+        box = [None] * self.world
+        dist.all_gather_object(box, error)
+        return next((f"rank {r}: {e}" for r, e in enumerate(box) if e), None)

@@ -32,8 +32,8 @@ from safetensors import safe_open
 from ..errors import MoefxError
 from ..recipes import seeded
 
-__all__ = ["SourceError", "Source", "SafetensorsSource", "StateDictSource", "ModuleSource", "SeededSource",
-           "ZerosSource", "PrefixedSource", "ChainSource", "narrowed"]
+__all__ = ["SourceError", "Source", "SafetensorsSource", "check_safetensors", "StateDictSource", "ModuleSource",
+           "SeededSource", "ZerosSource", "PrefixedSource", "ChainSource", "narrowed"]
 
 
 class SourceError(MoefxError, KeyError):
@@ -93,6 +93,26 @@ class Source:
         return type(self).__name__
 
 
+def _opened(path: Path):
+    """safe_open(path), or a SourceError naming the file when it is not a readable safetensors file
+    (truncated by an interrupted download or copy, or not safetensors at all)."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise SourceError(f"{str(path)!r} is missing: the folder's index names it") from None
+    except Exception as e:      # safetensors raises its own SafetensorError (no common base but Exception)
+        raise SourceError(f"{str(path)!r} is not a readable safetensors file ({e}): it may be truncated; copy or "
+                          "download it again") from None
+
+
+def check_safetensors(folder: str | os.PathLike) -> None:
+    """SourceError naming the file when a *.safetensors file of `folder` is truncated or damaged
+    (safetensors checks each header and that the file holds every byte it describes; no data is read)."""
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with _opened(f):
+            pass
+
+
 class SafetensorsSource(Source):
     """A folder with `model.safetensors` or an index of shards (what `save_pretrained` writes)."""
 
@@ -109,12 +129,11 @@ class SafetensorsSource(Source):
                                   "give a folder written by save_pretrained")
             weight_map = {}
             for f in files:
-                with safe_open(str(f), framework="pt") as fh:
+                with _opened(f) as fh:
                     for k in fh.keys():
                         weight_map[k] = f.name
         self.weight_map = weight_map
         self._handles: dict[str, object] = {}
-        self._safe_open = safe_open
 
     def names(self):
         return self.weight_map.keys()
@@ -122,7 +141,7 @@ class SafetensorsSource(Source):
     def _handle(self, file: str):
         h = self._handles.get(file)
         if h is None:
-            h = self._handles[file] = self._safe_open(str(self.folder / file), framework="pt")
+            h = self._handles[file] = _opened(self.folder / file)
         return h
 
     def _read(self, name: str, narrow: dict) -> torch.Tensor:

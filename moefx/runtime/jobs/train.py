@@ -26,6 +26,7 @@ from ...dist.checkpoint import load_full, load_sharded, save_sharded
 from ...dist.worker import progress, say
 from ...errors import MoefxError
 from ...facts import facts
+from ...fileio import check_writable
 from ...outputs import output_size
 from ...train.tokens import HELD_OUT, Windows, open_split
 from ...train.trainer import TrainConfig, train
@@ -192,6 +193,10 @@ def run(args, *, distributed: bool = True) -> str:
     if args.check and args.resume:
         raise MoefxError("--check compares a whole run with the single-process one: run it without --resume")
     config = config_from(args, **_distill_extra(args))
+    for option, path, folder in (("--metrics-csv", args.metrics_csv, False), ("--loss-svg", args.loss_svg, False),
+                                 ("--checkpoint-dir", args.checkpoint_dir, True), ("--save", args.save, False)):
+        if path:                                        # found out now, not after the last step
+            check_writable(path, option, folder=folder)
     job = start_job(args, distributed)
     model, eval_model, teacher = _models(args, job, distributed=distributed, distill=distill)
     progress("built")
