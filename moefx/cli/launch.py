@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import tempfile
 import warnings
 
 from ..distribute import resolve
@@ -66,11 +65,10 @@ def cmd_launch(args, job_argv: list[str]) -> int:
     module = JOBS[_job(args)]
     job_argv = [args.model, "--plan", args.plan, *job_argv]
     _validate(args, job_argv, module)
-    folder = tempfile.mkdtemp(prefix="moefx-launch-")
     try:
         result = launch(["-m", module, *job_argv], nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
                         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
-                        timeout=args.timeout, capture=not args.stream, folder=folder)
+                        timeout=args.timeout, capture=not args.stream)
     except ValueError as e:
         raise MoefxError(str(e)) from None
     sys.stdout.write(result.worker_output())

@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,6 +52,7 @@ _FAILED = re.compile(r"moefx: rank (\d+) failed: (.*)")
 _ABORTED = re.compile(r"moefx: rank (\d+) aborted after a peer failed: (.*)")
 _ROOT_RANK = re.compile(r"Root Cause.*?rank\s*:\s*(\d+)", re.S)
 _AGENT_LINE = re.compile(r"^[WEIF]\d{4} \d\d:\d\d:\d\d")
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception): .+$", re.M)
 
 
 class LaunchFailed(MoefxError, RuntimeError):
@@ -121,6 +123,7 @@ class LaunchResult:
     root_cause_rank: int | None = None
     blame: tuple | None = None
     log_dir: str | None = None
+    agent_error: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -140,13 +143,17 @@ class LaunchResult:
                 lines.append(f"rank {r} aborted after a peer failed ({m})")
         if not lines and self.root_cause_rank is not None:
             lines.append(f"rank {self.root_cause_rank} failed first (torchrun)")
+        if not lines and self.agent_error:
+            hint = (": the --master-port is taken (another job, or a launch still running); leave --master-port out "
+                    "for a free port, or pick another") if "EADDRINUSE" in self.agent_error else ""
+            lines.append(f"torchrun failed before any worker ran: {self.agent_error}{hint}")
         return lines
 
     def summary(self) -> str:
         if self.ok:
             return f"ok in {self.elapsed:.1f}s"
         why = "; ".join(self.rank_lines()) or "no worker message"
-        logs = f" (tracebacks in {self.log_dir})" if self.log_dir and self.failures else ""
+        logs = f" (per-rank logs in {self.log_dir})" if self.log_dir else ""
         return (f"exit code {self.returncode}{' (timed out)' if self.timed_out else ''} after "
                 f"{self.elapsed:.1f}s: {why}{logs}")
 
@@ -272,9 +279,11 @@ class Launch:
     """A running torchrun (one node). `wait(timeout)` -> LaunchResult; on timeout the whole launch is
     stopped (SIGTERM, grace, SIGKILL)."""
 
-    def __init__(self, argv: list[str], env: dict, capture: bool, cwd: str | None, folder: str | None):
+    def __init__(self, argv: list[str], env: dict, capture: bool, cwd: str | None, folder: str | None,
+                 owns_folder: bool = False):
         self.argv = argv
         self.folder = folder
+        self.owns_folder = owns_folder          # a temporary folder of this launch: removed when not needed
         self._t0 = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", *argv], env=env, cwd=cwd,
@@ -301,9 +310,20 @@ class Launch:
         failures, aborted, root = _parse(out)
         rc = self.proc.returncode if not timed_out else (self.proc.returncode or -signal.SIGKILL)
         who = blame(read_heartbeats(self.heartbeat_dir), aborted) if rc != 0 and not failures else None
-        return LaunchResult(returncode=rc, output=out, elapsed=time.monotonic() - self._t0, argv=self.argv,
-                            timed_out=timed_out, failures=failures, aborted=aborted, root_cause_rank=root,
-                            blame=who, log_dir=self.log_dir)
+        errors = _EXCEPTION_LINE.findall(out) if rc != 0 else []
+        result = LaunchResult(returncode=rc, output=out, elapsed=time.monotonic() - self._t0, argv=self.argv,
+                              timed_out=timed_out, failures=failures, aborted=aborted, root_cause_rank=root,
+                              blame=who, log_dir=self.log_dir, agent_error=errors[-1] if errors else None)
+        if self.owns_folder:
+            self._tidy(result)
+        return result
+
+    def _tidy(self, result: LaunchResult) -> None:
+        """Remove this launch's temporary folder unless it holds logs of a failed run worth reading."""
+        logs = [p for p in Path(self.log_dir).glob("*") if p.is_file() and p.stat().st_size] if self.log_dir else []
+        if result.ok or not logs:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            result.log_dir = None
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the torchrun agent (it stops its workers), wait up to `grace` s, then SIGKILL what is left."""
@@ -373,7 +393,8 @@ def start(target_argv: Sequence[str], nnodes: int = 1, nproc_per_node: int = 1, 
           cwd: str | None = None, folder: str | None = None) -> Launch:
     """Start `python -m torch.distributed.run` for one node without waiting (see `launch`).
 
-    folder: where the ranks' heartbeats and logs go (a new temporary folder when None)."""
+    folder: where the ranks' heartbeats and logs go (None: a new temporary folder, removed after the
+    launch unless it failed and its ranks wrote logs)."""
     if master_port is None:
         if nnodes > 1:
             raise ValueError("launch: with nnodes > 1 every node's launch needs the same explicit master_port")
@@ -381,8 +402,9 @@ def start(target_argv: Sequence[str], nnodes: int = 1, nproc_per_node: int = 1, 
     argv = torchrun_argv(target_argv, nnodes, nproc_per_node, node_rank, master_addr, master_port,
                          rdzv_backend=rdzv_backend, rdzv_id=rdzv_id, max_restarts=max_restarts,
                          monitor_interval=monitor_interval, extra_args=extra_args)
+    owns = folder is None
     folder = folder if folder is not None else tempfile.mkdtemp(prefix="moefx-launch-")
-    return Launch(argv, _env(env, folder), capture, cwd, folder)
+    return Launch(argv, _env(env, folder), capture, cwd, folder, owns_folder=owns)
 
 
 def launch(target_argv: Sequence[str], nnodes: int = 1, nproc_per_node: int = 1, node_rank: int = 0,

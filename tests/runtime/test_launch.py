@@ -1,6 +1,7 @@
 """torchrun launching: argv, happy path, fail-fast with a readable message, two nodes on one host."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -102,3 +103,22 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.dist
+def test_a_busy_master_port_is_named_and_no_temporary_folder_is_left(tmp_path, monkeypatch):
+    import socket
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))          # where the launches' folders go
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        r = launch([OK], nproc_per_node=2, master_port=busy.getsockname()[1], timeout=60)
+    assert r.returncode != 0 and not r.failures
+    assert "torchrun failed before any worker ran" in r.summary() and "EADDRINUSE" in r.summary()
+    assert "the --master-port is taken" in r.summary()
+    assert launch([OK], nproc_per_node=2, timeout=60).ok
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("moefx-launch-")]   # neither left one
+    r = launch([FAIL], nproc_per_node=2, timeout=60)                  # a failure with logs keeps them, and says where
+    assert r.log_dir and os.path.isdir(r.log_dir) and f"per-rank logs in {r.log_dir}" in r.summary()
