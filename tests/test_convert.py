@@ -126,8 +126,8 @@ def test_init_noise_breaks_symmetry_approximately():
 def test_capacity_drop_warns_and_runs():
     model, inputs = load_model("gpt2-tiny")
     with pytest.warns(UserWarning, match="drop_tokens"):
-        gm = moefx.convert(model, {"moe": {"experts": 4, "every": 2, "capacity_factor": 0.5, "min_capacity": 1}},
-                           inputs)
+        gm = moefx.convert(model, {"moe": {"experts": 4, "every": 2, "capacity_factor": 0.5, "min_capacity": 1,
+                                           "drop_tokens": True}}, inputs)
     assert first_tensor(gm(*inputs)).shape == first_tensor(model(*inputs)).shape
 
 
@@ -140,7 +140,7 @@ def test_random_init_experts_differ_from_dense():
 
 def test_meta_device_conversion_of_a_24_layer_model():
     model, inputs = load_model("gpt2-medium-24", device="meta")
-    plan = {"moe": {"experts": 128, "every": 2, "top_k": 1}}
+    plan = {"moe": {"experts": 128, "every": 2, "top_k": 1, "residual": False}}
     gm = moefx.convert(model, plan, inputs)
     assert all(p.device.type == "meta" for p in gm.parameters())
     layers = [m for m in gm.modules() if isinstance(m, MoELayer)]

@@ -22,7 +22,7 @@ from ffn_pattern_models import BLOCKS, D, FF, FFNS, VOCAB, base_params, ffn_para
 ARCHS = [*FFNS, "phi3"]
 E = 4
 PLANS = {
-    "top2": {"moe": {"experts": E, "every": 1, "top_k": 2, "drop_tokens": False}},
+    "top2": {"moe": {"experts": E, "every": 1, "top_k": 2, "residual": False, "drop_tokens": False}},
     "top1-residual": {"moe": {"experts": E, "every": 1, "top_k": 1, "residual": True, "drop_tokens": False}},
 }
 ACTIVATION = {"fused-chunk": "swiglu", "fused-split": "swiglu", "fused-slice": "geglu", "einsum-in-out": "gelu",

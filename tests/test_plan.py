@@ -10,7 +10,7 @@ def test_expert_forms_resolve_to_the_same_counts():
     want = {1: 32, 3: 32, 5: 64}
     for experts in ([32, 32, 64], "32x2+64", {"levels": [32, 64], "boundaries": [0.6]}):
         assert MoEPlan(experts=experts, every=2).layer_experts(6) == want
-    assert MoEPlan(experts=8).layer_experts(3) == {0: 8, 1: 8, 2: 8}
+    assert MoEPlan(experts=8, every=1).layer_experts(3) == {0: 8, 1: 8, 2: 8}
 
 
 def test_every_follows_deepspeed_convention():

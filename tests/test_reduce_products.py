@@ -17,7 +17,7 @@ from moefx.passes.reduce_products import reduce_products
 
 # distinct experts (random init), so a row sent to the wrong expert changes the logits
 TOP1 = {"moe": {"experts": 4, "every": 2, "top_k": 1, "residual": True, "drop_tokens": False, "init": "random"}}
-TOP2 = {"moe": {"experts": 4, "every": 2, "top_k": 2, "drop_tokens": False, "init": "random"}}
+TOP2 = {"moe": {"experts": 4, "every": 2, "top_k": 2, "residual": False, "drop_tokens": False, "init": "random"}}
 
 
 def _decode_args(gen, ids, position):

@@ -137,3 +137,13 @@ def test_bad_files_and_sizes_are_named_before_training(tmp_path, capsys):
     for option in ("--metrics-csv", "--loss-svg"):
         assert main(["train", "llama-tiny", "--steps", "1", option, str(tmp_path / "a_file" / "out")]) == 2
         assert f"{option} {tmp_path / 'a_file' / 'out'}: cannot write there" in capsys.readouterr().err
+
+
+def test_a_step_that_cannot_fit_is_refused_before_the_first_forward(capsys):
+    from moefx.memory import activation_bytes
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
+    assert activation_bytes(moefx.capture(mlp, (torch.randn(3, 4),))) == 4 * 3 * (8 + 8 + 2)   # fp32 intermediates
+    assert main(["train", "llama-tiny", "--batch", "100000000", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "a training step of --batch 100000000 x --seq 8 tokens holds about" in err and "memory available" in err

@@ -57,6 +57,10 @@ def load_model(
     with device:
         model = spec.build()
     model.moefx_name = name                 # what `moefx.save` records to rebuild the graph
-    inputs = spec.inputs(batch, seq, torch.Generator().manual_seed(seed))
+    if device.type == "meta":                # shapes only: a huge --batch costs no memory
+        with device:
+            inputs = spec.inputs(batch, seq, torch.Generator().manual_seed(seed))
+    else:
+        inputs = spec.inputs(batch, seq, torch.Generator().manual_seed(seed))
     return model.eval(), tuple(x.to(device) for x in inputs)
 

@@ -37,6 +37,7 @@ from ..errors import InexactConversionWarning, MoefxError
 from ..facts import record_facts
 from ..gen.fill import cache_source, fill_generator
 from ..gen.generator import Generator, convert_graphs, model_positions, special_tokens
+from ..memory import check_step_fits, local_ranks
 from ..models import load_model
 from ..models.skeleton import params_on_meta
 from ..plan import Plan
@@ -169,7 +170,7 @@ def skeleton(spec: ModelSpec) -> Skeleton:
     else:
         meta_model, inputs = load_model(spec.name, device="meta", seed=spec.seed, batch=spec.batch, seq=spec.seq)
         with params_on_meta():
-            real_buffers, _ = load_model(spec.name, seed=spec.seed, batch=spec.batch, seq=spec.seq)
+            real_buffers, _ = load_model(spec.name, seed=spec.seed, batch=1, seq=1)   # its buffers, not inputs
     aliases = tied_aliases(meta_model)
     return Skeleton(meta_model, inputs, ModuleSource(real_buffers, aliases), aliases)
 
@@ -302,6 +303,9 @@ def build_train_graphs(spec: ModelSpec, plan, *, device="cpu", distributed: bool
     build one)."""
     target = torch.device(device).type
     train_gm, skel = convert_meta(spec, plan, train=True, target=target)
+    tp = plan.parallel.tp if distributed and plan.parallel is not None and isinstance(plan.parallel.tp, int) else 1
+    check_step_fits(train_gm, torch.device(device), batch=spec.batch, seq=spec.seq, share=1 / tp,
+                    ranks_here=local_ranks() if distributed else 1)
     eval_gm = convert_meta(spec, plan, train=False, target=target)[0] if with_eval else None
     if distributed:
         graphs = [gm for gm in (train_gm, eval_gm) if gm is not None]
