@@ -265,13 +265,16 @@ def test_distributed_staged_kd_equals_one_process(tmp_path):
 
 def test_train_command(tmp_path, capsys):
     from moefx.cli import main
+    from moefx.train.metrics import read_csv
 
     code = main(["train", "nanogpt-tiny", "--steps", "3", "--batch", "2", "--seq", "16", "--lr", "0.05",
                  "--no-progress", "--metrics-csv", str(tmp_path / "m.csv"), "--eval-every", "3",
                  "--save", str(tmp_path / "w")])
     out = capsys.readouterr().out
     assert code == 0 and "ok 3 steps" in out and "validation loss" in out
-    assert (tmp_path / "m.csv").read_text().splitlines()[0] == "step,loss,aux,grad_norm,lr,tokens_per_s"
+    assert (tmp_path / "m.csv").read_text().splitlines()[0] == "step,loss,aux,grad_norm,lr,tokens_per_s,eval_loss"
+    rows = read_csv(tmp_path / "m.csv")
+    assert "eval_loss" not in rows[1] and f"validation loss {rows[2]['eval_loss']:.4f}" in out   # the CSV has it
     # generate from the saved training weights in one process; without MODEL the checkpoint's recorded model
     gen = ["generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]
     assert main([*gen, "nanogpt-tiny"]) == 0 and main([*gen, "nanogpt-tiny", "--load", str(tmp_path / "w")]) == 0

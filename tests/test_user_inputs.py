@@ -147,3 +147,25 @@ def test_a_step_that_cannot_fit_is_refused_before_the_first_forward(capsys):
     assert main(["train", "llama-tiny", "--batch", "100000000", "--steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "a training step of --batch 100000000 x --seq 8 tokens holds about" in err and "memory available" in err
+
+
+def test_the_command_line_explains_itself(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("moefx ")
+    assert main([]) == 2                                             # a bare moefx lists the commands
+    out = capsys.readouterr().out
+    assert all(cmd in out for cmd in ("convert", "generate", "train", "distill", "launch", "calibrate"))
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: prompt + max-new-tokens)" in out and "(default: None)" not in out
+    with pytest.raises(SystemExit):
+        main(["launch", "--help"])
+    out = capsys.readouterr().out
+    assert "--train:" in out and "--steps" in out and "--prompt-ids" in out      # the jobs' own options
+    plan = tmp_path / "ep2.toml"
+    plan.write_text("[parallel]\nnodes = 1\ndevices_per_node = 2\nep = 2\n")
+    assert main(["launch", "--nproc-per-node", "2", "--plan", str(plan), "nanogpt-tiny", "--steps", "3"]) == 2
+    assert "does not take --steps (--steps belongs to the --train / --distill job: add that flag)" in \
+        capsys.readouterr().err

@@ -11,7 +11,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
+
+import torch
 
 from ..errors import MoefxError
 from . import convert, distill, generate, launch, train
@@ -20,9 +23,20 @@ from .common import Parser
 __all__ = ["main", "build_parser"]
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("moefx")
+    except importlib.metadata.PackageNotFoundError:   # run from a source tree that is not installed
+        return "unknown"
+
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moefx", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    """The `moefx` parser: one sub-command per library job (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="moefx", description=__doc__.splitlines()[0],
+                                epilog="run `moefx COMMAND --help` for a command's options")
+    p.add_argument("--version", action="version", version=f"moefx {_version()} (torch {torch.__version__})")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
     for module in (convert, generate, train, distill, launch):
         module.add_parsers(sub)
     return p
@@ -32,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `moefx` console script; returns the exit code."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.cmd is None:                           # a bare `moefx`: what it can do, not a usage error
+        parser.print_help()
+        return 2
     try:
         if getattr(args, "takes_rest", False):
             return args.func(args, rest)

@@ -7,13 +7,14 @@ import torch
 
 from ..errors import MoefxError
 from ..plan import Plan
+from ..runtime.run_model import DefaultsFormatter
 
 
 class Parser(argparse.ArgumentParser):
     """Sub-command parsers show every option's default in --help."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import textwrap
 import warnings
 
 from ..distribute import resolve
@@ -35,13 +36,45 @@ def _job(args) -> str:
     return chosen[0] if chosen else "forward"
 
 
+def _job_parser(module: str) -> argparse.ArgumentParser:
+    return importlib.import_module(module).build_parser()
+
+
+def _job_name(module: str) -> str:
+    name = next(j for j, m in JOBS.items() if m == module)
+    return "forward (--check)" if name == "forward" else "--" + name
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    return {o for a in parser._actions for o in a.option_strings if a.help != argparse.SUPPRESS}
+
+
+def jobs_help() -> str:
+    """The launch's epilog: every job's options (they follow MODEL on the command line)."""
+    lines = ["job options (after MODEL; each job's parser checks them before any worker starts):"]
+    for name, module in JOBS.items():
+        known = sorted(_options(_job_parser(module)) - {"-h", "--help", "--plan"})
+        lines.append(textwrap.fill(f"{_job_name(module)}: " + " ".join(known), width=100, initial_indent="  ",
+                                   subsequent_indent="      ", break_on_hyphens=False))
+    return "\n".join(lines)
+
+
 def _validate(args, job_argv: list[str], module: str) -> None:
     """The job's options parse, the plan fits the launch's world and the model: before any worker starts."""
-    parser = importlib.import_module(module).build_parser()
+    parser = _job_parser(module)
+    _, unknown = parser.parse_known_args(job_argv)
+    options = [u.split("=")[0] for u in unknown if u.startswith("--")]
+    if options:
+        elsewhere = {name: _options(_job_parser(m)) for name, m in JOBS.items() if m != module}
+        hints = [f"{o} belongs to the {' / '.join('--' + j for j, known in elsewhere.items() if o in known)} job"
+                 for o in options if any(o in known for known in elsewhere.values())]
+        raise MoefxError(f"the {_job_name(module)} job does not take {' '.join(options)}"
+                         + (f" ({'; '.join(hints)}: add that flag)" if hints else "")
+                         + "; see `moefx launch --help` for each job's options")
     try:
         job = parser.parse_args(job_argv)
     except SystemExit as e:
-        raise MoefxError(f"the {module} job refuses its options (see above): {' '.join(job_argv)}") from e
+        raise MoefxError(f"the {_job_name(module)} job refuses its options (see above): {' '.join(job_argv)}") from e
     plan = load_plan(args.plan)
     world = args.nnodes * args.nproc_per_node
     pp = plan.parallel
@@ -109,8 +142,7 @@ def _torchrun_args(sp: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub) -> None:
     ln = sub.add_parser("launch", help="run a distributed moefx job on this node's ranks (torchrun)",
-                        epilog="every other option goes to the job: see python -m moefx.runtime.run_model --help "
-                               "(and moefx.runtime.jobs.generate / .train / .distill)")
+                        epilog=jobs_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     ln.add_argument("model", help="built-in name (gpt2-tiny, llama-tiny, ...), package.module:function, or - with "
                                   "--weights DIR")
     ln.add_argument("--plan", required=True, help="plan file with a [parallel] section (world = nnodes x nproc)")

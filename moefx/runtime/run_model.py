@@ -44,7 +44,7 @@ from ..plan import Plan
 from .build import ModelSpec, build_rank, build_reference, example_inputs, job_record, recorded_job
 from .stats import bytes_by_layer, collective_bytes
 
-__all__ = ["main", "build_parser", "worker_argv", "setup", "start_job", "spec_and_plan", "positive_int", "job_main", "Job", "Rank"]
+__all__ = ["main", "build_parser", "worker_argv", "setup", "start_job", "spec_and_plan", "positive_int", "DefaultsFormatter", "job_main", "Job", "Rank"]
 
 MODULE = "moefx.runtime.run_model"
 
@@ -96,7 +96,7 @@ def add_model_args(p: argparse.ArgumentParser, *, single: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", formatter_class=DefaultsFormatter,
                                 description="one rank of a distributed moefx model (run it with `moefx launch`)")
     add_model_args(p)
     p.add_argument("--iters", type=int, default=3, help="forward passes")
@@ -144,6 +144,16 @@ class Job:
     spec: object
     profile: object
     device: torch.device
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows an option's default once: not when its help already says it, nor "None" / "False"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def positive_int(text: str) -> int:

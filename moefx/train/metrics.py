@@ -1,6 +1,7 @@
 """Training metrics: one CSV row per optimizer step, and a loss-curve SVG.
 
-CSV columns `step,loss,aux,grad_norm,lr,tokens_per_s` (+ `kd` for distillation), floats as
+CSV columns `step,loss,aux,grad_norm,lr,tokens_per_s,eval_loss` (`eval_loss` filled at the steps
+that validated; + `kd` for distillation), floats as
 `repr(float)` so a value read back is the value logged. A resumed run keeps the rows up to its
 checkpoint's step (rewritten atomically) and appends after them, so the file of an interrupted and
 resumed run equals an uninterrupted one's, timings aside.
@@ -16,7 +17,7 @@ from ..fileio import write_atomic
 
 __all__ = ["MetricsCSV", "loss_svg", "COLUMNS"]
 
-COLUMNS = ("step", "loss", "aux", "grad_norm", "lr", "tokens_per_s")
+COLUMNS = ("step", "loss", "aux", "grad_norm", "lr", "tokens_per_s", "eval_loss")
 
 
 def _cell(v) -> str:

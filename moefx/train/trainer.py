@@ -249,14 +249,15 @@ def train(model: nn.Module, config: TrainConfig, windows: Windows, *, eval_model
                    "lr": float(lr), "tokens_per_s": tokens_per_step / dt}
             if teacher is not None:
                 row["kd"] = float(means[3])
-            result.rows.append(row)
-            if csv is not None:
-                csv.write(row)
-            bar.update({**row, "step": step}, show=(step + 1) % config.log_every == 0 or step == start)
             done = step + 1
             if eval_model is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
                 eval_model.eval()
                 result.evals.append((done, evaluate(eval_model, evals, device, world, config.bf16)))
+                row["eval_loss"] = result.evals[-1][1]
+            result.rows.append(row)
+            if csv is not None:
+                csv.write(row)
+            bar.update({**row, "step": step}, show=(step + 1) % config.log_every == 0 or step == start)
             if checkpoint_dir is not None and (done == config.steps or (config.checkpoint_every and
                                                                         done % config.checkpoint_every == 0)):
                 R.save(f"{checkpoint_dir}/step{done:07d}", model, opt, sched, config, done, result.skipped,

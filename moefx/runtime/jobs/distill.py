@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..run_model import add_model_args, job_main
+from ..run_model import DefaultsFormatter, add_model_args, job_main
 from .train import add_distill_args, add_training_args, run
 
 __all__ = ["main", "build_parser"]
@@ -25,7 +25,7 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moefx.runtime.jobs.distill",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=DefaultsFormatter,
                                 description="one rank of distributed staged-KD distillation (`moefx launch --distill`)")
     add_model_args(p)
     add_training_args(p)

@@ -31,6 +31,7 @@ from ...gen.prompts import encode, left_pad, local_tokenizer, parse_prompt_ids, 
 from ...parallel import validate_parallel
 from ..build import build_generator
 from ..run_model import (
+    DefaultsFormatter,
     add_model_args,
     fail_if_asked,
     job_main,
@@ -70,7 +71,7 @@ def sampling_kwargs(args) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moefx.runtime.jobs.generate",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=DefaultsFormatter,
                                 description="one rank of distributed generation (run it with `moefx launch "
                                             "--generate`)")
     add_model_args(p)

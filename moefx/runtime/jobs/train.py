@@ -32,7 +32,16 @@ from ...train.tokens import HELD_OUT, Windows, open_split
 from ...train.trainer import TrainConfig, train
 from ...train.world import Ranks, Single
 from ..build import build_rank, build_reference, build_train_graphs, job_record
-from ..run_model import add_model_args, fail_if_asked, job_main, peak_rss_mb, positive_int, start_job, tensor_bytes
+from ..run_model import (
+    DefaultsFormatter,
+    add_model_args,
+    fail_if_asked,
+    job_main,
+    peak_rss_mb,
+    positive_int,
+    start_job,
+    tensor_bytes,
+)
 
 __all__ = ["main", "build_parser", "add_training_args", "add_distill_args", "config_from", "run"]
 
@@ -80,7 +89,7 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str = "python -m moefx.runtime.jobs.train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog=prog, formatter_class=DefaultsFormatter,
                                 description="train a converted model (one rank of `moefx launch --train`, or one "
                                             "process as `moefx train`)")
     add_model_args(p)
