@@ -20,9 +20,10 @@ import textwrap
 import warnings
 
 from ..distribute import resolve
-from ..errors import MoefxError
+from ..errors import CheckpointError, MoefxError
 from ..runtime.build import ModelSpec, convert_meta
 from ..runtime.launch import launch
+from ..train.resume import latest
 from .common import load_plan
 
 JOBS = {"forward": "moefx.runtime.run_model", "generate": "moefx.runtime.jobs.generate",
@@ -93,6 +94,27 @@ def _validate(args, job_argv: list[str], module: str) -> None:
     resolve(gm, pp, world)
 
 
+def _stopped(code, job_argv: list[str]) -> str:
+    """What a stopped launch says: that it was stopped, and for a training job its last complete
+    checkpoint and the command that resumes from it."""
+    signame = {130: "SIGINT", 143: "SIGTERM"}.get(code, f"exit code {code}")
+    text = f"moefx launch: stopped ({signame}); every rank was stopped"
+    ckpt = next((job_argv[i + 1] for i, a in enumerate(job_argv[:-1]) if a == "--checkpoint-dir"), None)
+    if ckpt is None:
+        return text
+    try:
+        last = latest(ckpt)
+    except CheckpointError:
+        return text + f"; --checkpoint-dir {ckpt} has no complete checkpoint yet"
+    command = ["moefx", *sys.argv[1:]] + ([] if "--resume" in sys.argv else ["--resume", ckpt])
+    return text + f"; the last complete checkpoint is {last}; continue with:\n  " + " ".join(command)
+
+
+def _print_live(line: str) -> None:
+    sys.stdout.write(line)
+    sys.stdout.flush()
+
+
 def cmd_launch(args, job_argv: list[str]) -> int:
     """Run the job's worker on this node's ranks under torchrun; print the workers' lines and a summary."""
     module = JOBS[_job(args)]
@@ -101,10 +123,12 @@ def cmd_launch(args, job_argv: list[str]) -> int:
     try:
         result = launch(["-m", module, *job_argv], nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
                         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
-                        timeout=args.timeout, capture=not args.stream)
+                        timeout=args.timeout, capture=not args.stream, echo=_print_live)
     except ValueError as e:
         raise MoefxError(str(e)) from None
-    sys.stdout.write(result.worker_output())
+    except SystemExit as e:                      # SIGINT / SIGTERM: the launch was stopped (forward_signals)
+        print(_stopped(e.code, job_argv), file=sys.stderr, flush=True)
+        raise
     node = f"node {args.node_rank}/{args.nnodes}: " if args.nnodes > 1 else ""
     if result.ok:
         print(f"moefx launch: {node}{args.nproc_per_node} rank(s) {result.summary()}", flush=True)
@@ -151,8 +175,9 @@ def add_parsers(sub) -> None:
     ln.add_argument("--train", action="store_true", help="run the training job")
     ln.add_argument("--distill", action="store_true", help="run the distributed staged-KD distillation job")
     ln.add_argument("--stream", action="store_true",
-                    help="let the workers write to the terminal live (the failure summary then cannot name "
-                         "the failing rank)")
+                    help="let the workers write to the terminal directly, torchrun's own lines included (by "
+                         "default their lines are shown live, filtered; with --stream the failure summary cannot "
+                         "name the failing rank)")
     ln.set_defaults(func=cmd_launch, takes_rest=True)
 
     ca = sub.add_parser("calibrate", help="measure this job's all-to-all costs (the hierarchical_a2a profile)")

@@ -40,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..dist.worker import HEARTBEAT_ENV, LOG_ENV, die_with_parent
 from ..errors import MoefxError
@@ -169,30 +169,62 @@ class LaunchResult:
         return self
 
 
-def worker_lines(output: str) -> list[str]:
-    """Lines of a launch's output that the workers printed: torchrun's log lines, its OMP banner and
-    its failure report (a traceback, then the ==== block down to the root cause) are left out."""
-    out, state = [], None
-    for line in output.splitlines(keepends=True):
+class WorkerLineFilter:
+    """Tells, line by line, whether a line of a launch's output is the workers' own: torchrun's log
+    lines, its OMP banner and its failure report (a traceback, then the ==== block down to the root
+    cause) are not. Stateful: feed it the lines in order."""
+
+    def __init__(self):
+        self.state = None
+
+    def __call__(self, line: str) -> bool:
         s = line.strip()
-        if state == "banner":
-            state = None if s.startswith("*****") else state
-            continue
-        if state == "report":
-            state = "root" if s.startswith("Root Cause") else state
-            continue
-        if state == "root":
-            state = None if s and set(s) == {"="} else state
-            continue
+        if self.state == "banner":
+            self.state = None if s.startswith("*****") else self.state
+            return False
+        if self.state == "report":
+            self.state = "root" if s.startswith("Root Cause") else self.state
+            return False
+        if self.state == "root":
+            self.state = None if s and set(s) == {"="} else self.state
+            return False
         if _AGENT_LINE.match(line):
-            continue
+            return False
         if s.startswith("*****"):
-            state = "banner"
+            self.state = "banner"
         elif s.startswith("Traceback (most recent call last):"):
-            state = "report"
+            self.state = "report"
         else:
-            out.append(line)
-    return out
+            return True
+        return False
+
+
+def worker_lines(output: str) -> list[str]:
+    """Lines of a launch's output that the workers printed (see WorkerLineFilter)."""
+    keep = WorkerLineFilter()
+    return [line for line in output.splitlines(keepends=True) if keep(line)]
+
+
+class _Echo:
+    """Reads a launch's output as it comes: keeps all of it, and passes the workers' lines to `echo`
+    live, a warning that every rank prints only once."""
+
+    def __init__(self, stream, echo: Callable[[str], None]):
+        self.lines: list[str] = []
+        self._keep, self._seen, self._echo = WorkerLineFilter(), set(), echo
+        self.thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _run(self, stream) -> None:
+        for line in stream:
+            self.lines.append(line)
+            if not self._keep(line):
+                continue
+            if "Warning" in line:
+                if line in self._seen:
+                    continue
+                self._seen.add(line)
+            self._echo(line)
 
 
 def _parse(output: str) -> tuple[dict, dict, int | None]:
@@ -280,7 +312,7 @@ class Launch:
     stopped (SIGTERM, grace, SIGKILL)."""
 
     def __init__(self, argv: list[str], env: dict, capture: bool, cwd: str | None, folder: str | None,
-                 owns_folder: bool = False):
+                 owns_folder: bool = False, echo: Callable[[str], None] | None = None):
         self.argv = argv
         self.folder = folder
         self.owns_folder = owns_folder          # a temporary folder of this launch: removed when not needed
@@ -289,6 +321,7 @@ class Launch:
             [sys.executable, "-m", "torch.distributed.run", *argv], env=env, cwd=cwd,
             stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT if capture else None,
             text=True, start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM))
+        self._echo = _Echo(self.proc.stdout, echo) if capture and echo is not None else None
 
     @property
     def heartbeat_dir(self) -> str | None:
@@ -301,12 +334,11 @@ class Launch:
     def wait(self, timeout: float | None = None) -> LaunchResult:
         timed_out = False
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
+            out = self._finish(timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
             self.stop()
-            out, _ = self.proc.communicate()
-        out = out or ""
+            out = self._finish(None)
         failures, aborted, root = _parse(out)
         rc = self.proc.returncode if not timed_out else (self.proc.returncode or -signal.SIGKILL)
         who = blame(read_heartbeats(self.heartbeat_dir), aborted) if rc != 0 and not failures else None
@@ -317,6 +349,15 @@ class Launch:
         if self.owns_folder:
             self._tidy(result)
         return result
+
+    def _finish(self, timeout: float | None) -> str:
+        """Wait for torchrun to exit (TimeoutExpired after `timeout` s); return its whole output."""
+        if self._echo is None:
+            out, _ = self.proc.communicate(timeout=timeout)
+            return out or ""
+        self.proc.wait(timeout=timeout)
+        self._echo.thread.join(timeout=30)      # the pipe closes once the last worker is gone
+        return "".join(self._echo.lines)
 
     def _tidy(self, result: LaunchResult) -> None:
         """Remove this launch's temporary folder unless it holds logs of a failed run worth reading."""
@@ -390,9 +431,10 @@ def start(target_argv: Sequence[str], nnodes: int = 1, nproc_per_node: int = 1, 
           master_addr: str = "127.0.0.1", master_port: int | None = None, *, rdzv_backend: str = "static",
           rdzv_id: str = "moefx", max_restarts: int = 0, monitor_interval: float = 0.1,
           extra_args: Sequence[str] = (), env: dict | None = None, capture: bool = True,
-          cwd: str | None = None, folder: str | None = None) -> Launch:
+          cwd: str | None = None, folder: str | None = None, echo: Callable[[str], None] | None = None) -> Launch:
     """Start `python -m torch.distributed.run` for one node without waiting (see `launch`).
 
+    echo: called with each line the workers print, as they print it (the output is captured too).
     folder: where the ranks' heartbeats and logs go (None: a new temporary folder, removed after the
     launch unless it failed and its ranks wrote logs)."""
     if master_port is None:
@@ -404,7 +446,7 @@ def start(target_argv: Sequence[str], nnodes: int = 1, nproc_per_node: int = 1, 
                          monitor_interval=monitor_interval, extra_args=extra_args)
     owns = folder is None
     folder = folder if folder is not None else tempfile.mkdtemp(prefix="moefx-launch-")
-    return Launch(argv, _env(env, folder), capture, cwd, folder, owns_folder=owns)
+    return Launch(argv, _env(env, folder), capture, cwd, folder, owns_folder=owns, echo=echo)
 
 
 def launch(target_argv: Sequence[str], nnodes: int = 1, nproc_per_node: int = 1, node_rank: int = 0,

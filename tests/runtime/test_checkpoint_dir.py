@@ -85,3 +85,20 @@ def test_a_full_disk_is_named_before_writing_and_a_failed_save_leaves_nothing(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == before     # the partial folder is gone
     monkeypatch.undo()
     C.load_full(gm, path)                                           # the previous checkpoint still loads
+
+
+def test_a_stopped_training_launch_names_its_last_checkpoint_and_the_resume_command(tmp_path, monkeypatch):
+    from moefx.cli.launch import _stopped
+    from moefx.dist.checkpoint import save_sharded
+
+    argv = ["moefx", "launch", "--plan", "p.toml", "llama-tiny", "--train", "--checkpoint-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    job = ["llama-tiny", "--plan", "p.toml", "--checkpoint-dir", str(tmp_path)]
+    assert _stopped(130, job).endswith(f"--checkpoint-dir {tmp_path} has no complete checkpoint yet")
+    gm = _model()
+    for step in (2, 4):
+        save_sharded(gm, tmp_path / f"step{step:07d}")
+    text = _stopped(143, job)
+    assert text.startswith("moefx launch: stopped (SIGTERM)")
+    assert f"the last complete checkpoint is {tmp_path / 'step0000004'}" in text
+    assert text.endswith(" ".join(argv) + f" --resume {tmp_path}")

@@ -131,12 +131,16 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGKILL"])
 def test_stopping_moefx_launch_leaves_no_process_of_it(tmp_path, sig):
     import signal
+    import threading
     import time
 
     plan = _plan(tmp_path, "ep2.toml", "nodes = 1\ndevices_per_node = 2\nep = 2\n")
     proc = subprocess.Popen([sys.executable, "-m", "moefx.cli", "launch", "--nproc-per-node", "2", "--plan", plan,
                              "nanogpt-tiny", "--stall-rank", "1", "--timeout", "300"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    live = []
+    reader = threading.Thread(target=lambda: live.extend(proc.stdout), daemon=True)
+    reader.start()
     deadline = time.monotonic() + 90
     tree = []
     while time.monotonic() < deadline:             # wait until both workers run
@@ -145,10 +149,15 @@ def test_stopping_moefx_launch_leaves_no_process_of_it(tmp_path, sig):
             break
         time.sleep(0.5)
     assert len(tree) >= 4, f"the launch did not start its workers: {tree}"
-    time.sleep(2.0)
+    while time.monotonic() < deadline and not any("[moe]" in line for line in live):
+        time.sleep(0.25)
+    assert any(line.startswith("moefx: plan") for line in live), live   # rank 0's lines show while it runs
+    time.sleep(1.0)
     tree = _launch_tree(proc.pid)
     proc.send_signal(getattr(signal, sig))
-    proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
+    if sig != "SIGKILL":
+        assert f"moefx launch: stopped ({sig}); every rank was stopped" in err
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and any(_alive(p) for p in tree):
         time.sleep(0.25)
