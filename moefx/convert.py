@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from torch import fx, nn
 
 from . import origin
 from .capture import capture
-from .errors import InexactConversionWarning
+from .errors import InexactConversionWarning, MoefxError
 from .passes import pipeline
 from .passes.base import PassContext
 from .plan import Plan
@@ -55,4 +56,22 @@ def convert(model: nn.Module, plan: Plan | dict | None = None, example_inputs: t
     gm = pipeline.run(gm, ctx, "convert", dump_dir=dump_dir)
     if not isinstance(model, fx.GraphModule):
         origin.record(gm, model, plan, example_inputs if not example_kwargs else (None,), capture_options)
+    gm.register_forward_pre_hook(refuse_uncaptured_inputs, with_kwargs=True)
     return gm
+
+
+def refuse_uncaptured_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict):
+    """Forward pre-hook of a converted graph: a keyword input the capture did not see (e.g. an
+    attention_mask when only input_ids were captured) is a MoefxError naming how to capture it,
+    instead of Python's bare "unexpected keyword argument"."""
+    if not kwargs:
+        return None
+    known = inspect.signature(gm.forward).parameters
+    extra = sorted(k for k in kwargs if k not in known)
+    if extra:
+        inputs = [p for p in known if p != "self"]
+        wanted = ", ".join(repr(k) + ": ..." for k in extra)
+        raise MoefxError(f"this converted model takes the inputs it was captured with ({', '.join(inputs)}), not "
+                         f"{', '.join(extra)}: convert it with example_kwargs={{{wanted}}} (example values of those "
+                         "inputs) so the graph has them")
+    return None

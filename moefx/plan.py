@@ -186,7 +186,8 @@ class MoEPlan:
         if self.drop_tokens:
             reasons.append("drop_tokens = true drops tokens over capacity (drop_tokens = false keeps them all)")
         if self.init_noise:
-            reasons.append(f"init_noise = {self.init_noise} perturbs the copied experts (init_noise = 0 keeps them equal)")
+            reasons.append(f"init_noise = {self.init_noise} perturbs the copied experts (init_noise = 0 keeps them "
+                           "equal)")
         if self.top_k == 1 and not self.unit_top1:
             reasons.append('combine_weight = "prob" scales each top-1 output by its gate probability '
                            '(combine_weight = "unit" or "auto" keeps the value 1)')

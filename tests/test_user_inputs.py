@@ -169,3 +169,14 @@ def test_the_command_line_explains_itself(capsys, tmp_path):
     assert main(["launch", "--nproc-per-node", "2", "--plan", str(plan), "nanogpt-tiny", "--steps", "3"]) == 2
     assert "does not take --steps (--steps belongs to the --train / --distill job: add that flag)" in \
         capsys.readouterr().err
+
+
+def test_an_input_the_capture_did_not_see_names_example_kwargs():
+    model, (ids,) = load_model("llama-tiny")
+    gm = moefx.convert(model, None, (ids,))
+    with pytest.raises(MoefxError, match=r"captured with \(input_ids\), not attention_mask: convert it with "
+                                         r"example_kwargs=\{'attention_mask': \.\.\.\}"):
+        gm(ids, attention_mask=torch.ones_like(ids))
+    mask = torch.ones_like(ids)
+    with_mask = moefx.convert(model, None, (ids,), {"attention_mask": mask})
+    assert torch.equal(with_mask(ids, attention_mask=mask).logits, gm(ids).logits)
