@@ -30,12 +30,14 @@ from pathlib import Path
 from .errors import PlanError
 from .fileio import write_atomic
 
-__all__ = ["ALPHA", "BETA_INTRA", "BETA_INTER", "BETA_MEM", "CostProfile"]
+__all__ = ["ALPHA", "BETA_INTRA", "BETA_INTER", "BETA_MEM", "PLAUSIBLE_MAX", "NO_PEERS", "CostProfile"]
 
 ALPHA = 10e-6        # s per message (inter-node launch + network latency)
 BETA_INTRA = 150e9   # bytes / s per device inside a node (NVLink class)
 BETA_INTER = 12.5e9  # bytes / s per device across nodes (100 Gb/s class)
 BETA_MEM = 1e12      # bytes / s of a device-memory copy (layout transform)
+PLAUSIBLE_MAX = 20e12  # bytes / s: above any HBM or interconnect today; a fit beyond it is noise
+NO_PEERS = 1e15        # the bandwidth a profile records for a level with no peers (one node, one device)
 
 
 def _check(bytes_per_rank: float, nodes: int, devices_per_node: int) -> None:
@@ -82,6 +84,28 @@ class CostProfile:
             return False
         return self.hierarchical_time(bytes_per_rank, nodes, devices_per_node) < \
             self.flat_time(bytes_per_rank, nodes, devices_per_node)
+
+    def describe(self) -> str:
+        """The profile with units, and a note on every bandwidth no machine reaches (a fit on timer
+        noise: the large message took no measurably longer than the small one)."""
+        def rate(v: float) -> str:
+            return "n/a (no such peers)" if v >= NO_PEERS else f"{v / 1e9:.3g} GB/s"
+
+        parts = [f"launch {self.launch * 1e6:.3g} us/call", f"alpha_intra {self.alpha_intra * 1e6:.3g} us/message",
+                 f"alpha_inter {self.alpha_inter * 1e6:.3g} us/message", f"beta_intra {rate(self.beta_intra)}",
+                 f"beta_inter {rate(self.beta_inter)}", f"beta_mem {rate(self.beta_mem)}"]
+        text = ", ".join(parts) + f" ({self.source})"
+        odd = self.implausible()
+        if odd:
+            text += (f"\nimplausible: {', '.join(odd)} above {PLAUSIBLE_MAX / 1e12:.0f} TB/s, faster than any "
+                     "interconnect or memory: the large message was not measurably slower than the small one "
+                     "(timer noise); measure again with more --reps")
+        return text
+
+    def implausible(self) -> list[str]:
+        """Names of the bandwidths above PLAUSIBLE_MAX (see `describe`)."""
+        return [name for name in ("beta_intra", "beta_inter", "beta_mem")
+                if PLAUSIBLE_MAX < getattr(self, name) < NO_PEERS]
 
     def save(self, path: str | Path) -> Path:
         """Write the profile as JSON (atomically)."""

@@ -88,3 +88,17 @@ def test_the_hierarchical_pass_decides_with_the_profile():
                           (CostProfile(launch=2e-4, alpha_inter=2e-3, beta_inter=2e8), [0, 1])):
         out = run(gm, PassContext(plan, rank=1, resolved=resolved, tokens_per_rank=16, profile=profile), "distribute")
         assert list(facts(out).hierarchical_layers) == want
+
+
+def test_a_profile_reads_with_units_and_flags_a_fit_on_noise():
+    from moefx.runtime.calibrate import Timings, fit_profile
+
+    small = {"world": 300e-6, "intra": 200e-6, "inter": 150e-6}
+    sane = fit_profile(2, 2, Timings(small, {"world": 9e-3, "intra": 5e-3, "inter": 8e-3}, 1e-3), "test")
+    text = sane.describe()
+    assert "us/call" in text and "GB/s" in text and "implausible" not in text and sane.implausible() == []
+    # the large message 2 ns slower than the small one: a bandwidth of 500 TB/s is timer noise
+    noise = fit_profile(2, 2, Timings(small, {"world": 300e-6, "intra": 200e-6 + 2e-9, "inter": 150e-6}, 1e-3),
+                        "test")
+    assert "beta_intra" in noise.implausible() and "implausible: beta_intra" in noise.describe()
+    assert "n/a (no such peers)" in fit_profile(1, 2, Timings(small, small, 1e-3), "test").describe()

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from ..cost import CostProfile
+from ..cost import NO_PEERS, CostProfile
 from ..dist.mesh import build_mesh
 from ..dist.worker import init_from_env, worker
 from ..parallel import INTER_NODE, INTRA_NODE, WORLD, ResolvedParallel
@@ -100,7 +100,7 @@ def fit_profile(nodes: int, devices_per_node: int, t: Timings, source: str) -> C
 
     def beta(kind: str, q: int) -> float:
         extra = max(t.large[kind] - t.small[kind], 1e-9)
-        return LARGE * (q - 1) / (q * extra) if q > 1 else 1e15
+        return LARGE * (q - 1) / (q * extra) if q > 1 else NO_PEERS
 
     return CostProfile(launch=launch, alpha_intra=a_intra, alpha_inter=a_inter, beta_intra=beta("intra", G),
                        beta_inter=beta("inter", N), beta_mem=LARGE / max(t.copy, 1e-9), source=source)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         profile = measure_profile(build_mesh(resolved), reps=args.reps)
         if rank == 0:
             profile.save(args.output)
-            print(f"moefx calibrate: {profile}", flush=True)
+            print(f"moefx calibrate: {profile.describe()}", flush=True)
 
     run()
 
