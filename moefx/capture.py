@@ -89,6 +89,7 @@ def graph_module(ep: torch.export.ExportedProgram, name: str, *, train: bool = F
     """An exported program as the GraphModule the passes take: unlifted, guards that name the input
     they check, the input device check, train / eval mode set, marked captured."""
     gm = ep.module()
+    _drop_dtype_asserts(gm)
     out = fx.GraphModule(gm, gm.graph, class_name=name + "Graph")
     if hasattr(out, "_guards_fn"):
         out._guards_fn = _NamedGuards(out._guards_fn)
@@ -98,6 +99,21 @@ def graph_module(ep: torch.export.ExportedProgram, name: str, *, train: bool = F
     out.register_forward_pre_hook(_device_check)
     setattr(out, _CAPTURED, True)
     return out
+
+
+def _drop_dtype_asserts(gm: fx.GraphModule) -> None:
+    """Remove export's `_assert_tensor_metadata` checks (in place, nested graphs too). They pin each
+    `.to()` input to the dtype it had at capture, so a graph run under autocast (bf16 activations
+    where capture saw fp32) fails them; the conversions themselves stay in the graph."""
+    for module in gm.modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        asserts = [n for n in module.graph.nodes if n.op == "call_function"
+                   and n.target is torch.ops.aten._assert_tensor_metadata.default and not n.users]
+        for n in asserts:
+            module.graph.erase_node(n)
+        if asserts:
+            module.recompile()
 
 
 def is_captured(gm: nn.Module) -> bool:

@@ -127,7 +127,7 @@ class Exchange:
 
     send[j] / recv[j]: rows to / from EP rank j; rows[i][j]: rows EP rank i sends to EP rank j
     (for the hierarchical all-to-all); local[e]: rows this rank's expert e receives in all;
-    local_max: the largest of them (the local buffer's capacity).
+    local_max: the largest of them, at least 2 (the local buffer's capacity).
     """
 
     send: list
@@ -156,7 +156,9 @@ def exchange(matrix: Tensor, ep_rank: int, experts_per_rank: int, slicing: int) 
     rows = [[sum(m[i][e] for e in owner[j]) for j in range(ep)] for i in range(ep)]
     mine = owner[ep_rank]
     local = [sum(m[i][e] for i in range(ep)) for e in mine]
-    local_max = functools.reduce(torch.sym_max, local) if local else 0
+    # at least 2 rows, as for a single-process dropless buffer (moefx.nn.routing.route): compilers
+    # cannot guard on whether a data-dependent size is 1
+    local_max = functools.reduce(torch.sym_max, local, 2) if local else 0
     return Exchange(send=rows[ep_rank], recv=[rows[i][ep_rank] for i in range(ep)], rows=rows, local=local,
                     local_max=local_max)
 

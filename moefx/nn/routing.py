@@ -109,7 +109,10 @@ def route(logits: Tensor, *, top_k: int = 1, capacity_factor: float = 1.0, min_c
         capacity = expert_capacity(S, E, top_k, capacity_factor, min_capacity) if drop_tokens else -1
         expert, slot, counts = gating_ops.gate_table(logits.detach(), top_k, capacity, which)
         if not drop_tokens:
-            capacity = counts.max().item() if S > 0 else 0  # data-dependent: an unbacked SymInt when traced
+            # data-dependent: an unbacked SymInt when traced. At least 2 rows: a compiler that picks
+            # a matrix-vector kernel for one row would otherwise guard on the value (Eq(u, 1)),
+            # which it cannot for a data-dependent size; an empty row costs nothing.
+            capacity = torch.sym_max(counts.max().item(), 2) if S > 0 else 0
             torch._check(capacity >= 0)
     weight = _combine_weights(probs, expert, slot, top_k, unit_top1)
     return Routing(expert, slot, weight, capacity, counts, _aux_loss(probs, expert, top_k))
