@@ -50,9 +50,8 @@ def test_a_second_run_on_a_live_checkpoint_dir_is_refused_and_published_steps_st
 
 
 def _model():
-    from moefx.models import load_model
-
     import moefx
+    from moefx.models import load_model
 
     model, inputs = load_model("gpt2-tiny")
     return moefx.convert(model, None, inputs)
