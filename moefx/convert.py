@@ -60,10 +60,11 @@ def convert(model: nn.Module, plan: Plan | dict | None = None, example_inputs: t
     return gm
 
 
-def refuse_uncaptured_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict):
+def refuse_uncaptured_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None):
     """Forward pre-hook of a converted graph: a keyword input the capture did not see (e.g. an
     attention_mask when only input_ids were captured) is a MoefxError naming how to capture it,
-    instead of Python's bare "unexpected keyword argument"."""
+    instead of Python's bare "unexpected keyword argument". (A module copied from the graph may
+    keep the hook without its with_kwargs flag: then it is called without kwargs and checks nothing.)"""
     if not kwargs:
         return None
     known = inspect.signature(gm.forward).parameters

@@ -63,7 +63,10 @@ def jobs_help() -> str:
 def _validate(args, job_argv: list[str], module: str) -> None:
     """The job's options parse, the plan fits the launch's world and the model: before any worker starts."""
     parser = _job_parser(module)
-    _, unknown = parser.parse_known_args(job_argv)
+    try:
+        _, unknown = parser.parse_known_args(job_argv)
+    except SystemExit as e:                 # a known option with a bad value: argparse said which
+        raise MoefxError(f"the {_job_name(module)} job refuses its options (see above): {' '.join(job_argv)}") from e
     options = [u.split("=")[0] for u in unknown if u.startswith("--")]
     if options:
         elsewhere = {name: _options(_job_parser(m)) for name, m in JOBS.items() if m != module}
