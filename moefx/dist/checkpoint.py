@@ -184,18 +184,16 @@ def _dcp_errors(what: str, path: Path, space=None):
         raise
     except CheckpointError:
         raise
-    except CheckpointException as e:
-        failures = getattr(e, "failures", {}) or {}
-        first = next(iter(failures.items()), None)
-        why = f"rank {first[0]}: {type(first[1]).__name__}: {first[1]}" if first else str(e)
+    except (CheckpointException, Exception) as e:      # DCP's CheckpointException is a BaseException
+        if isinstance(e, CheckpointException):
+            first = next(iter((getattr(e, "failures", {}) or {}).items()), None)
+            why = f"rank {first[0]}: {type(first[1]).__name__}: {first[1]}" if first else str(e)
+            plain = f"{what} {str(path)!r} failed ({why})"
+        else:
+            why = f"{type(e).__name__}: {e}"
+            plain = f"{what} {str(path)!r} failed: {why}"
         full = space() if space is not None else None
-        raise CheckpointError(full + f" ({what} failed: {why})" if full else f"{what} {str(path)!r} failed ({why})") \
-            from None
-    except Exception as e:
-        full = space() if space is not None else None
-        why = f"{type(e).__name__}: {e}"
-        raise CheckpointError(full + f" ({what} failed: {why})" if full else f"{what} {str(path)!r} failed: {why}") \
-            from None
+        raise CheckpointError(full + f" ({what} failed: {why})" if full else plain) from None
 
 
 def _agree(error: str | None) -> None:
