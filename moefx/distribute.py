@@ -22,6 +22,7 @@ from .nn.moe import moe_layers
 from .parallel import ResolvedParallel, validate_parallel
 from .passes import pipeline
 from .passes.base import PassContext
+from .passes.bind_collectives import bind_collectives
 from .placement import complete
 from .plan import ParallelPlan, Plan
 
@@ -36,7 +37,8 @@ def resolve(gm: fx.GraphModule, parallel: ParallelPlan | None, world_size: int) 
 
 def distribute(gm: fx.GraphModule, plan: Plan, *, mesh=None, tokens_per_rank: int = 4096, profile=None,
                dump_dir=None) -> fx.GraphModule:
-    """This rank's GraphModule: weights sharded, collectives inserted as graph nodes.
+    """This rank's GraphModule: weights sharded, collectives inserted as graph nodes and bound to the
+    mesh's groups (`moefx.passes.bind_collectives`: torch's functional collectives, separate waits).
 
     Takes a converted GraphModule and a plan with a [parallel] section; needs an initialised
     torch.distributed default group (moefx.dist.worker.init_from_env()). mesh: from
@@ -54,6 +56,7 @@ def distribute(gm: fx.GraphModule, plan: Plan, *, mesh=None, tokens_per_rank: in
     ctx = PassContext(plan, rank=dist.get_rank(), resolved=resolved, tokens_per_rank=tokens_per_rank,
                       profile=profile)
     local = _own_weights(_finish(pipeline.run(gm, ctx, "distribute", dump_dir=dump_dir), ctx))
+    local = bind_collectives(local, mesh.groups)
     local.moefx_mesh = mesh
     return local
 

@@ -41,7 +41,8 @@ class GraphFacts:
     rank / parallel: this rank and the resolved degrees (partitioned graphs only); placements:
     local tensor name -> where it sits globally (`moefx.placement`); expert_parallel: each MoE
     layer's EP degree (set by `expert_parallel`); tp_replicated: what tensor parallelism left whole;
-    hierarchical_layers: MoE layers whose all-to-all is hierarchical; reduced_products: what
+    hierarchical_layers: MoE layers whose all-to-all is hierarchical; overlapped_layers: MoE layers
+    whose residual MLP / coefficient run while their all-to-alls are in flight (`overlap_a2a`); reduced_products: what
     `reduce_products` rewrote ({"linears": n, "experts": [layer, ...]}); profile: the cost profile
     a rank's build decided with.
     """
@@ -61,6 +62,7 @@ class GraphFacts:
     expert_parallel: tuple[int, ...] | None = None
     tp_replicated: tuple[str, ...] = ()
     hierarchical_layers: tuple[int, ...] = ()
+    overlapped_layers: tuple[int, ...] = ()
     reduced_products: Mapping[str, Any] | None = None
     profile: CostProfile | None = None
 

@@ -9,6 +9,8 @@ GROUP  str     process-group name of a collective (set by partition)
 IMPL   str     implementation a gating node runs with ("torch" / "triton"), set by lower_gating
 A2A    str     "counts" / "dispatch" / "combine": the step of an expert all-to-all a collective is
 PATH   str     how an MoE layer runs its experts ("buffer" / "gather"), on its experts node
+COLLECTIVE str the moefx collective a bound node performs ("all_to_all", "tp_reduce", ...; set by
+               bind_collectives on the node that moves the data, not on its wait)
 """
 
 BLOCK = "moefx_block"
@@ -19,6 +21,7 @@ GROUP = "moefx_group"
 IMPL = "moefx_impl"
 A2A = "moefx_a2a"
 PATH = "moefx_experts_path"
+COLLECTIVE = "moefx_collective"
 
 ROLES = ("attn", "ffn", "router", "route", "dispatch", "experts", "combine", "residual", "coef", "mix",
          "collective", "aux", "layout")

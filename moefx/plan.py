@@ -40,7 +40,8 @@ ExpertSpec = Union[int, tuple, str, dict]
 
 # The passes of `moefx.passes.pipeline.PIPELINE`, in order (plan.disable is checked against them here,
 # so a plan is validated without importing the passes; the pipeline asserts it matches).
-PASS_NAMES = ("pr_moe", "shrink", "lower_gating", "expert_parallel", "tensor_parallel", "hierarchical_a2a")
+PASS_NAMES = ("pr_moe", "shrink", "lower_gating", "expert_parallel", "tensor_parallel", "hierarchical_a2a",
+              "overlap_a2a")
 
 _NOISY_GATES = (None, "jitter", "rsample")
 _INITS = ("upcycle", "random")

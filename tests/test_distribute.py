@@ -4,12 +4,13 @@ Every data-parallel replica gets its own batch (so a gradient reduced over the w
 experts are distinct (init_noise, so a token sent to the wrong expert shows), and the reference
 is the single-process model trained on the mean loss over all replicas' batches.
 """
-from moefx.facts import facts, collective_counts
 import os
 import sys
 
 import pytest
 import torch
+
+from moefx.facts import collective_counts, facts
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "runtime"))
 from dist_utils import run_world  # noqa: E402
@@ -82,6 +83,29 @@ def check_against_reference(rank, captured, plan_dict, model_name, tag):
     return local, out.detach()
 
 
+def check_bound(local, tag):
+    """A rank graph from moefx.distribute runs torch's functional collectives, not moefx's logical ops:
+    every all-to-all is read by exactly one wait node of its own, with the residual MLP between the
+    two where overlap_a2a moved it."""
+    from moefx.nn.collectives import OPS
+
+    a2a, wait = torch.ops._c10d_functional.all_to_all_single.default, torch.ops._c10d_functional.wait_tensor.default
+    nodes = list(local.graph.nodes)
+    assert not [n.name for n in nodes if n.target in OPS], f"{tag}: unbound moefx collectives"
+    from moefx import meta as M
+
+    between = []
+    for n in nodes:
+        if n.target is a2a:
+            (w,) = n.users
+            assert w.target is wait, f"{tag}: {n.name} is read by {w.name}, not by a wait"
+            between += [m.meta.get(M.ROLE) for m in nodes[nodes.index(n) + 1:nodes.index(w)]]
+    if facts(local).overlapped_layers:
+        assert "residual" in between and "coef" in between, f"{tag}: {between}"
+    else:
+        assert not between, f"{tag}: {between}"
+
+
 def _run_cases(rank, world, model_name, cases):
     import moefx
     from moefx.models import load_model
@@ -92,11 +116,14 @@ def _run_cases(rank, world, model_name, cases):
     for tag, plan_dict in cases.items():
         expect = plan_dict.pop("_expect_counts", None)
         local, out = check_against_reference(rank, captured, plan_dict, model_name, tag)
+        check_bound(local, tag)
         outs[tag] = out
         if expect is not None:
             counts = collective_counts(local)
             assert counts == expect, f"{tag}: collectives {counts} != {expect}"
     for a, b in [(t, t.replace("hier", "flat")) for t in cases if "hier" in t and t.replace("hier", "flat") in cases]:
+        assert torch.equal(outs[a], outs[b]), f"{a} and {b} differ on rank {rank}"
+    for a, b in [(t, t + "-serial") for t in cases if t + "-serial" in cases]:   # overlap_a2a changes no number
         assert torch.equal(outs[a], outs[b]), f"{a} and {b} differ on rank {rank}"
     for a, b in [(t, t.replace("coord", "uncoord")) for t in cases
                  if "-coord" in t and t.replace("coord", "uncoord") in cases]:
@@ -106,6 +133,8 @@ def _run_cases(rank, world, model_name, cases):
 def test_world2_ep_only():
     cases = {
         "ep2-top1-residual-dropless": _case({}, {"nodes": 1, "devices_per_node": 2, "ep": 2}),
+        "ep2-top1-residual-dropless-serial": {**_case({}, {"nodes": 1, "devices_per_node": 2, "ep": 2}),
+                                              "disable": ["overlap_a2a"]},
         "ep2-top2-capacity": _case({"top_k": 2, "residual": False, "drop_tokens": True, "capacity_factor": 1.0},
                                    {"nodes": 1, "devices_per_node": 2, "ep": 2}),
         "ep1-dp2": _case({"top_k": 2}, {"nodes": 1, "devices_per_node": 2, "ep": 1}),

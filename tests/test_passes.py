@@ -28,8 +28,9 @@ def captured():
 
 def test_one_pipeline_in_order_with_stages():
     assert tuple(p.name for p in moefx.PIPELINE) == PASS_NAMES == (
-        "pr_moe", "shrink", "lower_gating", "expert_parallel", "tensor_parallel", "hierarchical_a2a")
-    assert [p.stage for p in moefx.PIPELINE] == ["convert"] * 3 + ["distribute"] * 3
+        "pr_moe", "shrink", "lower_gating", "expert_parallel", "tensor_parallel", "hierarchical_a2a",
+        "overlap_a2a")
+    assert [p.stage for p in moefx.PIPELINE] == ["convert"] * 3 + ["distribute"] * 4
     assert all(isinstance(p, Pass) for p in moefx.PIPELINE)
     full = moefx.Plan.from_dict({**PLAN.to_dict(), "student": {"layers": 3},
                                  "parallel": {"nodes": 2, "devices_per_node": 2, "tp": 2}})

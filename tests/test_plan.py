@@ -119,7 +119,7 @@ def test_disable_is_a_list_of_known_passes():
                                         r"write disable = \['lower_gating'\]"):
         Plan.from_dict({"disable": "lower_gating"})
     with pytest.raises(PlanError, match=r"disable names an unknown pass 'partition'; the passes are \['pr_moe', "
-                                        r"'shrink', 'lower_gating', 'expert_parallel', 'tensor_parallel', 'hierarchical_a2a'\]"):
+                                        r"'shrink', 'lower_gating', 'expert_parallel', 'tensor_parallel', 'hierarchical_a2a', 'overlap_a2a'\]"):
         Plan.from_dict({"disable": ["partition"]})
     assert Plan.from_dict({"disable": ["lower_gating"]}).disable == ("lower_gating",)
 

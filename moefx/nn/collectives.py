@@ -13,6 +13,10 @@ Ops (each with a fake implementation for export / compile and an autograd formul
     all_to_all(x, out_splits, in_splits, group)   rows of x to group ranks by in_splits; returns
                                                   rows from each rank by out_splits; backward:
                                                   the reverse all-to-all
+    all_to_all_start(x, out_splits, in_splits, group)  the same all-to-all, issued and not waited
+                                                  for: a `wait(t)` node (torch's functional
+                                                  `wait_tensor`) waits, so the work between the two
+                                                  overlaps the transfer (`moefx.passes.overlap_a2a`)
     all_gather_rows(x, group, n)                  [m, ...] -> [n * m, ...], rank order
                                                   (no gradient: used for counts)
     tp_copy(x, group)           Megatron's f: identity forward, all-reduce (sum) of the gradient
@@ -37,7 +41,8 @@ from torch import Tensor
 from ..errors import MoefxError
 
 __all__ = ["GroupNotBound", "bind_groups", "bound_groups", "group", "group_size", "group_rank", "all_to_all",
-           "all_gather_rows", "tp_copy", "tp_reduce", "tp_split", "tp_gather", "OPS", "ALL_TO_ALL", "ALL_GATHER_ROWS",
+           "all_to_all_start", "wait",
+           "all_gather_rows", "tp_copy", "tp_reduce", "tp_split", "tp_gather", "OPS", "ALL_TO_ALL", "ALL_TO_ALL_START", "WAIT", "ALL_GATHER_ROWS",
            "TP_COPY", "TP_REDUCE", "TP_SPLIT", "TP_GATHER"]
 
 _BOUND: dict[str, dist.ProcessGroup] = {}
@@ -114,6 +119,24 @@ def _a2a_backward(ctx, grad):
 
 
 all_to_all.register_autograd(_a2a_backward, setup_context=_a2a_setup)
+
+
+@torch.library.custom_op("moefx::all_to_all_start", mutates_args=())
+def all_to_all_start(x: Tensor, out_splits: list[int], in_splits: list[int], group_name: str) -> Tensor:
+    """`all_to_all`, issued but not waited for: the result may be read only after `wait(result)`."""
+    pg = group(group_name)
+    if dist.get_world_size(pg) == 1:
+        return x.clone()
+    return _C10D.all_to_all_single(x.contiguous(), list(out_splits), list(in_splits), pg.group_name)
+
+
+all_to_all_start.register_fake(lambda x, out_splits, in_splits, group_name: x.new_empty(sum(out_splits), *x.shape[1:]))
+all_to_all_start.register_autograd(_a2a_backward, setup_context=_a2a_setup)   # the gradient's trip is waited
+
+
+def wait(t: Tensor) -> Tensor:
+    """Wait for the collective that produces `t` (a no-op for a tensor no collective is writing)."""
+    return _C10D.wait_tensor(t)
 
 
 # ------------------------------------------------------------------------------------- gathers and splits
@@ -265,12 +288,14 @@ tp_copy.register_autograd(lambda ctx, g: (tp_reduce(g, ctx.group_name), None), s
 
 # Graph targets: the ops' overloads (what a call_function node of a rank graph calls).
 ALL_TO_ALL = torch.ops.moefx.all_to_all.default
+ALL_TO_ALL_START = torch.ops.moefx.all_to_all_start.default
+WAIT = torch.ops._c10d_functional.wait_tensor.default
 ALL_GATHER_ROWS = torch.ops.moefx.all_gather_rows.default
 TP_COPY = torch.ops.moefx.tp_copy.default
 TP_REDUCE = torch.ops.moefx.tp_reduce.default
 TP_SPLIT = torch.ops.moefx.tp_split.default
 TP_GATHER = torch.ops.moefx.tp_gather.default
 
-#: every collective a rank graph may call, by its graph target
-OPS = (ALL_TO_ALL, ALL_GATHER_ROWS, TP_COPY, TP_REDUCE, TP_SPLIT, TP_GATHER, torch.ops.moefx.tp_gather_nograd.default,
+#: every collective a rank graph may call, by its graph target (WAIT, which only waits, is not one)
+OPS = (ALL_TO_ALL, ALL_TO_ALL_START, ALL_GATHER_ROWS, TP_COPY, TP_REDUCE, TP_SPLIT, TP_GATHER, torch.ops.moefx.tp_gather_nograd.default,
        torch.ops.moefx.tp_split_nograd.default)

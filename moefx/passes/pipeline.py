@@ -2,7 +2,7 @@
 
     PIPELINE = pr_moe -> shrink -> lower_gating            stage "convert"    (moefx.convert)
                -> expert_parallel -> tensor_parallel
-               -> hierarchical_a2a                         stage "distribute" (moefx.distribute)
+               -> hierarchical_a2a -> overlap_a2a          stage "distribute" (moefx.distribute)
 
 `run(gm, ctx, stage)` runs the stage's passes that apply to the plan, in order, each checked
 (`Pass.__call__`: requires, call, verify, ensures), recording their names in
@@ -25,11 +25,12 @@ from .base import Pass, PassContext
 from .expert_parallel import EXPERT_PARALLEL
 from .hierarchical_a2a import HIERARCHICAL_A2A
 from .lower_gating import LOWER_GATING
+from .overlap_a2a import OVERLAP_A2A
 from .pr_moe import PR_MOE
 from .shrink import SHRINK
 from .tensor_parallel import TENSOR_PARALLEL
 
-PIPELINE: tuple[Pass, ...] = (PR_MOE, SHRINK, LOWER_GATING, EXPERT_PARALLEL, TENSOR_PARALLEL, HIERARCHICAL_A2A)
+PIPELINE: tuple[Pass, ...] = (PR_MOE, SHRINK, LOWER_GATING, EXPERT_PARALLEL, TENSOR_PARALLEL, HIERARCHICAL_A2A, OVERLAP_A2A)
 STAGES = ("convert", "distribute")
 assert tuple(p.name for p in PIPELINE) == PASS_NAMES, "moefx.plan.PASS_NAMES must list the pipeline's passes"
 

@@ -3,7 +3,8 @@
 `collective_bytes(local, *inputs)` runs the graph once, node by node (`torch.fx.Interpreter`,
 eagerly, under no_grad), and records for every collective node the bytes of the tensor it hands
 to the collective: an expert all-to-all's input is exactly the rows this rank sends (those for
-itself included), the count all-gather its per-expert counts.
+itself included), the count all-gather its per-expert counts. Logical (`partitioned_view`) and
+bound (`moefx.distribute`) graphs both work: a bound node names its collective in node.meta.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import fx
 
 from .. import meta as M
 from ..nn.collectives import OPS
+from ..passes.bind_collectives import collective_name
 
 __all__ = ["CollectiveRecord", "collective_bytes", "bytes_by_layer"]
 
@@ -37,10 +39,11 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
-        if n.op == "call_function" and n.target in OPS:
+        op = n.meta.get(M.COLLECTIVE) or (collective_name(n.target) if n.target in OPS else None)
+        if n.op == "call_function" and op is not None:
             x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else n.args[0]
             size = x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
-            self.records.append(CollectiveRecord(n.name, str(n.target).split(".")[1], n.meta.get(M.GROUP),
+            self.records.append(CollectiveRecord(n.name, op, n.meta.get(M.GROUP),
                                                  n.meta.get(M.LAYER), n.meta.get(M.A2A), int(size)))
         return out
 
