@@ -22,7 +22,7 @@ from ..parallel import WORLD
 from ..placement import Placement
 from ..facts import placements
 
-__all__ = ["reduce_gradients", "grad_norm", "clip_grad_norm"]
+__all__ = ["reduce_gradients", "grad_norm", "clip_grad_norm", "GradBuckets"]
 
 
 def _records(local: nn.Module) -> list[tuple[str, nn.Parameter, Placement]]:
@@ -63,6 +63,97 @@ def reduce_gradients(local: nn.Module) -> None:
             if divisor != 1:
                 flat.div_(divisor)
             torch._foreach_copy_(gs, _unflatten_dense_tensors(flat, gs))
+
+
+class GradBuckets:
+    """`reduce_gradients` during backward, as DDP does: gradients leave in buckets as they are ready.
+
+    Buckets hold parameters of one (group, divisor, dtype), in reverse registration order (about the
+    order backward produces their gradients), each up to `bucket_mb`. After `arm()`, a hook on every
+    parameter counts the gradients of the next backward; a bucket whose gradients are all there is
+    flattened and all-reduced asynchronously while backward goes on. Buckets are launched strictly
+    in their fixed order (a ready bucket waits for the ones before it), so every rank of a group
+    issues the same collectives in the same order whatever order its hooks fire in. `finish()`
+    launches what is left (a parameter backward did not reach counts as a zero gradient, as in
+    `reduce_gradients`), waits, divides and copies the results back into `.grad`. The numbers equal
+    `reduce_gradients`'s up to the order of the summation inside a bucket. With gradient
+    accumulation, arm before the last micro-batch's backward only.
+    """
+
+    def __init__(self, local: nn.Module, bucket_mb: float = 25.0):
+        cap = max(1, int(bucket_mb * 2 ** 20))
+        self.buckets: list[tuple[str, int, list[nn.Parameter]]] = []
+        open_: dict[tuple, list[nn.Parameter]] = {}
+        sizes: dict[tuple, int] = {}
+        for _, p, rec in reversed(_records(local)):
+            key = (rec.replicated_over, rec.grad_divisor, p.dtype)
+            if key not in open_ or sizes[key] + p.numel() * p.element_size() > cap and open_[key]:
+                open_[key] = []
+                sizes[key] = 0
+                self.buckets.append((rec.replicated_over, rec.grad_divisor, open_[key]))
+            open_[key].append(p)
+            sizes[key] += p.numel() * p.element_size()
+        self.mesh = getattr(local, "moefx_mesh", None)     # the rank graph's own groups, when it has them
+        self.bucket_of = {id(p): i for i, (_, _, ps) in enumerate(self.buckets) for p in ps}
+        self.armed = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._ready)
+                         for _, _, ps in self.buckets for p in ps]
+        self._reset()
+
+    def _reset(self) -> None:
+        self.pending = [len(ps) for _, _, ps in self.buckets]
+        self.launched: list[tuple] = []
+        self.next = 0
+
+    def arm(self) -> None:
+        """Reduce during the next backward."""
+        self._reset()
+        self.armed = True
+
+    def _ready(self, p: nn.Parameter) -> None:
+        if not self.armed:
+            return
+        self.pending[self.bucket_of[id(p)]] -= 1
+        while self.next < len(self.buckets) and self.pending[self.next] == 0:
+            self._launch(self.next)
+
+    def _launch(self, i: int) -> None:
+        name, divisor, params = self.buckets[i]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        pg = self.mesh.group(name) if self.mesh is not None else group(name)
+        grads = [p.grad for p in params]
+        if dist.get_world_size(pg) == 1:
+            self.launched.append((None, None, grads, divisor))
+        else:
+            flat = _flatten_dense_tensors(grads)
+            self.launched.append((dist.all_reduce(flat, group=pg, async_op=True), flat, grads, divisor))
+        self.next = i + 1
+
+    def finish(self) -> None:
+        """Launch the buckets left, wait for all, and leave the reduced gradients in `.grad`."""
+        if not self.armed:
+            raise RuntimeError("GradBuckets.finish() without arm() before the backward")
+        while self.next < len(self.buckets):
+            self._launch(self.next)
+        for work, flat, grads, divisor in self.launched:
+            if work is None:
+                if divisor != 1:
+                    torch._foreach_div_(grads, divisor)
+                continue
+            work.wait()
+            if divisor != 1:
+                flat.div_(divisor)
+            torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
+        self.armed = False
+        self._reset()
+
+    def remove(self) -> None:
+        """Take the hooks off the parameters."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 def grad_norm(local: nn.Module, norm_type: float = 2.0) -> torch.Tensor:

@@ -225,6 +225,7 @@ def train(model: nn.Module, config: TrainConfig, windows: Windows, *, eval_model
                 torch.manual_seed(micro_seed(config.seed, step, j))
                 loss, lm, aux, kd = _losses(forward, model, teacher, ids.to(device), targets.to(device), config,
                                             use_kd, device)
+                world.before_backward(model, last=a == config.grad_accum - 1)
                 (loss / config.grad_accum).backward()
                 sums += torch.stack([loss.detach(), lm.detach(), aux.detach(), kd.detach()]).double()
             world.reduce_gradients(model)

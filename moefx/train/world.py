@@ -2,7 +2,8 @@
 
 `Single()`: no process group; gradients are already the model's, the global norm is
 `torch.nn.utils.clip_grad_norm_`'s. `Ranks(local)`: a `moefx.distribute`d rank graph; gradients
-are reduced from its placement records (`moefx.dist.grads`), the norm counts every shard once,
+are reduced from its placement records (`moefx.dist.grads`), in buckets during the step's last
+backward (`before_backward`, then `reduce_gradients` waits), the norm counts every shard once,
 and a value is averaged over the data-parallel replicas (every rank of a replica holds the same
 loss). Both answer the same questions, so the trainer has one code path.
 """
@@ -12,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..dist.grads import clip_grad_norm, grad_norm, reduce_gradients
+from ..dist.grads import GradBuckets, clip_grad_norm, grad_norm, reduce_gradients
 from ..facts import facts
 
 __all__ = ["Single", "Ranks"]
@@ -22,6 +23,9 @@ class Single:
     """One process: replica 0 of 1."""
 
     replicas, replica, rank, world = 1, 0, 0, 1
+
+    def before_backward(self, model: nn.Module, last: bool) -> None:
+        """Nothing to prepare in one process."""
 
     def reduce_gradients(self, model: nn.Module) -> None:
         # a parameter no token reached gets a zero gradient, as on ranks (AdamW then decays it alike)
@@ -46,13 +50,28 @@ class Single:
 class Ranks:
     """This rank of a distributed job (the default process group is initialised)."""
 
+    bucket_mb = 25.0          # gradient bucket size (DDP's default)
+
     def __init__(self, local: nn.Module):
         resolved = facts(local).parallel
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.replicas, self.replica = resolved.dp, resolved.dp_rank(self.rank)
+        self._buckets: dict[int, GradBuckets] = {}
+
+    def before_backward(self, model: nn.Module, last: bool) -> None:
+        """Before the step's last backward, let its gradients leave in buckets as they are ready
+        (`moefx.dist.grads.GradBuckets`); earlier micro-batches only accumulate."""
+        if last:
+            if id(model) not in self._buckets:
+                self._buckets[id(model)] = GradBuckets(model, self.bucket_mb)
+            self._buckets[id(model)].arm()
 
     def reduce_gradients(self, model: nn.Module) -> None:
-        reduce_gradients(model)
+        buckets = self._buckets.get(id(model))
+        if buckets is not None and buckets.armed:
+            buckets.finish()
+        else:
+            reduce_gradients(model)
 
     def clip(self, model: nn.Module, max_norm: float | None) -> torch.Tensor:
         return grad_norm(model) if max_norm is None else clip_grad_norm(model, max_norm)
