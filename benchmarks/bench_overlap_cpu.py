@@ -54,10 +54,10 @@ def _plan(world: int, residual: bool, overlap: bool):
 
 def worker(a) -> None:
     """One rank: build the three variants, time them in turn, rank 0 writes the medians as JSON."""
+    import bench_distributed_cpu as bd
     import torch
     import torch.distributed as dist
 
-    import bench_distributed_cpu as bd
     import moefx
     from moefx.dist.mesh import build_mesh
     from moefx.distribute import resolve
