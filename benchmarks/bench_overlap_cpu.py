@@ -17,7 +17,11 @@ all-to-all), each rank its own batch of B x T tokens. Variants, timed in turn ro
 - overlap:     the same plan with overlap_a2a: the dense MLP runs while the dispatch all-to-all is in
                flight, the coefficient while the combine all-to-all is;
 - no residual: the plan without the residual MLP, serial, to price the dense MLP:
-               mlp = serial - no residual (the MLP, its coefficient and the mix).
+               mlp = serial - no residual (the MLP, its coefficient and the mix);
+- overlap + grad buckets (training step only): overlap, and the gradients all-reduced in buckets of
+               --bucket-mb during backward (`moefx.dist.grads.GradBuckets`) instead of after it.
+Every training step ends with its gradients reduced (the serial and overlap variants by
+`reduce_gradients` after backward).
 
 saved = serial - overlap is the exposed all-to-all time the overlap removed; the goal is
 saved >= mlp / 2 where the transfer is at least that long. Eager rank graphs (the node order is the
@@ -59,6 +63,7 @@ def worker(a) -> None:
     import torch.distributed as dist
 
     import moefx
+    from moefx.dist.grads import GradBuckets, reduce_gradients
     from moefx.dist.mesh import build_mesh
     from moefx.distribute import resolve
 
@@ -85,17 +90,25 @@ def worker(a) -> None:
                 local(ids)
         return run
 
-    def step(local):
+    def step(local, buckets=None):
         def run():
             loss = bd.lm_loss(bd.logits_of(local(ids)), targets) + moefx.aux_loss(local)
+            if buckets is not None:
+                buckets.arm()
             loss.backward()
+            if buckets is not None:
+                buckets.finish()
+            else:
+                reduce_gradients(local)
             local.zero_grad(set_to_none=True)
         return run
 
-    out = {}
-    for mode, make, train in (("forward", forward, False), ("training step", step, True)):
-        out[mode] = bd.interleaved_world({name: make(graphs[name, train]) for name in variants},
-                                         rounds=a.rounds, reps=a.reps, warmup=2)
+    out = {"forward": bd.interleaved_world({name: forward(graphs[name, False]) for name in variants},
+                                           rounds=a.rounds, reps=a.reps, warmup=2)}
+    steps = {name: step(graphs[name, True]) for name in variants}
+    steps["overlap + grad buckets"] = step(graphs["overlap", True], GradBuckets(graphs["overlap", True],
+                                                                                a.bucket_mb))
+    out["training step"] = bd.interleaved_world(steps, rounds=a.rounds, reps=a.reps, warmup=2)
     if a.rank == 0:
         with open(a.out, "w") as f:
             json.dump(out, f)
@@ -106,7 +119,7 @@ def worker(a) -> None:
 def _argv(a, rank: int, world: int, master: str, port: int, out: str) -> list[str]:
     return [sys.executable, os.path.abspath(__file__), "--worker", "--rank", str(rank), "--world", str(world),
             "--master", master, "--port", str(port), "--out", out, "--d", str(a.d), "--batch", str(a.batch),
-            "--seq", str(a.seq), "--rounds", str(a.rounds), "--reps", str(a.reps)]
+            "--seq", str(a.seq), "--rounds", str(a.rounds), "--reps", str(a.reps), "--bucket-mb", str(a.bucket_mb)]
 
 
 def _wait(procs, timeout: float) -> None:
@@ -154,9 +167,12 @@ def rows_of(layout: str, rate: str | None, result: dict) -> list[dict]:
     for mode, ms in result.items():
         serial, overlap, plain = ms["serial"], ms["overlap"], ms["no residual"]
         mlp, saved = serial - plain, serial - overlap
+        bucketed = ms.get("overlap + grad buckets")
         rows.append({"layout": layout, "link": rate or "loopback", "mode": mode, "serial ms": serial,
                      "overlap ms": overlap, "no-residual ms": plain, "mlp ms": mlp, "saved ms": saved,
-                     "saved / mlp": saved / mlp if mlp > 0 else float("nan"), "serial / overlap": serial / overlap})
+                     "saved / mlp": saved / mlp if mlp > 0 else float("nan"), "serial / overlap": serial / overlap,
+                     "+ buckets ms": bucketed if bucketed is not None else "",
+                     "serial / (overlap + buckets)": serial / bucketed if bucketed else ""})
     return rows
 
 
@@ -170,6 +186,7 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--world-loopback", type=int, default=4)
+    p.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size of the bucketed variant")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
@@ -191,7 +208,7 @@ def main(argv=None) -> None:
             print(f"# {layout} {rate or ''}", flush=True)
             rows += rows_of(layout, rate, run_layout(a, layout, rate))
     cols = ["layout", "link", "mode", "serial ms", "overlap ms", "no-residual ms", "mlp ms", "saved ms",
-            "saved / mlp", "serial / overlap"]
+            "saved / mlp", "serial / overlap", "+ buckets ms", "serial / (overlap + buckets)"]
     text = "\n".join([
         "# Overlap of the expert all-to-alls with the residual MLP (CPU, gloo)", "",
         f"`python benchmarks/bench_overlap_cpu.py {' '.join(argv if argv is not None else sys.argv[1:])}`, "

@@ -13,9 +13,9 @@ forward passes -> one summary line::
 Data parallelism: TP ranks share a batch; data-parallel replica d draws its batch with seed
 `seed + d`. --check also builds the single-process converted model (whole, in this process: for
 models that fit) and fails the rank when max |local - reference| > 1e-5 * max(1, max |reference|).
---compile runs the rank graph under `torch.compile(fullgraph=True)`: the collectives are custom
-ops that take group names, so the whole graph compiles (the summary shows Dynamo's graph and
-graph-break counts). The job modules (`moefx.runtime.jobs`) reuse `setup` for generation and
+--compile runs the rank graph under `torch.compile(fullgraph=True)`: the rank graph's collectives
+are torch's functional collectives bound to the job's groups, each wait a node of its own, so the
+whole graph compiles (the summary shows Dynamo's graph and graph-break counts). The job modules (`moefx.runtime.jobs`) reuse `setup` for generation and
 training. Hidden flags for tests: --fail-rank R raises on rank R after the build, --stall-rank R
 makes rank R stop making progress before its first forward.
 """
