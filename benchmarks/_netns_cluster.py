@@ -76,5 +76,6 @@ class Cluster:
                 p.kill()
                 p.wait()
         for n in range(self.nodes):
+            subprocess.run(["ip", "link", "del", f"mfxh{n}"], capture_output=True)   # both ends, now
             subprocess.run(["ip", "netns", "del", f"mfx{n}"], capture_output=True)
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)

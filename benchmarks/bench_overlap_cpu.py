@@ -188,6 +188,7 @@ def main(argv=None) -> None:
     p.add_argument("--world-loopback", type=int, default=4)
     p.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size of the bucketed variant")
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--output", default="overlap_cpu.md", help="results file name under benchmarks/results")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--world", type=int, help=argparse.SUPPRESS)
@@ -207,6 +208,7 @@ def main(argv=None) -> None:
         for rate in ([None] if layout == "loopback" else a.rate):
             print(f"# {layout} {rate or ''}", flush=True)
             rows += rows_of(layout, rate, run_layout(a, layout, rate))
+            print(json.dumps(rows[-2:]), flush=True)
     cols = ["layout", "link", "mode", "serial ms", "overlap ms", "no-residual ms", "mlp ms", "saved ms",
             "saved / mlp", "serial / overlap", "+ buckets ms", "serial / (overlap + buckets)"]
     text = "\n".join([
@@ -220,7 +222,7 @@ def main(argv=None) -> None:
         table(rows, cols), ""])
     print(text)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "overlap_cpu.md"), "w") as f:
+    with open(os.path.join(HERE, "results", a.output), "w") as f:
         f.write(text)
 
 
