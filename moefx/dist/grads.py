@@ -37,6 +37,13 @@ def _records(local: nn.Module) -> list[tuple[str, nn.Parameter, Placement]]:
     return out
 
 
+def _group(local: nn.Module, name: str):
+    """The process group `name` of the rank graph's own mesh (`moefx.distribute` records it), else the
+    one bound to that name in this process."""
+    mesh = getattr(local, "moefx_mesh", None)
+    return mesh.group(name) if mesh is not None else group(name)
+
+
 def reduce_gradients(local: nn.Module) -> None:
     """All-reduce the .grad of every parameter of `local` (this rank's GraphModule) in place.
 
@@ -48,7 +55,7 @@ def reduce_gradients(local: nn.Module) -> None:
             p.grad = torch.zeros_like(p)
         buckets.setdefault((rec.replicated_over, rec.grad_divisor), []).append(p)
     for (name, divisor), params in sorted(buckets.items()):
-        pg = group(name)
+        pg = _group(local, name)
         grads = [p.grad for p in params]
         if dist.get_world_size(pg) == 1:
             if divisor != 1:
@@ -93,7 +100,7 @@ class GradBuckets:
                 self.buckets.append((rec.replicated_over, rec.grad_divisor, open_[key]))
             open_[key].append(p)
             sizes[key] += p.numel() * p.element_size()
-        self.mesh = getattr(local, "moefx_mesh", None)     # the rank graph's own groups, when it has them
+        self.local = local
         self.bucket_of = {id(p): i for i, (_, _, ps) in enumerate(self.buckets) for p in ps}
         self.armed = False
         self._handles = [p.register_post_accumulate_grad_hook(self._ready)
@@ -122,7 +129,7 @@ class GradBuckets:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        pg = self.mesh.group(name) if self.mesh is not None else group(name)
+        pg = _group(self.local, name)
         grads = [p.grad for p in params]
         if dist.get_world_size(pg) == 1:
             self.launched.append((None, None, grads, divisor))
@@ -169,7 +176,7 @@ def grad_norm(local: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
             continue
         total = total + p.grad.detach().double().pow(2).sum() / rec.copies
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total, group=group(WORLD))
+        dist.all_reduce(total, group=_group(local, WORLD))
     return total.sqrt()
 
 
