@@ -99,11 +99,11 @@ def ds_model(model, gm, world: int, rank: int):
 
 def worker(a) -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
+    import bench_distributed_cpu as bd
     import deepspeed
     import torch
     import torch.distributed as dist
 
-    import bench_distributed_cpu as bd
     import moefx
     from moefx.dist.grads import GradBuckets
     from moefx.dist.mesh import build_mesh
