@@ -85,20 +85,22 @@ def check_against_reference(rank, captured, plan_dict, model_name, tag):
 
 def check_bound(local, tag):
     """A rank graph from moefx.distribute runs torch's functional collectives, not moefx's logical ops:
-    every all-to-all is read by exactly one wait node of its own, with the residual MLP between the
-    two where overlap_a2a moved it."""
+    every all-to-all is read by exactly one wait node of its own (torch's all_to_all_single +
+    wait_tensor, or the issue / wait pair of an overlapped one), with the residual MLP and the
+    coefficient between an issue and its wait where overlap_a2a moved them."""
+    from moefx import meta as M
+    from moefx.nn import bound_collectives as B
     from moefx.nn.collectives import OPS
 
-    a2a, wait = torch.ops._c10d_functional.all_to_all_single.default, torch.ops._c10d_functional.wait_tensor.default
+    f = torch.ops._c10d_functional
+    waits = {f.all_to_all_single.default: f.wait_tensor.default, B.all_to_all_start: B.all_to_all_wait}
     nodes = list(local.graph.nodes)
     assert not [n.name for n in nodes if n.target in OPS], f"{tag}: unbound moefx collectives"
-    from moefx import meta as M
-
     between = []
     for n in nodes:
-        if n.target is a2a:
+        if n.target in waits:
             (w,) = n.users
-            assert w.target is wait, f"{tag}: {n.name} is read by {w.name}, not by a wait"
+            assert w.target is waits[n.target], f"{tag}: {n.name} is read by {w.name}, not by its wait"
             between += [m.meta.get(M.ROLE) for m in nodes[nodes.index(n) + 1:nodes.index(w)]]
     if facts(local).overlapped_layers:
         assert "residual" in between and "coef" in between, f"{tag}: {between}"

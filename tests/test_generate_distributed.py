@@ -42,9 +42,11 @@ def _generate_on_ranks(rank, world, parallel, name):
     gen.agree = _agree(torch.device("cpu"))
     ref = build_generator(spec, plan, batch_size=2, max_cache_len=20, prompt_len=5, distributed=False)
     # this rank holds only its experts and its heads of the attention and of the KV cache
-    for g in (gen.prefill, gen.decode):
-        targets = {str(n.target) for n in g.graph.nodes if n.op == "call_function"}
-        assert "_c10d_functional.all_to_all_single.default" in targets   # bound to this job's groups
+    from moefx.nn import bound_collectives as B
+
+    bound_a2a = {torch.ops._c10d_functional.all_to_all_single.default, B.all_to_all_start}
+    for g in (gen.prefill, gen.decode):      # all-to-alls bound to this job's groups
+        assert any(n.target in bound_a2a for n in g.graph.nodes if n.op == "call_function")
     local = {n: b for n, b in gen.prefill.named_buffers() if "key_cache" in n}
     whole = {n: b for n, b in ref.prefill.named_buffers() if "key_cache" in n}
     assert len(local) == len(whole) == 4                  # one key cache per block

@@ -5,7 +5,10 @@ so it prints, dumps and diffs without a live process group. `bind_collectives(gm
 lowering for one job's mesh: every moefx collective node becomes what torch's compiler knows,
 
     all_to_all(x, o, i, "ep4")      ->  t = _c10d_functional.all_to_all_single(x, o, i, pg); wait_tensor(t)
-    all_to_all_start(x, o, i, g)    ->  _c10d_functional.all_to_all_single(...)   (its wait node stays)
+    all_to_all_start(x, o, i, g); wait(t)
+                                    ->  bound_collectives.all_to_all_start / all_to_all_wait (torch's
+                                        all_to_all_single / wait_tensor inside; the backward's issue and
+                                        wait are split the same way, see there)
     all_gather_rows(x, g, n)        ->  t = _c10d_functional.all_gather_into_tensor(x, n, pg); wait_tensor(t)
     tp_copy / tp_reduce / tp_split / tp_gather
                                     ->  moefx.nn.bound_collectives' functions of the same names
@@ -50,6 +53,11 @@ def bind_collectives(gm: fx.GraphModule, groups: Mapping[str, "dist.ProcessGroup
             out = _lower(graph, n, groups)
         n.replace_all_uses_with(out)
         graph.erase_node(n)
+    for n in list(graph.nodes):          # each issued all-to-all's wait waits for it the bound way
+        src = n.args[0] if n.target is C.WAIT else None
+        if isinstance(src, fx.Node) and src.target is B.all_to_all_start:
+            n.target, n.args = B.all_to_all_wait, (src, *src.args[1:])
+            M.tag(n, NAME, "collective", n.meta.get(M.LAYER), n.meta.get(M.BLOCK))
     new.recompile()
     verify(new)
     left = [n.name for n in new.graph.nodes if n.target in C.OPS]
@@ -99,9 +107,11 @@ def _lower(graph: fx.Graph, n: fx.Node, groups) -> fx.Node:
         pg = _group(groups, name)
         if dist.get_world_size(pg) == 1:
             return node(torch.ops.aten.clone.default, x, issue=True)
+        if op is C.ALL_TO_ALL_START:
+            return node(B.all_to_all_start, x, out_splits, in_splits, pg.group_name, issue=True)
         x = node(torch.Tensor.contiguous, x, role="layout")
         t = node(_F.all_to_all_single.default, x, out_splits, in_splits, pg.group_name, issue=True)
-        return t if op is C.ALL_TO_ALL_START else node(_F.wait_tensor.default, t)
+        return node(_F.wait_tensor.default, t)
     if op is C.ALL_GATHER_ROWS:
         x, name, size = n.args
         pg = _group(groups, name, size)
