@@ -57,19 +57,32 @@ def reduce_gradients(local: nn.Module) -> None:
     for (name, divisor), params in sorted(buckets.items()):
         pg = _group(local, name)
         grads = [p.grad for p in params]
-        if dist.get_world_size(pg) == 1:
-            if divisor != 1:
-                torch._foreach_div_(grads, divisor)
-            continue
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for g in grads:
             by_dtype.setdefault(g.dtype, []).append(g)
         for dtype, gs in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):
-            flat = _flatten_dense_tensors(gs)
-            dist.all_reduce(flat, group=pg)
-            if divisor != 1:
-                flat.div_(divisor)
-            torch._foreach_copy_(gs, _unflatten_dense_tensors(flat, gs))
+            _finish_reduce(*_start_reduce(gs, pg), gs, divisor)
+
+
+def _start_reduce(grads: list[torch.Tensor], pg) -> tuple:
+    """Issue the SUM all-reduce of `grads` (one dtype) over `pg` as one flat tensor: (work, flat),
+    work None for a group of one (nothing to send)."""
+    if dist.get_world_size(pg) == 1:
+        return None, None
+    flat = _flatten_dense_tensors(grads)
+    return dist.all_reduce(flat, group=pg, async_op=True), flat
+
+
+def _finish_reduce(work, flat, grads: list[torch.Tensor], divisor: int) -> None:
+    """Wait for `_start_reduce`'s all-reduce and leave the sums / divisor in `grads`."""
+    if work is None:
+        if divisor != 1:
+            torch._foreach_div_(grads, divisor)
+        return
+    work.wait()
+    if divisor != 1:
+        flat.div_(divisor)
+    torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
 
 
 class GradBuckets:
@@ -129,13 +142,8 @@ class GradBuckets:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        pg = _group(self.local, name)
         grads = [p.grad for p in params]
-        if dist.get_world_size(pg) == 1:
-            self.launched.append((None, None, grads, divisor))
-        else:
-            flat = _flatten_dense_tensors(grads)
-            self.launched.append((dist.all_reduce(flat, group=pg, async_op=True), flat, grads, divisor))
+        self.launched.append((*_start_reduce(grads, _group(self.local, name)), grads, divisor))
         self.next = i + 1
 
     def finish(self) -> None:
@@ -145,14 +153,7 @@ class GradBuckets:
         while self.next < len(self.buckets):
             self._launch(self.next)
         for work, flat, grads, divisor in self.launched:
-            if work is None:
-                if divisor != 1:
-                    torch._foreach_div_(grads, divisor)
-                continue
-            work.wait()
-            if divisor != 1:
-                flat.div_(divisor)
-            torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
+            _finish_reduce(work, flat, grads, divisor)
         self.armed = False
         self._reset()
 

@@ -14,7 +14,7 @@ Ops (each with a fake implementation for export / compile and an autograd formul
                                                   rows from each rank by out_splits; backward:
                                                   the reverse all-to-all
     all_to_all_start(x, out_splits, in_splits, group)  the same all-to-all, issued and not waited
-                                                  for: a `wait(t)` node (torch's functional
+                                                  for: a WAIT node (torch's functional
                                                   `wait_tensor`) waits, so the work between the two
                                                   overlaps the transfer (`moefx.passes.overlap_a2a`)
     all_gather_rows(x, group, n)                  [m, ...] -> [n * m, ...], rank order
@@ -41,7 +41,7 @@ from torch import Tensor
 from ..errors import MoefxError
 
 __all__ = ["GroupNotBound", "bind_groups", "bound_groups", "group", "group_size", "group_rank", "all_to_all",
-           "all_to_all_start", "wait",
+           "all_to_all_start",
            "all_gather_rows", "tp_copy", "tp_reduce", "tp_split", "tp_gather", "OPS", "ALL_TO_ALL", "ALL_TO_ALL_START", "WAIT", "ALL_GATHER_ROWS",
            "TP_COPY", "TP_REDUCE", "TP_SPLIT", "TP_GATHER"]
 
@@ -103,9 +103,11 @@ def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group_nam
     return _C10D.wait_tensor(_C10D.all_to_all_single(x.contiguous(), list(out_splits), list(in_splits), pg.group_name))
 
 
-@all_to_all.register_fake
-def _(x, out_splits, in_splits, group_name):
+def _a2a_fake(x, out_splits, in_splits, group_name):
     return x.new_empty(sum(out_splits), *x.shape[1:])
+
+
+all_to_all.register_fake(_a2a_fake)
 
 
 def _a2a_setup(ctx, inputs, output):
@@ -130,13 +132,8 @@ def all_to_all_start(x: Tensor, out_splits: list[int], in_splits: list[int], gro
     return _C10D.all_to_all_single(x.contiguous(), list(out_splits), list(in_splits), pg.group_name)
 
 
-all_to_all_start.register_fake(lambda x, out_splits, in_splits, group_name: x.new_empty(sum(out_splits), *x.shape[1:]))
+all_to_all_start.register_fake(_a2a_fake)
 all_to_all_start.register_autograd(_a2a_backward, setup_context=_a2a_setup)   # the gradient's trip is waited
-
-
-def wait(t: Tensor) -> Tensor:
-    """Wait for the collective that produces `t` (a no-op for a tensor no collective is writing)."""
-    return _C10D.wait_tensor(t)
 
 
 # ------------------------------------------------------------------------------------- gathers and splits

@@ -33,7 +33,7 @@ from ..nn import collectives as C
 from .base import verify
 from .graph import copy_graph_module
 
-__all__ = ["bind_collectives", "bound", "collective_name"]
+__all__ = ["bind_collectives", "collective_name"]
 
 NAME = "bind_collectives"
 _F = torch.ops._c10d_functional
@@ -64,11 +64,6 @@ def bind_collectives(gm: fx.GraphModule, groups: Mapping[str, "dist.ProcessGroup
     if left:
         raise AssertionError(f"bind_collectives left moefx collectives unbound: {left}")
     return new
-
-
-def bound(gm: fx.GraphModule) -> bool:
-    """Whether `gm` runs torch's functional collectives on live groups (made by `bind_collectives`)."""
-    return any(n.meta.get(M.PASS) == NAME for n in gm.graph.nodes)
 
 
 def collective_name(target) -> str:
